@@ -1,0 +1,196 @@
+"""C-LoRAE adapter cost beside peft LoRA and a per-task loop, measured side by side in one run.
+
+    python benchmarks/bench_adapter.py [--device cuda --dtype bf16] [--rounds 20]
+
+A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers by default; all six projections q, k,
+v, o, wi, wo adapted), rank r 64, 3 tasks, a mixed batch of 8 x 128 tokens. Each arm runs forward +
+backward of the same loss; arms are interleaved round by round and the median time is kept. Prints a table
+and ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+from transformers import T5Config, T5EncoderModel
+
+from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, task_routing
+from clorae_ds.adapters.layer import CLoRAELinear
+
+TARGETS = ["q", "k", "v", "o", "wi", "wo"]
+
+
+class LoopCLoRAELinear(nn.Module):
+    """The same math as CLoRAELinear written the straightforward way: plain autograd, a boolean mask and
+    an index copy per task."""
+
+    def __init__(self, layer: CLoRAELinear):
+        super().__init__()
+        self.base, self.config = layer.base, layer.config
+        self.universal_A, self.universal_B = layer.universal_A, layer.universal_B
+        self.task_A, self.task_B, self.gate = layer.task_A, layer.task_B, layer.gate
+        self.dropout = nn.Dropout(layer.config.dropout)
+        self.task_ids = None
+        self.weight = layer.base.weight
+
+    def forward(self, x):
+        xd = self.dropout(x)
+        gates = torch.softmax(x @ self.gate.t(), dim=-1)
+        universal = xd @ self.universal_A.t() @ self.universal_B.t()
+        task = torch.zeros_like(universal)
+        for n in range(self.config.num_tasks):
+            mask = self.task_ids == n
+            if mask.any():
+                task[mask] = xd[mask] @ self.task_A[n].t() @ self.task_B[n].t()
+        return self.base(x) + self.config.scaling * (gates[..., :1] * universal + gates[..., 1:] * task)
+
+
+def build_arm(name, t5_config, rank, dropout, device, dtype, **adapter_options):
+    torch.manual_seed(0)
+    model = T5EncoderModel(t5_config)
+    if name == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                                                 target_modules=TARGETS))
+    else:
+        apply_clorae(model, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=dropout, target_modules=TARGETS,
+                                         **adapter_options))
+        if name == "per_task_loop":
+            for module_name, module in list(model.named_modules()):
+                for child_name, child in list(module.named_children()):
+                    if isinstance(child, CLoRAELinear):
+                        setattr(module, child_name, LoopCLoRAELinear(child))
+    # Non-zero B so every path does real arithmetic.
+    for param_name, param in model.named_parameters():
+        if param.requires_grad and ("_B" in param_name or "lora_B" in param_name):
+            nn.init.normal_(param, std=0.02)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def make_step(name, model, input_ids, task_ids):
+    loop_layers = [m for m in model.modules() if isinstance(m, LoopCLoRAELinear)]
+
+    def step():
+        if name == "peft_lora":
+            loss = model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
+        elif loop_layers:
+            device_ids = task_ids.to(input_ids.device)
+            for layer in loop_layers:
+                layer.task_ids = device_ids
+            loss = model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
+        else:
+            with task_routing(model, task_ids):
+                loss = model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
+                mim = collect_mim_loss(model)
+            if mim is not None:
+                loss = loss + model.clorae_config.mim_beta * mim
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def saved_activation_bytes(step) -> int:
+    """Bytes autograd keeps for backward in one step (parameters excluded): the CPU stand-in for peak
+    accelerator memory."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            key = (t.untyped_storage().data_ptr(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total[0]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    t5_config = T5Config(d_model=args.d_model, d_ff=args.d_ff, num_layers=args.layers, num_heads=8, d_kv=args.d_model // 8,
+                         vocab_size=32128, dropout_rate=0.0)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 32000, (args.batch, args.seq), generator=gen).to(args.device)
+    # A mixed batch of the 3 tasks, sorted by task as the collator delivers it.
+    task_ids = torch.arange(args.batch) * 3 // args.batch
+    shuffled_ids = task_ids[torch.randperm(args.batch, generator=gen)]
+
+    # arm: (task ids, implementation, adapter options). The loop arm has no MIM, so it is compared with
+    # C-LoRAE without MIM; "clorae" is the full training-time cost (MIM on, beta 0.01).
+    arms = {"peft_lora": (task_ids, "peft_lora", {}),
+            "clorae": (task_ids, "clorae", {}),
+            "clorae_without_mim": (task_ids, "clorae", {"mim_beta": 0.0}),
+            "clorae_unsorted_batch": (shuffled_ids, "clorae", {}),
+            "universal_only": (task_ids, "clorae", {"mode": "universal_only"}),
+            "per_task_loop": (task_ids, "per_task_loop", {"mim_beta": 0.0})}
+    steps, reports = {}, {}
+    for arm, (ids, kind, options) in arms.items():
+        model = build_arm(kind, t5_config, args.rank, args.dropout, args.device, dtype, **options)
+        steps[arm] = make_step(kind, model, input_ids, ids)
+        reports[arm] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        "saved_activation_bytes": saved_activation_bytes(steps[arm])}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times = {arm: [] for arm in steps}
+    for _ in range(args.rounds):
+        for arm, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[arm].append(time.perf_counter() - start)
+    if args.device == "cuda":
+        for arm, step in steps.items():
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            reports[arm]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    for arm in steps:
+        reports[arm]["fwd_bwd_ms"] = 1000 * statistics.median(times[arm])
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {device_name}, dtype {dtype}, T5 encoder d_model {args.d_model} d_ff {args.d_ff} x "
+          f"{args.layers} layers, r {args.rank}, batch {args.batch} x {args.seq}, {args.rounds} rounds")
+    print(f"{'arm':24s} {'fwd+bwd ms':>11s} {'vs peft':>8s} {'trainable':>11s} {'saved act MB':>13s}")
+    base_ms = reports["peft_lora"]["fwd_bwd_ms"]
+    for arm, r in reports.items():
+        print(f"{arm:24s} {r['fwd_bwd_ms']:11.2f} {r['fwd_bwd_ms'] / base_ms:8.3f} {r['trainable_params']:11,d} "
+              f"{r['saved_activation_bytes'] / 2**20:13.1f}")
+    summary = {
+        "clorae_over_peft_lora": round(reports["clorae"]["fwd_bwd_ms"] / base_ms, 4),
+        "clorae_without_mim_over_peft_lora": round(reports["clorae_without_mim"]["fwd_bwd_ms"] / base_ms, 4),
+        "loop_over_clorae": round(reports["per_task_loop"]["fwd_bwd_ms"] / reports["clorae_without_mim"]["fwd_bwd_ms"], 4),
+        "universal_only_over_peft_lora": round(reports["universal_only"]["fwd_bwd_ms"] / base_ms, 4),
+        "clorae_unsorted_over_peft_lora": round(reports["clorae_unsorted_batch"]["fwd_bwd_ms"] / base_ms, 4),
+        "device": device_name, "dtype": str(dtype).replace("torch.", ""), "arms": reports,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Fitting C-LoRAE into a model: replace linears, route tasks, decide what trains and what is saved."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterConfigError, CLoRAEConfig, name_matches
+from .layer import CLoRAELinear
+from .routing import TaskRouting
+
+EXPERT_PARAMS = ("universal_A", "universal_B", "task_A", "task_B", "gate")
+MIM_PARAMS = ("mim_scale", "mim_shift", "mim_var")
+
+
+def apply_clorae(model: nn.Module, config: CLoRAEConfig) -> nn.Module:
+    """Replace every nn.Linear whose name matches `config.target_modules` (outside `modules_to_save`) by a
+    CLoRAELinear, then freeze all but the adapter and the modules to save. Returns the model."""
+    if getattr(model, "clorae_config", None) is not None:
+        raise AdapterConfigError("this model already has a C-LoRAE adapter")
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name_matches(name, config.target_modules) \
+                and not _inside(name, config.modules_to_save):
+            targets.append(name)
+    if not targets:
+        raise AdapterConfigError(f"no nn.Linear matches target_modules {config.target_modules}; "
+                                 f"linears are named like {_example_linear_names(model)}")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, CLoRAELinear(getattr(parent, child), config))
+    model.clorae_config = config
+    mark_trainable(model)
+    return model
+
+
+def _inside(name: str, prefixes: list[str]) -> bool:
+    parts = name.split(".")
+    return any(name_matches(".".join(parts[:i]), prefixes) for i in range(1, len(parts) + 1))
+
+
+def _example_linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
+
+
+def clorae_layers(model: nn.Module) -> Iterator[tuple[str, CLoRAELinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, CLoRAELinear):
+            yield name, module
+
+
+def is_trainable(model: nn.Module, name: str) -> bool:
+    """The one rule for what trains and what an adapter file holds: expert, gate and MIM parameters of the
+    adapted layers, plus every parameter of a `modules_to_save` module. Full fine-tuning (no adapter
+    config): everything."""
+    config: Optional[CLoRAEConfig] = getattr(model, "clorae_config", None)
+    if config is None:
+        return True
+    leaf = name.rpartition(".")[2]
+    return leaf in EXPERT_PARAMS + MIM_PARAMS or _inside(name.rpartition(".")[0], config.modules_to_save)
+
+
+def mark_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable(model, name))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach() for name, param in model.named_parameters() if is_trainable(model, name)}
+
+
+@contextlib.contextmanager
+def task_routing(model: nn.Module, task_ids: torch.Tensor):
+    """Route every adapted layer of `model` by `task_ids` (batch,) for the calls made inside the block
+    (forward or generate). Clears MIM terms left uncollected by an earlier call, so a forgotten
+    collection never keeps an old graph alive."""
+    layers = [layer for _, layer in clorae_layers(model)]
+    routing = TaskRouting(task_ids, layers[0].config.num_tasks if layers else 1)
+    previous = [layer.routing for layer in layers]
+    for layer in layers:
+        layer.routing = routing
+        layer.pop_mim_terms()
+    try:
+        yield routing
+    finally:
+        for layer, prev in zip(layers, previous):
+            layer.routing = prev
+
+
+def collect_mim_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """Mean over adapted layers (and over calls, for layers run more than once) of the MIM terms recorded
+    since the last collection; None when nothing was recorded (eval, or a mode without MIM)."""
+    terms = [t for _, layer in clorae_layers(model) for t in layer.pop_mim_terms()]
+    if not terms:
+        return None
+    return torch.stack(terms).mean()
+
+
+def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tensor]:
+    """Per adapted layer: mean gate weight on the task expert for each task (NaN where a task had no
+    tokens) since the last reset (method.md Fig. 6)."""
+    stats = {}
+    for name, layer in clorae_layers(model):
+        if layer.gate is None:
+            continue
+        stats[name] = layer.gate_task_sum / layer.gate_token_count
+        if reset:
+            layer.gate_task_sum.zero_()
+            layer.gate_token_count.zero_()
+    return stats
+
+
+def save_adapter(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> str:
+    """Write adapter_config.json + adapter_model.safetensors atomically (temp dir, then rename).
+    `state_dict` overrides the model's own tensors (e.g. ones gathered from ZeRO-3 partitions)."""
+    config: Optional[CLoRAEConfig] = getattr(model, "clorae_config", None)
+    if config is None:
+        raise AdapterConfigError("model has no C-LoRAE adapter (apply_clorae first)")
+    tensors = state_dict if state_dict is not None else adapter_state_dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        config.save(os.path.join(tmp, ADAPTER_CONFIG_NAME))
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_config(directory: str) -> CLoRAEConfig:
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterConfigError(f"no {ADAPTER_CONFIG_NAME} in {directory!r}: not an adapter directory")
+    return CLoRAEConfig.load(path)
+
+
+COMPATIBLE_FIELDS = ("mode", "rank", "tasks", "task_rank", "target_modules", "modules_to_save")
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load an adapter saved by save_adapter into a model fitted with the same adapter config (or into a
+    bare model, which is fitted first). No pickle: safetensors only."""
+    saved = read_adapter_config(directory)
+    current: Optional[CLoRAEConfig] = getattr(model, "clorae_config", None)
+    if current is None:
+        apply_clorae(model, saved)
+        current = saved
+    diffs = [f"{f}: saved {getattr(saved, f)!r} vs model {getattr(current, f)!r}"
+             for f in COMPATIBLE_FIELDS if getattr(saved, f) != getattr(current, f)]
+    if current.uses_mim != saved.uses_mim:
+        diffs.append(f"mim: saved {saved.uses_mim} vs model {current.uses_mim}")
+    if diffs:
+        raise AdapterConfigError(f"adapter in {directory} does not fit this model: " + "; ".join(diffs))
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise AdapterConfigError(f"missing {ADAPTER_WEIGHTS_NAME} in {directory!r}")
+    tensors = load_file(weights_path)
+    params = dict(model.named_parameters())
+    expected = {name for name in params if is_trainable(model, name)}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise AdapterConfigError(f"adapter {weights_path} does not match the model: missing {missing[:5]}"
+                                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise AdapterConfigError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, "
+                                         f"model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    return model
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Trainable parameters by kind, with the per-layer formula check of method.md §1:
+    (r + N·r_t)(d_in + d_out) + 2·d_in per adapted linear (MIM regressors counted apart)."""
+    experts = mim = 0
+    expected_experts = 0
+    for _, layer in clorae_layers(model):
+        c = layer.config
+        d_in, d_out = layer.in_features, layer.out_features
+        experts += sum(getattr(layer, p).numel() for p in EXPERT_PARAMS if getattr(layer, p) is not None)
+        mim += sum(getattr(layer, p).numel() for p in MIM_PARAMS if hasattr(layer, p))
+        expected_experts += ((c.rank if c.uses_universal else 0)
+                             + (c.num_tasks * c.expert_task_rank if c.uses_task_experts else 0)) * (d_in + d_out) \
+            + (2 * d_in if c.uses_gate else 0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "adapted_layers": sum(1 for _ in clorae_layers(model)),
+        "expert_params": experts,
+        "expert_params_formula": expected_experts,
+        "mim_params": mim,
+        "new_module_params": trainable - experts - mim if getattr(model, "clorae_config", None) else 0,
+        "trainable_params": trainable,
+        "total_params": total,
+    }

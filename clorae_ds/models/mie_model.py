@@ -1,0 +1,66 @@
+"""One interface over the backbones: forward and generate take a batch of tensors, route every adapted
+layer by the batch's task ids, and fuse visual features where the backbone has a visual side."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from ..adapters import task_routing
+from .visual import VisualSide
+
+VISUAL_KEYS = ("visual_features", "visual_boxes", "visual_mask")
+
+
+class MIEModel(nn.Module):
+    """`lm` is a Hugging Face seq2seq model (T5, EncoderDecoderModel) or LLaVA; `visual` is the UMIE visual
+    side fused into a seq2seq encoder's output (None for LLaVA, whose vision tower is its own)."""
+
+    def __init__(self, lm: nn.Module, family: str, visual: Optional[VisualSide] = None):
+        super().__init__()
+        self.lm, self.family, self.visual = lm, family, visual
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.family != "llava"
+
+    def _routing(self, task_ids):
+        return task_routing(self, task_ids) if task_ids is not None else contextlib.nullcontext()
+
+    def encode(self, input_ids, attention_mask, visual_features=None, visual_boxes=None, visual_mask=None,
+               pixel_values=None) -> BaseModelOutput:
+        hidden = self.lm.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.visual is not None:
+            if pixel_values is not None:
+                visual_features, visual_boxes = self.visual.features_from_pixels(pixel_values)
+                if visual_mask is None:
+                    visual_mask = torch.ones(visual_features.shape[:2], dtype=torch.bool, device=hidden.device)
+            if visual_features is not None:
+                hidden = self.visual(hidden, visual_features, visual_boxes, visual_mask)
+        elif visual_features is not None or pixel_values is not None:
+            raise ValueError(f"this {self.family} model has no visual side: build it with a visual config")
+        return BaseModelOutput(last_hidden_state=hidden)
+
+    def forward(self, input_ids, attention_mask, labels=None, task_ids=None, pixel_values=None, **visual):
+        """Returns the backbone's output (logits, and loss when labels are given)."""
+        with self._routing(task_ids):
+            if not self.is_seq2seq:
+                return self.lm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                               labels=labels)
+            encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
+            return self.lm(encoder_outputs=encoded, attention_mask=attention_mask, labels=labels)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, task_ids=None, pixel_values=None, **kwargs):
+        """Greedy/beam generation; returns only the generated ids (for LLaVA, without the prompt)."""
+        visual = {k: kwargs.pop(k) for k in VISUAL_KEYS if k in kwargs}
+        with self._routing(task_ids):
+            if not self.is_seq2seq:
+                out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       pixel_values=pixel_values, **kwargs)
+                return out[:, input_ids.shape[1]:]
+            encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
+            return self.lm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **kwargs)

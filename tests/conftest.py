@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+from clorae_ds.models import ModelConfig
+
+CORPUS = [
+    "Kyrie Irving plays for the Nets in New York",
+    "Obama met Merkel in Berlin on Tuesday",
+    "RT @user : Taylor Swift announces new tour dates",
+    "( ( person : Kyrie Irving ) )",
+    "( ( Obama ( meet : Merkel ) ) )",
+    "Police arrested two men after the attack in Paris",
+] * 10
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """One locally trained tokenizer shared by the tiny presets of the whole run."""
+    directory = str(tmp_path_factory.mktemp("tokenizer"))
+    ModelConfig(family="t5", preset="tiny").build(CORPUS, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llava_tokenizer_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("llava_tokenizer"))
+    ModelConfig(family="llava", preset="tiny").build(CORPUS, directory)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

