@@ -31,22 +31,21 @@ class LoopCLoRAELinear(nn.Module):
 
     def __init__(self, layer: CLoRAELinear):
         super().__init__()
-        self.base, self.config = layer.base, layer.config
-        self.universal_A, self.universal_B = layer.universal_A, layer.universal_B
-        self.task_A, self.task_B, self.gate = layer.task_A, layer.task_B, layer.gate
+        self.layer, self.base, self.config, self.gate = layer, layer.base, layer.config, layer.gate
         self.dropout = nn.Dropout(layer.config.dropout)
         self.task_ids = None
         self.weight = layer.base.weight
 
     def forward(self, x):
+        w = self.layer.split_experts(self.layer.expert_A, self.layer.expert_B)
         xd = self.dropout(x)
         gates = torch.softmax(x @ self.gate.t(), dim=-1)
-        universal = xd @ self.universal_A.t() @ self.universal_B.t()
+        universal = xd @ w["universal_A"].t() @ w["universal_B"].t()
         task = torch.zeros_like(universal)
         for n in range(self.config.num_tasks):
             mask = self.task_ids == n
             if mask.any():
-                task[mask] = xd[mask] @ self.task_A[n].t() @ self.task_B[n].t()
+                task[mask] = xd[mask] @ w["task_A"][n].t() @ w["task_B"][n].t()
         return self.base(x) + self.config.scaling * (gates[..., :1] * universal + gates[..., 1:] * task)
 
 

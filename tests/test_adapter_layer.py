@@ -110,9 +110,9 @@ def test_mim_teacher_detached_by_default():
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     layer(x, torch.tensor(ORDERS["sorted"]))
     collect_mim_loss(layer).backward()
-    assert layer.universal_A.grad is None or torch.count_nonzero(layer.universal_A.grad) == 0
-    assert layer.universal_B.grad is None or torch.count_nonzero(layer.universal_B.grad) == 0
-    assert torch.count_nonzero(layer.task_B.grad) > 0
+    grads = layer.split_experts(layer.expert_A.grad, layer.expert_B.grad)
+    assert torch.count_nonzero(grads["universal_A"]) == 0 and torch.count_nonzero(grads["universal_B"]) == 0
+    assert torch.count_nonzero(grads["task_B"]) > 0
     assert torch.count_nonzero(layer.mim_var.grad) > 0
 
 
@@ -138,7 +138,8 @@ def test_absent_tasks_get_exactly_zero_gradient_and_base_none():
     layer = make_layer("clorae").train()
     x = torch.randn(4, 3, 6, dtype=torch.float64)
     layer(x, torch.tensor([2, 0, 2, 0])).pow(2).sum().backward()
-    for tensor in (layer.task_A.grad, layer.task_B.grad):
+    grads = layer.split_experts(layer.expert_A.grad, layer.expert_B.grad)
+    for tensor in (grads["task_A"], grads["task_B"]):
         assert torch.count_nonzero(tensor[1]) == 0
         assert torch.count_nonzero(tensor[0]) > 0 and torch.count_nonzero(tensor[2]) > 0
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
@@ -147,7 +148,7 @@ def test_absent_tasks_get_exactly_zero_gradient_and_base_none():
 
 def test_every_parameter_gets_a_gradient_whatever_the_tasks():
     """ZeRO-3 reduces per parameter: every rank must produce a gradient for every adapter tensor, even when
-    its micro-batch holds a single task."""
+    its micro-batch holds a single task (the absent tasks' slices are zero)."""
     layer = make_layer("clorae").train()
     layer(torch.randn(2, 3, 6, dtype=torch.float64), torch.tensor([1, 1])).sum().backward()
     for name, param in layer.named_parameters():
@@ -164,6 +165,13 @@ def test_routing_stats_track_gate_weight_per_task():
     assert stats[0].item() == pytest.approx(0.5) and stats[2].item() == pytest.approx(0.5)
     assert torch.isnan(stats[1])
     assert torch.isnan(routing_stats(model)["0"]).all()  # reset after reading
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    with task_routing(model, torch.tensor([1, 1])):  # training steps skip the bookkeeping by default
+        layer(x)
+    assert torch.isnan(routing_stats(model)["0"]).all()
+    with task_routing(model, torch.tensor([1, 1]), record_stats=True):
+        layer(x)
+    assert routing_stats(model)["0"][1].item() == pytest.approx(0.5)
 
 
 def test_trainable_parameter_count_matches_formula():

@@ -1,10 +1,15 @@
 """The C-LoRAE linear layer: y = W0·x + (α/r)·(g1·U(x) + g2·D_n(x))  (method.md eq. 3-8).
 
-The low-rank part runs in one autograd Function with a hand-written backward. Why: a mixed-task batch
-splits the task experts into per-task row segments, and plain autograd on slices or masks would add
-full-width copies (slice backward allocates a zero tensor of the whole input per task; masks compute every
-expert for every token). Here each task expert touches only its own rows, the gates are folded into the
-rank-r activations, and the delta is accumulated into the output in place.
+All experts of a layer are stored pre-fused: `expert_A` (R, d_in) and `expert_B` (d_out, R) with R = r + N·r_t
+columns laid out [universal | task 0 | ... | task N-1]. A mixed-task batch runs as one masked low-rank pass:
+z = drop(x)·Aᵀ for every column, then each token's columns are scaled by α/r times its gate weight and zeroed
+outside its own task (a per-token column mask built once per step), and y += (z ⊙ coef)·Bᵀ. That is a fixed
+handful of kernels per layer whatever the task mix — the per-task alternatives (boolean-mask loops, sorted
+segments) launch work per task and copy rows — at the price of computing N·r_t instead of r_t task columns in
+the two thin matmuls. Zeroed columns give exact zero gradients to the experts of absent tasks, and every
+rank touches the same two tensors every step (ZeRO-3 gathers and reduces per parameter; ranks that differ
+hang). The low-rank path is one autograd Function with a hand-written backward: the delta is accumulated
+into the base output in place, and nothing is saved that autograd would not need.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLoRAEConfig
-from .routing import RoutingError, Segment, TaskRouting
+from .routing import RoutingError, TaskRouting
 
 MIM_EPS = 1e-5
 MIM_INITIAL_VARIANCE = 5.0
@@ -26,128 +31,128 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _rows(t: torch.Tensor, seg: Segment) -> torch.Tensor:
-    return t[seg.rows] if isinstance(seg.rows, slice) else t.index_select(0, seg.rows)
-
-
-def _store_rows(dst: torch.Tensor, seg: Segment, value: torch.Tensor) -> None:
-    if isinstance(seg.rows, slice):
-        dst[seg.rows] = value
-    else:
-        dst.index_copy_(0, seg.rows, value)
-
-
-def _mm_into_rows(dst: torch.Tensor, seg: Segment, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """dst[rows] = a @ b, written in place for a slice (no temporary of the segment's full width)."""
-    if isinstance(seg.rows, slice):
-        return torch.mm(a, b, out=dst[seg.rows])
-    value = a @ b
-    dst.index_copy_(0, seg.rows, value)
-    return value
-
-
-def _segment_weights(universal_A, universal_B, task_A, task_B, task: int):
-    """The experts one segment uses, stacked: A (k, d_in), B (d_out, k) with k = r + r_t. One matmul per
-    segment and direction then serves both experts (the weights are small; the activations are not)."""
-    if task_A is None:
-        return universal_A, universal_B
-    if universal_A is None:
-        return task_A[task], task_B[task]
-    return torch.cat([universal_A, task_A[task]]), torch.cat([universal_B, task_B[task]], dim=1)
-
-
-def _segment_coef(gates: Optional[torch.Tensor], seg: Segment, r_universal: int, r_task: int, scaling: float):
-    """Per-column output scale of the stacked activations: α/r times the gate of each column's expert."""
-    if gates is None:
-        return scaling
-    g = _rows(gates, seg) * scaling
-    return torch.cat([g[:, :1].expand(-1, r_universal), g[:, 1:].expand(-1, r_task)], dim=1)
-
-
 class _CLoRAEDelta(torch.autograd.Function):
-    """Adds the gated expert outputs into `base_out` (in place: the frozen base linear's backward never
-    reads its output). Returns (y, z, gates): z (tokens, r + r_t) holds the ungated universal | task
-    activations for the MIM loss; gates (tokens, 2) are for routing statistics (not differentiable)."""
+    """y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and coef = column_mask ⊙ (α/r)·gate-per-column.
+    Returns (y, z, gates): z (tokens, R) is ungated (for the MIM loss); gates (tokens, 2) are for routing
+    statistics (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, base_out, x, universal_A, universal_B, task_A, task_B, gate, segments, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, gate, column_mask, gate_columns, scaling, dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
         if dropout > 0:
-            # A float mask, pre-scaled, as F.dropout builds it: CPU kernels multiply by a bool mask on a
-            # slow scalar path.
+            # A float mask, pre-scaled, as F.dropout builds it (CPU kernels multiply by a bool mask slowly).
             keep = torch.empty_like(x).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
             xd = x * keep
-        r_universal = universal_A.shape[0] if universal_A is not None else 0
-        r_task = task_A.shape[1] if task_A is not None else 0
+        z = xd @ expert_A.t()
         gates = None
         if gate is not None:
             gates = torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1).to(x.dtype)
-        z = x.new_empty(x.shape[0], r_universal + r_task)
-        for seg in segments:
-            A, B = _segment_weights(universal_A, universal_B, task_A, task_B, seg.task)
-            z_seg = _mm_into_rows(z, seg, _rows(xd, seg), A.t())
-            scaled = z_seg * _segment_coef(gates, seg, r_universal, r_task, scaling)
-            if isinstance(seg.rows, slice):
-                base_out[seg.rows].addmm_(scaled, B.t())
-            else:
-                base_out.index_add_(0, seg.rows, scaled @ B.t())
+            coef = gates @ gate_columns  # (tokens, R): g1·α/r on universal columns, g2·α/r on task columns
+            if column_mask is not None:
+                coef = coef * column_mask
+        elif column_mask is not None:
+            coef = column_mask * scaling
+        else:
+            coef = None
+        base_out.addmm_(z * coef if coef is not None else z, expert_B.t(),
+                        alpha=1.0 if coef is not None else scaling)
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
-        ctx.segments, ctx.scaling, ctx.ranks = segments, scaling, (r_universal, r_task)
-        ctx.save_for_backward(x, xd if keep is not None else None, keep, universal_A, universal_B, task_A,
-                              task_B, gate, gates, z)
+        ctx.scaling = scaling
+        ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, column_mask,
+                              gate_columns, gates, coef, z)
         return base_out, z, gates
 
     @staticmethod
     def backward(ctx, grad_y, grad_z_extra, _grad_gates):
-        x, xd, keep, universal_A, universal_B, task_A, task_B, gate, gates, z = ctx.saved_tensors
-        segments, scaling, (r_universal, r_task) = ctx.segments, ctx.scaling, ctx.ranks
+        x, xd, keep, expert_A, expert_B, gate, column_mask, gate_columns, gates, coef, z = ctx.saved_tensors
         if xd is None:
             xd = x
         if grad_y is None:
-            grad_y = x.new_zeros(x.shape[0], (universal_B if universal_B is not None else task_B).shape[-2])
-        needs_x = ctx.needs_input_grad[1]
-        grad_uA = torch.zeros_like(universal_A) if universal_A is not None else None
-        grad_uB = torch.zeros_like(universal_B) if universal_B is not None else None
-        grad_tA = torch.zeros_like(task_A) if task_A is not None else None
-        grad_tB = torch.zeros_like(task_B) if task_B is not None else None
-        grad_xd = torch.empty_like(x) if needs_x else None  # every row belongs to exactly one segment
-        grad_logits = x.new_empty(x.shape[0], 2) if gates is not None else None
-        for seg in segments:
-            A, B = _segment_weights(universal_A, universal_B, task_A, task_B, seg.task)
-            coef = _segment_coef(gates, seg, r_universal, r_task, scaling)
-            grad_y_seg, z_seg = _rows(grad_y, seg), _rows(z, seg)
-            grad_scaled = grad_y_seg @ B
-            grad_B = ((z_seg * coef).t() @ grad_y_seg).t()  # zᵀ·grad then transpose: faster than gradᵀ·z
-            if gates is not None:
-                per_column = grad_scaled * z_seg
-                grad_g = torch.stack([per_column[:, :r_universal].sum(-1), per_column[:, r_universal:].sum(-1)],
-                                     dim=-1) * scaling
-                g, grad_g = _at_least_fp32(_rows(gates, seg)), _at_least_fp32(grad_g)
-                _store_rows(grad_logits, seg, (g * (grad_g - (g * grad_g).sum(-1, keepdim=True))).to(x.dtype))
-            grad_z = grad_scaled * coef
-            if grad_z_extra is not None:
-                grad_z = grad_z + _rows(grad_z_extra, seg)
-            grad_A = grad_z.t() @ _rows(xd, seg)
-            if grad_uA is not None:
-                grad_uA += grad_A[:r_universal]
-                grad_uB += grad_B[:, :r_universal]
-            if grad_tA is not None:
-                grad_tA[seg.task] += grad_A[r_universal:]
-                grad_tB[seg.task] += grad_B[:, r_universal:]
-            if needs_x:
-                _mm_into_rows(grad_xd, seg, grad_z, A)
+            grad_y = x.new_zeros(x.shape[0], expert_B.shape[0])
+        grad_coefd = grad_y @ expert_B  # d loss / d (z ⊙ coef), (tokens, R)
+        scaled = z * coef if coef is not None else z * ctx.scaling
+        grad_B = (scaled.t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
+        grad_z = grad_coefd * coef if coef is not None else grad_coefd * ctx.scaling
+        if grad_z_extra is not None:
+            grad_z = grad_z + grad_z_extra
+        grad_A = grad_z.t() @ xd
         grad_x = grad_gate = None
-        if needs_x:
-            grad_x = grad_xd.mul_(keep) if keep is not None else grad_xd
+        if ctx.needs_input_grad[1]:
+            grad_x = grad_z @ expert_A
+            if keep is not None:
+                grad_x.mul_(keep)
         if gates is not None:
+            grad_gate_columns = grad_coefd * z
+            if column_mask is not None:
+                grad_gate_columns = grad_gate_columns * column_mask
+            g, grad_g = _at_least_fp32(gates), _at_least_fp32(grad_gate_columns @ gate_columns.t())
+            grad_logits = (g * (grad_g - (g * grad_g).sum(-1, keepdim=True))).to(x.dtype)
             grad_gate = grad_logits.t() @ x
-            if needs_x:
+            if grad_x is not None:
                 grad_x.addmm_(grad_logits, gate)
-        return grad_y, grad_x, grad_uA, grad_uB, grad_tA, grad_tB, grad_gate, None, None, None
+        return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
+
+
+class _MIMLoss(torch.autograd.Function):
+    """The MIM term of one layer (method.md §2): mean over tokens and channels of ½[(mu(D) − U)²/σ² + log σ²]
+    with mu(D) = scale⊙D + shift and σ² = softplus(var) + eps, computed exactly without a (tokens × d_out)
+    tensor. With Z = z masked to each token's own task columns, M = [−B_U, scale⊙B_task] and W = diag(1/σ²),
+    a token's residual is v = M·Z_t + shift, so
+        Σ_t vᵀWv = ⟨MᵀWM, ZᵀZ⟩ + 2⟨MᵀW·shift, Σ_t Z_t⟩ + T·shiftᵀW·shift.
+    The backward is written out (a few rank-space matmuls) rather than left to autograd, which would launch
+    several times more kernels. Computed in fp32 at least: the expansion cancels terms."""
+
+    @staticmethod
+    def forward(ctx, z, column_mask, expert_B, scale, shift, var, universal_rank, detach_teacher):
+        r = universal_rank
+        Z = _at_least_fp32(z) * _at_least_fp32(column_mask)
+        B = _at_least_fp32(expert_B)
+        scale32, shift32 = _at_least_fp32(scale), _at_least_fp32(shift)
+        M = torch.cat([-B[:, :r], B[:, r:] * scale32[:, None]], dim=1)
+        variance = F.softplus(_at_least_fp32(var)) + MIM_EPS
+        inv_var = 1.0 / variance
+        WM = M * inv_var[:, None]
+        C = Z.t() @ Z
+        column_sum = Z.sum(0)
+        tokens, d_out = Z.shape[0], M.shape[0]
+        total = (WM.t() @ M).mul_(C).sum() + 2.0 * (WM.t() @ shift32).dot(column_sum) \
+            + tokens * (shift32 * shift32 * inv_var).sum()
+        loss = 0.5 * (total / (tokens * d_out) + torch.log(variance).mean())
+        ctx.save_for_backward(Z, column_mask, B, scale32, shift32, var, variance, M, C, column_sum)
+        ctx.universal_rank, ctx.detach_teacher, ctx.z_dtype = r, detach_teacher, z.dtype
+        return loss.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        Z, column_mask, B, scale, shift, var, variance, M, C, column_sum = ctx.saved_tensors
+        r = ctx.universal_rank
+        tokens, d_out = Z.shape[0], M.shape[0]
+        inv_var = 1.0 / variance
+        k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
+        WM = M * inv_var[:, None]
+        G, lin = WM.t() @ M, WM.t() @ shift
+        grad_z = (Z @ G + lin) * k * _at_least_fp32(column_mask)  # d/dZ of ½·k·Σ vᵀWv, through the mask
+        MC = M @ C
+        Ms = M @ column_sum
+        grad_M = (MC + shift[:, None] * column_sum[None, :]) * (inv_var * k)[:, None]
+        grad_shift = (Ms + tokens * shift) * inv_var * k
+        residual_sq = (MC * M).sum(1) + 2.0 * shift * Ms + tokens * shift * shift  # Σ_t v_c², per channel
+        grad_inv_var = 0.5 * k * residual_sq
+        grad_variance = -grad_inv_var * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
+        grad_var = grad_variance * torch.sigmoid(_at_least_fp32(var))
+        grad_S = grad_M[:, r:]
+        grad_B = torch.cat([-grad_M[:, :r], grad_S * scale[:, None]], dim=1)
+        grad_scale = (grad_S * B[:, r:]).sum(1)
+        if ctx.detach_teacher:
+            grad_z[:, :r] = 0
+            grad_B[:, :r] = 0
+        dtype = var.dtype
+        return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype),
+                grad_scale.to(dtype), grad_shift.to(dtype), grad_var.to(dtype), None, None)
 
 
 class CLoRAELinear(nn.Module):
@@ -164,26 +169,29 @@ class CLoRAELinear(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        r, r_t, n, d_in, d_out = config.rank, config.expert_task_rank, config.num_tasks, base.in_features, base.out_features
-        self.universal_A = self.universal_B = self.task_A = self.task_B = self.gate = None
-        if config.uses_universal:
-            self.universal_A = nn.Parameter(torch.empty(r, d_in, **factory))
-            self.universal_B = nn.Parameter(torch.zeros(d_out, r, **factory))
-        if config.uses_task_experts:
-            # One tensor for all tasks: every rank touches the same parameters every step, whatever tasks
-            # its micro-batch holds (ZeRO-3 gathers and reduces per parameter; ranks that differ hang).
-            self.task_A = nn.Parameter(torch.empty(n, r_t, d_in, **factory))
-            self.task_B = nn.Parameter(torch.zeros(n, d_out, r_t, **factory))
+        n, d_in, d_out = config.num_tasks, base.in_features, base.out_features
+        self.universal_rank = config.rank if config.uses_universal else 0
+        self.task_rank = config.expert_task_rank if config.uses_task_experts else 0
+        columns = self.universal_rank + n * self.task_rank
+        # LoRA init: A kaiming-uniform (as nn.Linear, fan-in d_in for every expert), B zero, so the adapted
+        # model starts equal to the base model.
+        self.expert_A = nn.Parameter(torch.empty(columns, d_in, **factory))
+        nn.init.kaiming_uniform_(self.expert_A, a=math.sqrt(5))
+        self.expert_B = nn.Parameter(torch.zeros(d_out, columns, **factory))
+        self.gate = None
         if config.uses_gate:
             # Zero gate: both experts start with weight 0.5.
             self.gate = nn.Parameter(torch.zeros(2, d_in, **factory))
+            gate_columns = torch.zeros(2, columns)
+            gate_columns[0, :self.universal_rank] = config.scaling
+            gate_columns[1, self.universal_rank:] = config.scaling
+            self.register_buffer("gate_columns", gate_columns.to(**factory), persistent=False)
         if config.uses_mim:
             # VID regressor mu(D) = mim_scale * D + mim_shift and per-channel variance softplus(mim_var) + eps.
             self.mim_scale = nn.Parameter(torch.ones(d_out, **factory))
             self.mim_shift = nn.Parameter(torch.zeros(d_out, **factory))
             init = math.log(math.expm1(MIM_INITIAL_VARIANCE - MIM_EPS))
             self.mim_var = nn.Parameter(torch.full((d_out,), init, **factory))
-        self.reset_expert_A()
         self.routing: Optional[TaskRouting] = None
         self._mim_terms: list[torch.Tensor] = []
         self.register_buffer("gate_task_sum", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
@@ -200,74 +208,52 @@ class CLoRAELinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return self.base.bias
 
-    def reset_expert_A(self) -> None:
-        """LoRA init: A kaiming-uniform (as nn.Linear), B zero, so the adapted model equals the base."""
-        if self.universal_A is not None:
-            nn.init.kaiming_uniform_(self.universal_A, a=math.sqrt(5))
-        if self.task_A is not None:
-            for a in self.task_A.data:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    def split_experts(self, fused_A: torch.Tensor, fused_B: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of fused (R, d_in) / (d_out, R) tensors — weights or their gradients — per expert:
+        universal_A (r, d_in), universal_B (d_out, r), task_A (N, r_t, d_in), task_B (N, d_out, r_t)."""
+        r, r_t, n = self.universal_rank, self.task_rank, self.config.num_tasks
+        parts = {}
+        if r:
+            parts["universal_A"], parts["universal_B"] = fused_A[:r], fused_B[:, :r]
+        if r_t:
+            parts["task_A"] = fused_A[r:].view(n, r_t, -1)
+            parts["task_B"] = fused_B[:, r:].reshape(-1, n, r_t).permute(1, 0, 2)
+        return parts
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
-        named = {"universal_A": self.universal_A, "universal_B": self.universal_B, "task_A": self.task_A,
-                 "task_B": self.task_B, "gate": self.gate}
-        return {k: v.detach() for k, v in named.items() if v is not None}
+        weights = self.split_experts(self.expert_A.detach(), self.expert_B.detach())
+        if self.gate is not None:
+            weights["gate"] = self.gate.detach()
+        return weights
 
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         base_out = self.base(x2)
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
-        routing = TaskRouting(task_ids, self.config.num_tasks) if task_ids is not None else self.routing
-        segments = [Segment(0, slice(0, x2.shape[0]), x2.shape[0])]
-        if self.task_A is not None:
+        column_mask = one_hot = None
+        if self.task_rank:
+            if task_ids is not None:
+                routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
+            else:
+                routing = self.routing
             if routing is None:
                 raise RoutingError("this C-LoRAE layer needs task ids: call it with task_ids= or inside "
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
-            segments = routing.segments(x.shape[0], x2.shape[0] // x.shape[0], x.device)
+            shape = (x.shape[0], x2.shape[0] // x.shape[0])
+            column_mask = routing.column_mask(*shape, self.universal_rank, self.task_rank, x.device, x.dtype)
+            if self.gate is not None and routing.record_stats:
+                one_hot = routing.one_hot(*shape, x.device, torch.float32)
+                self.gate_token_count += routing.task_token_counts(*shape, x.device)
         dropout = self.config.dropout if self.training else 0.0
-        y, z, gates = _CLoRAEDelta.apply(
-            base_out, x2, self.universal_A, self.universal_B, self.task_A, self.task_B, self.gate, segments,
-            self.config.scaling, dropout)
-        if gates is not None:
-            self._record_gates(gates, segments)
+        y, z, gates = _CLoRAEDelta.apply(base_out, x2, self.expert_A, self.expert_B, self.gate, column_mask,
+                                         getattr(self, "gate_columns", None), self.config.scaling, dropout)
+        if one_hot is not None:
+            self.gate_task_sum += one_hot.t() @ gates[:, 1].float()
         if self.config.uses_mim and self.training and torch.is_grad_enabled():
-            r = self.config.rank
-            self._mim_terms.append(self._mim_loss(z[:, :r], z[:, r:], segments))
+            self._mim_terms.append(_MIMLoss.apply(z, column_mask, self.expert_B, self.mim_scale, self.mim_shift,
+                                                  self.mim_var, self.universal_rank, self.config.mim_detach_teacher))
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _record_gates(self, gates: torch.Tensor, segments: list[Segment]) -> None:
-        for seg in segments:
-            self.gate_task_sum[seg.task] += _rows(gates[:, 1], seg).sum()
-            self.gate_token_count[seg.task] += seg.num_rows
-
-    def _mim_loss(self, z_universal: torch.Tensor, z_task: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        """mean over tokens and channels of ½[(mu(D) − U)²/σ² + log σ²] (method.md §2), exact, without
-        building a (tokens × d_out) tensor: with D' = scale⊙D = S_n·z_t, U = B_U·z_u and W = diag(1/σ²),
-        ‖D' + b − U‖²_W expands into rank-space Gram matrices (S_nᵀWS_n, S_nᵀWB_U, B_UᵀWB_U) paired with
-        ZᵀZ sums over each task's rows. Done in fp32 at least: the expansion cancels terms."""
-        z_u = _at_least_fp32(z_universal)
-        universal_B = _at_least_fp32(self.universal_B)
-        if self.config.mim_detach_teacher:
-            z_u, universal_B = z_u.detach(), universal_B.detach()
-        variance = F.softplus(_at_least_fp32(self.mim_var)) + MIM_EPS
-        inv_var = 1.0 / variance
-        shift = _at_least_fp32(self.mim_shift)
-        weighted_shift = shift * inv_var
-        student_B = _at_least_fp32(self.task_B) * _at_least_fp32(self.mim_scale)[:, None]  # (N, d_out, r_t)
-        weighted_student_t = (student_B * inv_var[:, None]).transpose(1, 2)
-        gram_tt = weighted_student_t @ student_B  # (N, r_t, r_t)
-        gram_tu = weighted_student_t @ universal_B  # (N, r_t, r)
-        gram_uu = (universal_B * inv_var[:, None]).t() @ universal_B  # (r, r)
-        linear_t = student_B.transpose(1, 2) @ weighted_shift  # (N, r_t)
-        linear_u = universal_B.t() @ weighted_shift  # (r,)
-        total = (shift * weighted_shift).sum() * z_u.shape[0] + (gram_uu * (z_u.t() @ z_u)).sum() \
-            - 2.0 * linear_u.dot(z_u.sum(0))
-        for seg in segments:
-            z_t, z_u_seg = _at_least_fp32(_rows(z_task, seg)), _rows(z_u, seg)
-            total = total + (gram_tt[seg.task] * (z_t.t() @ z_t)).sum() \
-                - 2.0 * (gram_tu[seg.task] * (z_t.t() @ z_u_seg)).sum() + 2.0 * linear_t[seg.task].dot(z_t.sum(0))
-        return 0.5 * (total / (z_u.shape[0] * self.out_features) + torch.log(variance).mean())
 
     def pop_mim_terms(self) -> list[torch.Tensor]:
         terms, self._mim_terms = self._mim_terms, []
@@ -275,5 +261,5 @@ class CLoRAELinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"in={self.in_features}, out={self.out_features}, mode={c.mode}, r={c.rank}, "
-                f"r_t={c.expert_task_rank if c.uses_task_experts else 0}, tasks={c.num_tasks}")
+        return (f"in={self.in_features}, out={self.out_features}, mode={c.mode}, r={self.universal_rank}, "
+                f"r_t={self.task_rank}, tasks={c.num_tasks}")

@@ -15,7 +15,7 @@ from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterConfigErro
 from .layer import CLoRAELinear
 from .routing import TaskRouting
 
-EXPERT_PARAMS = ("universal_A", "universal_B", "task_A", "task_B", "gate")
+EXPERT_PARAMS = ("expert_A", "expert_B", "gate")
 MIM_PARAMS = ("mim_scale", "mim_shift", "mim_var")
 
 
@@ -77,12 +77,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def task_routing(model: nn.Module, task_ids: torch.Tensor):
+def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = False):
     """Route every adapted layer of `model` by `task_ids` (batch,) for the calls made inside the block
-    (forward or generate). Clears MIM terms left uncollected by an earlier call, so a forgotten
-    collection never keeps an old graph alive."""
+    (forward or generate); `record_stats` accumulates the gate statistics read by routing_stats(). Clears
+    MIM terms left uncollected by an earlier call, so a forgotten collection never keeps an old graph alive."""
     layers = [layer for _, layer in clorae_layers(model)]
-    routing = TaskRouting(task_ids, layers[0].config.num_tasks if layers else 1)
+    routing = TaskRouting(task_ids, layers[0].config.num_tasks if layers else 1, record_stats)
     previous = [layer.routing for layer in layers]
     for layer in layers:
         layer.routing = routing
@@ -105,7 +105,7 @@ def collect_mim_loss(model: nn.Module) -> Optional[torch.Tensor]:
 
 def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tensor]:
     """Per adapted layer: mean gate weight on the task expert for each task (NaN where a task had no
-    tokens) since the last reset (method.md Fig. 6)."""
+    tokens) over the calls routed with record_stats=True since the last reset (method.md Fig. 6)."""
     stats = {}
     for name, layer in clorae_layers(model):
         if layer.gate is None:

@@ -27,8 +27,8 @@ class MIEModel(nn.Module):
     def is_seq2seq(self) -> bool:
         return self.family != "llava"
 
-    def _routing(self, task_ids):
-        return task_routing(self, task_ids) if task_ids is not None else contextlib.nullcontext()
+    def _routing(self, task_ids, record_stats=False):
+        return task_routing(self, task_ids, record_stats) if task_ids is not None else contextlib.nullcontext()
 
     def encode(self, input_ids, attention_mask, visual_features=None, visual_boxes=None, visual_mask=None,
                pixel_values=None) -> BaseModelOutput:
@@ -44,9 +44,11 @@ class MIEModel(nn.Module):
             raise ValueError(f"this {self.family} model has no visual side: build it with a visual config")
         return BaseModelOutput(last_hidden_state=hidden)
 
-    def forward(self, input_ids, attention_mask, labels=None, task_ids=None, pixel_values=None, **visual):
-        """Returns the backbone's output (logits, and loss when labels are given)."""
-        with self._routing(task_ids):
+    def forward(self, input_ids, attention_mask, labels=None, task_ids=None, pixel_values=None,
+                record_routing=False, **visual):
+        """Returns the backbone's output (logits, and loss when labels are given). `record_routing`
+        accumulates gate statistics (routing_stats) for this call."""
+        with self._routing(task_ids, record_routing):
             if not self.is_seq2seq:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                labels=labels)
@@ -55,9 +57,10 @@ class MIEModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, task_ids=None, pixel_values=None, **kwargs):
-        """Greedy/beam generation; returns only the generated ids (for LLaVA, without the prompt)."""
+        """Greedy/beam generation, recording gate statistics (routing_stats); returns only the generated ids
+        (for LLaVA, without the prompt)."""
         visual = {k: kwargs.pop(k) for k in VISUAL_KEYS if k in kwargs}
-        with self._routing(task_ids):
+        with self._routing(task_ids, record_stats=True):
             if not self.is_seq2seq:
                 out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
                                        pixel_values=pixel_values, **kwargs)
