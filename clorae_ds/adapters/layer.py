@@ -122,13 +122,17 @@ class _MIMLoss(torch.autograd.Function):
         total = (WM.t() @ M).mul_(C).sum() + 2.0 * (WM.t() @ shift32).dot(column_sum) \
             + tokens * (shift32 * shift32 * inv_var).sum()
         loss = 0.5 * (total / (tokens * d_out) + torch.log(variance).mean())
-        ctx.save_for_backward(Z, column_mask, B, scale32, shift32, var, variance, M, C, column_sum)
+        # Only fresh tensors are saved, never a parameter: this backward runs early (the loss adds the MIM terms
+        # last), before ZeRO-3 gathers the layer's partitioned parameters again for its own backward.
+        ctx.save_for_backward(Z, column_mask, B[:, r:].clone(), scale32.clone(), shift32.clone(),
+                              torch.sigmoid(_at_least_fp32(var)), variance, M, C, column_sum)
+        ctx.param_dtype = expert_B.dtype
         ctx.universal_rank, ctx.detach_teacher, ctx.z_dtype = r, detach_teacher, z.dtype
         return loss.to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        Z, column_mask, B, scale, shift, var, variance, M, C, column_sum = ctx.saved_tensors
+        Z, column_mask, task_B, scale, shift, var_slope, variance, M, C, column_sum = ctx.saved_tensors
         r = ctx.universal_rank
         tokens, d_out = Z.shape[0], M.shape[0]
         inv_var = 1.0 / variance
@@ -143,14 +147,14 @@ class _MIMLoss(torch.autograd.Function):
         residual_sq = (MC * M).sum(1) + 2.0 * shift * Ms + tokens * shift * shift  # Σ_t v_c², per channel
         grad_inv_var = 0.5 * k * residual_sq
         grad_variance = -grad_inv_var * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
-        grad_var = grad_variance * torch.sigmoid(_at_least_fp32(var))
+        grad_var = grad_variance * var_slope  # d softplus(a) / da = sigmoid(a)
         grad_S = grad_M[:, r:]
         grad_B = torch.cat([-grad_M[:, :r], grad_S * scale[:, None]], dim=1)
-        grad_scale = (grad_S * B[:, r:]).sum(1)
+        grad_scale = (grad_S * task_B).sum(1)
         if ctx.detach_teacher:
             grad_z[:, :r] = 0
             grad_B[:, :r] = 0
-        dtype = var.dtype
+        dtype = ctx.param_dtype
         return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype),
                 grad_scale.to(dtype), grad_shift.to(dtype), grad_var.to(dtype), None, None)
 

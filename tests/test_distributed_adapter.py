@@ -1,0 +1,31 @@
+"""Real 2-rank DeepSpeed runs (gloo, CPU) of the adapted model with different tasks on each rank."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed", "zero_adapter_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ranks_with_different_tasks_train_in_lockstep(stage, tokenizer_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
+           "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
+           tokenizer_dir, str(tmp_path), str(stage)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"ZeRO-{stage} ranks hung (different task mixes must not desynchronise them):\n{err.stdout}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for result in results:
+        assert result["losses"][-1] < result["losses"][0]
+    # The ranks hold the same (reduced) weights, and every task expert learned from the rank that had it.
+    assert results[0]["task_experts_changed"] == results[1]["task_experts_changed"]
+    for changed in results[0]["task_experts_changed"].values():
+        assert changed == [True, True, True]
