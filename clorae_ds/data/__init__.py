@@ -1,0 +1,39 @@
+"""Data: the unified record, raw-format converters (and, next, shards and the streaming loader)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .converters import conll, m2e2, mnre
+from .record import DATASETS, Argument, Entity, Event, Record, RecordError, Relation, Span
+
+READERS = {"twitter2015": conll.read, "twitter2017": conll.read, "snap": conll.read, "mnre_v1": mnre.read,
+           "mnre_v2": mnre.read, "m2e2": m2e2.read}
+
+
+def load_raw(dataset: str, path: str, on_error: str = "fail", skipped: Optional[list] = None) -> list[Record]:
+    """Read one raw split file as distributed. A bad sample raises RecordError naming file:line and the
+    problem; with `on_error="skip"` it is dropped and its reason appended to `skipped` (a file that cannot be
+    parsed at all still raises)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if dataset not in READERS:
+        raise NotImplementedError(f"no converter for {dataset!r} yet (ACE2005 OneIE JSON lines and SWiG are "
+                                  "planned in the data issue)")
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{dataset}: no such file {path!r}")
+    records = []
+    for item in READERS[dataset](dataset, path):
+        if isinstance(item, RecordError):
+            if on_error == "fail":
+                raise item
+            if skipped is not None:
+                skipped.append(str(item))
+        else:
+            records.append(item)
+    return records
+
+
+__all__ = ["DATASETS", "Argument", "Entity", "Event", "Record", "RecordError", "Relation", "Span", "load_raw"]

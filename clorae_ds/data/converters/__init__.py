@@ -1,0 +1,1 @@
+"""One small module per source format; each yields Records and raises RecordError naming file:line."""
