@@ -63,8 +63,10 @@ def is_trainable(model: nn.Module, name: str) -> bool:
     config: Optional[CLoRAEConfig] = getattr(model, "clorae_config", None)
     if config is None:
         return True
-    leaf = name.rpartition(".")[2]
-    return leaf in EXPERT_PARAMS + MIM_PARAMS or _inside(name.rpartition(".")[0], config.modules_to_save)
+    owner, _, leaf = name.rpartition(".")
+    if leaf in EXPERT_PARAMS + MIM_PARAMS and isinstance(model.get_submodule(owner), CLoRAELinear):
+        return True
+    return _inside(owner, config.modules_to_save)
 
 
 def mark_trainable(model: nn.Module) -> None:
