@@ -16,6 +16,7 @@ setup(
         "protobuf",
         "safetensors>=0.4",
         "deepspeed>=0.15",
+        "webdataset>=0.2.90",
         "pyyaml>=6",
     ],
     extras_require={

@@ -1,0 +1,61 @@
+"""Convert one raw split file into WebDataset shards.
+
+    python launchers/build_shards.py --dataset twitter2015 --input ../shared/data/raw/twitter2015/train.txt \
+        --split train --out shards/ [--images DIR [--require-images]] [--features DIR] [--on-error skip]
+
+Writes {dataset}-{split}-%06d.tar and {dataset}-{split}.index.json (sample count, shards with checksums,
+label set, source checksums), prints a progress line and ends with a one-line JSON summary. Bad input:
+--on-error fail (default) stops with file:line and the reason, writing nothing; skip drops and counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from clorae_ds.data import DATASETS, RecordError, load_raw  # noqa: E402
+from clorae_ds.data.shards import BuildStats, ShardWriterConfig, write_shards  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--input", required=True, help="the raw split file as distributed")
+    parser.add_argument("--split", required=True, help="split name used in the shard names (train, dev, test)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples (sample shards)")
+    parser.add_argument("--images", default=None, help="directory of the dataset's image files")
+    parser.add_argument("--require-images", action="store_true", help="drop samples whose image is missing")
+    parser.add_argument("--features", default=None, help="directory of <image stem>.npy visual features")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.require_images and not args.images:
+        parser.error("--require-images needs --images DIR")
+
+    stats = BuildStats()
+    try:
+        records = load_raw(args.dataset, args.input, on_error=args.on_error, skipped=stats.skipped_records)
+    except (RecordError, FileNotFoundError, NotImplementedError) as err:
+        print(f"build_shards: {err}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        records = records[:args.limit]
+    for reason in stats.skipped_records[:20]:
+        print(f"skipped: {reason}", file=sys.stderr)
+    config = ShardWriterConfig(samples_per_shard=args.samples_per_shard, images=args.images,
+                               require_images=args.require_images, features=args.features, progress=not args.quiet)
+    index = write_shards(records, args.out, args.dataset, args.split, [args.input], config, stats)
+    print(json.dumps({"dataset": args.dataset, "split": args.split, "samples": index["samples"],
+                      "shards": len(index["shards"]), "skipped_records": len(stats.skipped_records),
+                      "images": index["images"], "labels": len(index["labels"]),
+                      "index": os.path.join(args.out, f"{args.dataset}-{args.split}.index.json")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
