@@ -16,7 +16,7 @@ needs_raw = pytest.mark.skipif(not os.path.isdir(RAW), reason="../shared/data/ra
     ("twitter2017", "twitter2017/valid.txt", 723, None),
     ("mnre_v1", "mnre_v1/ours_val.txt", 975, None),
     ("mnre_v2", "mnre_v2/mnre_val.txt", 1624, None),
-    ("m2e2", "m2e2/text_event_dev.json", 357 + 64, 83),  # SOURCES.md: 357 sentences, 64 with events, 83 events
+    ("m2e2", "m2e2/text_event_dev.json", 357 + 83, 83),  # SOURCES.md: 357 sentences, 83 events
 ])
 def test_real_dev_files_convert_completely(dataset, path, samples, tuples):
     skipped = []
@@ -29,7 +29,7 @@ def test_real_dev_files_convert_completely(dataset, path, samples, tuples):
             assert sum(len(r.entities) for r in records) == tuples
     if dataset == "m2e2":
         assert sum(len(r.events) for r in records if r.subtask == "trigger") == tuples
-        assert sum(r.subtask == "argument" for r in records) == 64
+        assert sum(r.subtask == "argument" for r in records) == 83
     for record in records:
         assert Record.from_dict(json.loads(json.dumps(record.to_dict()))) == record
 
@@ -113,8 +113,8 @@ def test_m2e2_edge_cases(tmp_path):
     path = write(tmp_path, "e.json", json.dumps(sentences))
     skipped = []
     records = load_raw("m2e2", path, on_error="skip", skipped=skipped)
-    assert [(r.id, r.subtask) for r in records] == [("m2e2-s1-trigger", "trigger"), ("m2e2-s1-argument", "argument"),
-                                                    ("m2e2-s2-trigger", "trigger")]
+    assert [(r.id, r.subtask) for r in records] == [("m2e2-s1-trigger", "trigger"),
+                                                    ("m2e2-s1-argument-0", "argument"), ("m2e2-s2-trigger", "trigger")]
     assert records[0].events[0].arguments == () and len(records[1].events[0].arguments) == 2
     assert records[0].image == "a.jpg" and records[2].events == ()
     assert len(skipped) == 1 and "e.json[2]" in skipped[0]

@@ -96,5 +96,5 @@ def test_real_split_builds(tmp_path):
     assert build_shards.main(["--dataset", "m2e2", "--input", os.path.join(RAW, "m2e2/text_event_dev.json"),
                               "--split", "dev", "--out", out, "--quiet"]) == 0
     index, samples = read_back(out, "m2e2-dev")
-    assert index["samples"] == len(samples) == 421
+    assert index["samples"] == len(samples) == 440
     assert "event:Conflict:Attack" in index["labels"] and "role:Attacker" in index["labels"]

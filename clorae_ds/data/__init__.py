@@ -6,6 +6,7 @@ from typing import Optional
 
 from .converters import conll, m2e2, mnre
 from .record import DATASETS, Argument, Entity, Event, Record, RecordError, Relation, Span
+from .render import render
 
 READERS = {"twitter2015": conll.read, "twitter2017": conll.read, "snap": conll.read, "mnre_v1": mnre.read,
            "mnre_v2": mnre.read, "m2e2": m2e2.read}
@@ -36,4 +37,5 @@ def load_raw(dataset: str, path: str, on_error: str = "fail", skipped: Optional[
     return records
 
 
-__all__ = ["DATASETS", "Argument", "Entity", "Event", "Record", "RecordError", "Relation", "Span", "load_raw"]
+__all__ = ["DATASETS", "Argument", "Entity", "Event", "Record", "RecordError", "Relation", "Span", "load_raw",
+           "render"]

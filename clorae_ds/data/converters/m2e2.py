@@ -1,7 +1,8 @@
 """M2E2 text event annotations (a JSON list of sentences with `words`, `golden-event-mentions`: trigger
 {start, end}, event_type, arguments [{role, start, end}], and `image`: the article's images). Each sentence
-yields a trigger record (every sentence: one without events teaches the model to answer empty) and, when it
-has events, an argument record, as UMIE's two stages do."""
+yields a trigger record (every sentence: one without events teaches the model to answer empty) and one
+argument record per event mention (its type and trigger are given in the instruction), as UMIE's two stages
+do."""
 from __future__ import annotations
 
 import json
@@ -37,9 +38,8 @@ def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
         try:
             records = [Record(id=f"{dataset}-{sentence_id}-trigger", subtask="trigger",
                               events=tuple(Event(e.type, e.trigger) for e in events), **common)]
-            if events:
-                records.append(Record(id=f"{dataset}-{sentence_id}-argument", subtask="argument", events=events,
-                                      **common))
+            records += [Record(id=f"{dataset}-{sentence_id}-argument-{k}", subtask="argument", events=(event,),
+                               **common) for k, event in enumerate(events)]
         except (RecordError, TypeError) as err:
             yield RecordError(f"{where}: {err}")
             continue
