@@ -12,7 +12,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..adapters import task_routing
 from .visual import VisualSide
 
-VISUAL_KEYS = ("visual_features", "visual_boxes", "visual_mask")
+VISUAL_KEYS = ("visual_features", "visual_boxes", "visual_mask", "image_present")
 
 
 class MIEModel(nn.Module):
@@ -31,13 +31,16 @@ class MIEModel(nn.Module):
         return task_routing(self, task_ids, record_stats) if task_ids is not None else contextlib.nullcontext()
 
     def encode(self, input_ids, attention_mask, visual_features=None, visual_boxes=None, visual_mask=None,
-               pixel_values=None) -> BaseModelOutput:
+               pixel_values=None, image_present=None) -> BaseModelOutput:
+        """`pixel_values` (B, 3, H, W) with `image_present` (B,) marking the samples that have an image, or
+        precomputed `visual_features` (B, V, F) / `visual_boxes` (B, V, 5) / `visual_mask` (B, V)."""
         hidden = self.lm.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.visual is not None:
             if pixel_values is not None:
                 visual_features, visual_boxes = self.visual.features_from_pixels(pixel_values)
-                if visual_mask is None:
-                    visual_mask = torch.ones(visual_features.shape[:2], dtype=torch.bool, device=hidden.device)
+                present = image_present if image_present is not None else \
+                    torch.ones(len(pixel_values), dtype=torch.bool, device=hidden.device)
+                visual_mask = present.to(hidden.device)[:, None].expand(-1, visual_features.shape[1])
             if visual_features is not None:
                 hidden = self.visual(hidden, visual_features, visual_boxes, visual_mask)
         elif visual_features is not None or pixel_values is not None:
