@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -27,7 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--split", required=True, help="split name used in the shard names (train, dev, test)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples (sample shards)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="keep a seeded random subset of N samples, in file order (sample shards)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--images", default=None, help="directory of the dataset's image files")
     parser.add_argument("--require-images", action="store_true", help="drop samples whose image is missing")
     parser.add_argument("--features", default=None, help="directory of <image stem>.npy visual features")
@@ -43,8 +46,9 @@ def main(argv=None) -> int:
     except (RecordError, FileNotFoundError, NotImplementedError) as err:
         print(f"build_shards: {err}", file=sys.stderr)
         return 2
-    if args.limit is not None:
-        records = records[:args.limit]
+    if args.sample is not None and args.sample < len(records):
+        keep = sorted(random.Random(args.seed).sample(range(len(records)), args.sample))
+        records = [records[i] for i in keep]
     for reason in stats.skipped_records[:20]:
         print(f"skipped: {reason}", file=sys.stderr)
     config = ShardWriterConfig(samples_per_shard=args.samples_per_shard, images=args.images,
