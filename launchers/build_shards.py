@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     stats = BuildStats()
     try:
         records = load_raw(args.dataset, args.input, on_error=args.on_error, skipped=stats.skipped_records)
-    except (RecordError, FileNotFoundError, NotImplementedError) as err:
+    except (RecordError, FileNotFoundError) as err:
         print(f"build_shards: {err}", file=sys.stderr)
         return 2
     if args.sample is not None and args.sample < len(records):

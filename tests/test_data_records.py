@@ -142,5 +142,70 @@ def test_load_raw_errors(tmp_path):
         load_raw("conll03", "x")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_raw("twitter2015", str(tmp_path / "missing.txt"))
-    with pytest.raises(NotImplementedError, match="no converter for 'ace05' yet"):
-        load_raw("ace05", "x")
+
+
+
+ACE_LINES = [
+    {"doc_id": "d1", "sent_id": "d1-0", "tokens": ["Rebels", "attacked", "Kabul", "on", "Monday", ";", "two", "died"],
+     "entity_mentions": [{"id": "e1", "start": 0, "end": 1, "entity_type": "PER"},
+                         {"id": "e2", "start": 2, "end": 3, "entity_type": "GPE"},
+                         {"id": "e3", "start": 4, "end": 5, "entity_type": "TIME"},
+                         {"id": "e4", "start": 6, "end": 7, "entity_type": "PER"}],
+     "event_mentions": [{"event_type": "Conflict:Attack", "trigger": {"start": 1, "end": 2, "text": "attacked"},
+                         "arguments": [{"entity_id": "e1", "role": "Attacker", "text": "Rebels"},
+                                       {"entity_id": "e2", "role": "Place", "text": "Kabul"},
+                                       {"entity_id": "e3", "role": "Time-Within", "text": "Monday"}]},
+                        {"event_type": "Life:Die", "trigger": {"start": 7, "end": 8, "text": "died"},
+                         "arguments": [{"entity_id": "e4", "role": "Victim", "text": "two"}]}]},
+    {"doc_id": "d1", "sent_id": "d1-1", "tokens": ["Quiet", "day"], "entity_mentions": [], "event_mentions": []},
+    {"doc_id": "d1", "sent_id": "d1-2", "tokens": ["x"], "entity_mentions": [],
+     "event_mentions": [{"event_type": "Life:Die", "trigger": {"start": 0, "end": 1},
+                         "arguments": [{"entity_id": "missing", "role": "Victim"}]}]},
+]
+
+
+def test_ace05_oneie_fixture(tmp_path):
+    path = write(tmp_path, "dev.oneie.json", "\n".join(json.dumps(line) for line in ACE_LINES) + "\n")
+    skipped = []
+    records = load_raw("ace05", path, on_error="skip", skipped=skipped)
+    assert [r.id for r in records] == ["ace05-d1-0-trigger", "ace05-d1-0-argument-0", "ace05-d1-0-argument-1",
+                                       "ace05-d1-1-trigger"]
+    trigger, attack, die, quiet = records
+    assert [(e.type, e.trigger) for e in trigger.events] == [("Conflict:Attack", Span(1, 2)), ("Life:Die", Span(7, 8))]
+    assert [(a.role, a.start, a.end) for a in attack.events[0].arguments] == [("Attacker", 0, 1), ("Place", 2, 3)]
+    assert die.events[0].arguments[0].role == "Victim" and quiet.events == ()
+    assert len(skipped) == 1 and "dev.oneie.json:3" in skipped[0] and "missing" in skipped[0]
+
+
+def test_swig_fixture(tmp_path):
+    write(tmp_path, "ace_sr_mapping.txt", "arresting\tagent\tJustice||Arrest|Jail\tAgent\n"
+                                         "arresting\tsuspect\tJustice||Arrest|Jail\tPerson\n"
+                                         "arresting\tplace\tJustice||Arrest|Jail\tPlace\n")
+    write(tmp_path, "imsitu_space.json", json.dumps({"nouns": {
+        "n1": {"gloss": ["police officer", "policeman"]}, "n2": {"gloss": ["man"]}}}))
+    path = write(tmp_path, "dev.json", json.dumps({
+        "arresting_1.jpg": {"verb": "arresting", "frames": [{"agent": "n1", "suspect": "n2", "place": ""}],
+                            "bb": {}, "height": 10, "width": 10},
+        "jumping_2.jpg": {"verb": "jumping", "frames": [{"agent": "n2"}]}}))
+    skipped = []
+    trigger, argument = load_raw("swig", path, on_error="skip", skipped=skipped)
+    assert trigger.tokens == ("arresting", "police", "officer", "man") and trigger.image == "arresting_1.jpg"
+    assert trigger.events[0].type == "Justice:Arrest-Jail" and trigger.events[0].trigger == Span(0, 1)
+    assert [(a.role, argument.span_text(a.start, a.end)) for a in argument.events[0].arguments] == [
+        ("Agent", "police officer"), ("Person", "man")]
+    assert len(skipped) == 1 and "'jumping' has no ACE event" in skipped[0]
+    os.remove(tmp_path / "imsitu_space.json")
+    with pytest.raises(FileNotFoundError, match="needs imsitu_space.json beside it"):
+        load_raw("swig", path)
+
+
+@needs_raw
+def test_swig_reads_the_real_m2e2_mapping():
+    from clorae_ds.data.converters.swig import read_mapping
+
+    mapping = read_mapping(os.path.join(RAW, "swig", "ace_sr_mapping.txt"))
+    assert mapping[("arresting", "agent")] == ("Justice:Arrest-Jail", "Agent")
+    from clorae_ds.data.schema import SCHEMAS
+
+    swig = SCHEMAS["swig"]
+    assert all(role in swig.roles(event) for event, role in mapping.values())

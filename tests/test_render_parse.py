@@ -91,7 +91,8 @@ def test_parse_relations_events_and_arguments():
         Event("Justice:Arrest-Jail", Span(1, 2), (Argument("Agent", 0, 1), Argument("Person", 2, 4))),))
     source, target = render(argument)
     assert target == "agent : Police ; person : two men"
-    assert source.endswith("arguments of the arrest jail event triggered by: arrested with the roles: agent, person, place")
+    assert source.endswith("arguments of the arrest jail event triggered by: arrested with the roles: agent, instrument, "
+                           "person, place")
     stats = ParseStats()
     # "victim" is a role of the schema but not of Arrest-Jail: dropped and counted.
     assert parse("agent : police ; victim : two men ; person : two men", argument, stats) == [

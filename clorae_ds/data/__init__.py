@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .converters import conll, m2e2, mnre
+from .converters import ace05, conll, m2e2, mnre, swig
 from .record import DATASETS, Argument, Entity, Event, Record, RecordError, Relation, Span
 from .render import render
 
 READERS = {"twitter2015": conll.read, "twitter2017": conll.read, "snap": conll.read, "mnre_v1": mnre.read,
-           "mnre_v2": mnre.read, "m2e2": m2e2.read}
+           "mnre_v2": mnre.read, "m2e2": m2e2.read, "ace05": ace05.read, "swig": swig.read}
 
 
 def load_raw(dataset: str, path: str, on_error: str = "fail", skipped: Optional[list] = None) -> list[Record]:
@@ -18,9 +18,6 @@ def load_raw(dataset: str, path: str, on_error: str = "fail", skipped: Optional[
     parsed at all still raises)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    if dataset not in READERS:
-        raise NotImplementedError(f"no converter for {dataset!r} yet (ACE2005 OneIE JSON lines and SWiG are "
-                                  "planned in the data issue)")
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if not os.path.isfile(path):

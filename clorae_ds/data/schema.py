@@ -52,6 +52,10 @@ ACE_ROLES = {
 }
 M2E2_TYPES = ("Conflict:Attack", "Conflict:Demonstrate", "Contact:Meet", "Contact:Phone-Write",
               "Justice:Arrest-Jail", "Life:Die", "Movement:Transport", "Transaction:Transfer-Money")
+# M2E2's multimedia ontology adds roles that images show (its SWiG mapping uses them).
+M2E2_EXTRA_ROLES = {"Contact:Phone-Write": ("Instrument",), "Justice:Arrest-Jail": ("Instrument",),
+                    "Movement:Transport": ("Place",), "Transaction:Transfer-Money": ("Instrument",)}
+M2E2_ROLES = tuple((t, tuple(sorted(set(ACE_ROLES[t]) | set(M2E2_EXTRA_ROLES.get(t, ()))))) for t in M2E2_TYPES)
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,9 @@ SCHEMAS = {
     "snap": Schema(entity_types=("PER", "LOC", "ORG", "MISC")),
     "mnre_v1": Schema(relation_labels=MNRE_LABELS),
     "mnre_v2": Schema(relation_labels=MNRE_LABELS),
-    "m2e2": Schema(event_roles=tuple((t, ACE_ROLES[t]) for t in M2E2_TYPES)),
+    "m2e2": Schema(event_roles=M2E2_ROLES),
     "ace05": Schema(event_roles=tuple(ACE_ROLES.items())),
-    "swig": Schema(event_roles=tuple((t, ACE_ROLES[t]) for t in M2E2_TYPES)),
+    "swig": Schema(event_roles=M2E2_ROLES),
 }
 
 

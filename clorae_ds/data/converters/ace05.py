@@ -1,0 +1,53 @@
+"""ACE2005 in OneIE's JSON-lines format (one sentence per line, as OneIE's preprocessing writes it):
+{"sent_id", "tokens": [...], "entity_mentions": [{"id", "start", "end", "entity_type", ...}],
+ "event_mentions": [{"event_type": "Conflict:Attack", "trigger": {"start", "end", "text"},
+                     "arguments": [{"entity_id", "role", "text"}]}]}
+Argument spans come from the entity mention each argument names. Like M2E2: one trigger record per sentence
+and one argument record per event mention. Time roles (Time-*) are dropped, as OneIE's ACE setting does."""
+from __future__ import annotations
+
+import json
+from typing import Iterator, Union
+
+from ..record import Argument, Event, Record, RecordError, Span
+
+
+def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                sentence = json.loads(line)
+                tokens = tuple(sentence["tokens"])
+                spans = {m["id"]: (m["start"], m["end"]) for m in sentence.get("entity_mentions", ())}
+                events = []
+                for mention in sentence.get("event_mentions", ()):
+                    arguments = []
+                    for argument in mention.get("arguments", ()):
+                        if argument["role"].startswith("Time"):
+                            continue
+                        if argument["entity_id"] not in spans:
+                            raise KeyError(f"argument entity {argument['entity_id']!r}")
+                        arguments.append(Argument(argument["role"], *spans[argument["entity_id"]]))
+                    trigger = mention["trigger"]
+                    events.append(Event(mention["event_type"], Span(trigger["start"], trigger["end"]), tuple(arguments)))
+                sent_id = sentence.get("sent_id", str(number))
+            except json.JSONDecodeError as err:
+                yield RecordError(f"{where}: not valid JSON ({err.msg})")
+                continue
+            except (KeyError, TypeError) as err:
+                yield RecordError(f"{where}: missing or malformed field {err}")
+                continue
+            try:
+                records = [Record(id=f"{dataset}-{sent_id}-trigger", dataset=dataset, task="mee", subtask="trigger",
+                                  tokens=tokens, events=tuple(Event(e.type, e.trigger) for e in events),
+                                  extra={"source": where})]
+                records += [Record(id=f"{dataset}-{sent_id}-argument-{k}", dataset=dataset, task="mee",
+                                   subtask="argument", tokens=tokens, events=(event,), extra={"source": where})
+                            for k, event in enumerate(events)]
+            except (RecordError, TypeError) as err:
+                yield RecordError(f"{where}: {err}")
+                continue
+            yield from records
