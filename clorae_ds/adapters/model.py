@@ -27,7 +27,7 @@ def apply_clorae(model: nn.Module, config: CLoRAEConfig) -> nn.Module:
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name_matches(name, config.target_modules) \
-                and not _inside(name, config.modules_to_save):
+                and not inside_modules(name, config.modules_to_save):
             targets.append(name)
     if not targets:
         raise AdapterConfigError(f"no nn.Linear matches target_modules {config.target_modules}; "
@@ -41,7 +41,8 @@ def apply_clorae(model: nn.Module, config: CLoRAEConfig) -> nn.Module:
     return model
 
 
-def _inside(name: str, prefixes: list[str]) -> bool:
+def inside_modules(name: str, prefixes: list[str]) -> bool:
+    """True when the module `name` or one of its parents matches a pattern."""
     parts = name.split(".")
     return any(name_matches(".".join(parts[:i]), prefixes) for i in range(1, len(parts) + 1))
 
@@ -66,7 +67,7 @@ def is_trainable(model: nn.Module, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
     if leaf in EXPERT_PARAMS + MIM_PARAMS and isinstance(model.get_submodule(owner), CLoRAELinear):
         return True
-    return _inside(owner, config.modules_to_save)
+    return inside_modules(owner, config.modules_to_save)
 
 
 def mark_trainable(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""Evaluation: gold tuples, the parser of generated structures (and, with the evaluation issue, the scorer)."""
+"""Evaluation: gold tuples, the parser of generated structures, the micro-F1 scorer."""
 from .parse import ParseStats, gold_tuples, normalize_span, parse
+from .score import dataset_f1, score, score_key
 
-__all__ = ["ParseStats", "gold_tuples", "normalize_span", "parse"]
+__all__ = ["ParseStats", "dataset_f1", "gold_tuples", "normalize_span", "parse", "score", "score_key"]

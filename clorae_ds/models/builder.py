@@ -88,6 +88,8 @@ class ModelConfig:
         if self.visual is not None:
             visual = VisualSide(VisualConfig(**self.visual), _hidden_size(lm))
         model = MIEModel(lm, self.family, visual)
+        # Modules with no pretrained weights: their own learning rate in every arm, full fine-tuning included.
+        model.new_module_patterns = NEW_MODULES[self.family] + ([VISUAL_MODULES] if visual is not None else [])
         adapter = self.adapter_config()
         if adapter is not None:
             apply_clorae(model, adapter)

@@ -1,0 +1,161 @@
+"""The run recipe: model, data, loss, optimiser, schedule, evaluation, output. YAML + key=value overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    train: dict = field(default_factory=dict)  # dataset → shard pattern
+    dev: dict = field(default_factory=dict)
+    mix: Optional[dict] = None
+    num_workers: int = 2
+    shuffle_buffer: int = 500
+    batches_per_epoch: Optional[int] = None
+    max_input_length: int = 192
+    max_target_length: int = 48
+    image_size: int = 224
+
+
+@dataclass
+class LossConfig:
+    aml: bool = True  # False: uniform task weights (the "w/o AML" ablation)
+    # p_m: reference (single-task state-of-the-art) F1 per dataset, 0..1; datasets without one use 1.0.
+    reference_f1: dict = field(default_factory=dict)
+    margin: float = 1.05
+    gamma: float = 2.0
+    ema: float = 0.1  # a ← ema·new + (1 − ema)·a; the first evaluation sets a directly
+    nonfinite: str = "stop"  # a NaN/inf loss: stop, or skip the step (on every rank)
+    max_skipped_steps: int = 10
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 8e-4  # adapter experts and gate
+    mim_lr: Optional[float] = None  # MIM regressors (default: lr)
+    new_module_lr: float = 1e-3  # new modules (cross-attention from an encoder checkpoint, visual side)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    decay: str = "linear"  # linear | cosine | constant
+    betas: tuple = (0.9, 0.999)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 3
+    max_steps: Optional[int] = None  # optimiser steps; stops early (evaluates, saves)
+    max_minutes: Optional[float] = None  # wall-clock budget for training, checked every step
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 32
+    num_beams: int = 1
+    max_samples: Optional[int] = None  # per dataset, first N (quick runs); None: the whole dev split
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    keep_last: int = 2  # checkpoints kept
+    save_every_epoch: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: dict = field(default_factory=lambda: {"family": "encoder_decoder", "pretrained": "minilm"})
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    dist_timeout_s: int = 1800  # collectives fail after this; also bounds how long ranks wait for rank 0's evaluation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "loss": LossConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+            "eval": EvalConfig, "output": OutputConfig}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`a.b.c=value` (value parsed as YAML: numbers, true/false, null, lists, {k: v})."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = _parse_value(value)
+
+
+def build_config(data: dict) -> RunConfig:
+    data = dict(data)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ConfigError(f"unknown config sections: {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {name!r} must be a mapping")
+            cls = SECTIONS[name]
+            bad = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if bad:
+                raise ConfigError(f"unknown keys in {name}: {bad}")
+            kwargs[name] = cls(**value)
+        else:
+            kwargs[name] = value
+    config = RunConfig(**kwargs)
+    if config.loss.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"loss.nonfinite must be stop or skip, got {config.loss.nonfinite!r}")
+    if config.optim.decay not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"optim.decay must be linear, cosine or constant, got {config.optim.decay!r}")
+    return config
+
+
+def load_config(path: Optional[str], overrides: list[str] = (), base: Optional[dict] = None) -> RunConfig:
+    data = json.loads(json.dumps(base)) if base else {}
+    if path:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a run config is a mapping")
+        data = _merge(data, loaded)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build_config(data)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

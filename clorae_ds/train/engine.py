@@ -1,0 +1,284 @@
+"""Every DeepSpeed call of the project lives here: process group, initialize, backward, step, checkpoint
+save/load, parameter gathering, and the few collectives the training loop needs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..adapters.layer import CLoRAELinear
+from ..adapters.model import EXPERT_PARAMS, MIM_PARAMS, adapter_state_dict, inside_modules, is_trainable
+
+# Top-level DeepSpeed keys this project's configs may use: DeepSpeed ignores unknown keys silently, so a typo
+# would change nothing without a word.
+KNOWN_DS_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "optimizer", "scheduler", "communication_data_type", "prescale_gradients",
+    "activation_checkpointing", "checkpoint", "dump_state", "seed",
+}
+KNOWN_ZERO_KEYS = {
+    "stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size",
+    "allgather_partitions", "offload_optimizer", "offload_param", "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_gather_16bit_weights_on_model_save", "sub_group_size", "round_robin_gradients",
+}
+
+
+CLIENT_STATE = "clorae_state.json"
+
+
+class EngineConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int) -> DistContext:
+    """Join (or, for a plain single process, create) the process group. Works under the deepspeed launcher,
+    torchrun and srun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID when the launcher set nothing else)."""
+    import deepspeed
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_NTASKS", "1"),
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise EngineConfigError("MASTER_PORT is not set for a multi-process run: start it with deepspeed, "
+                                    "torchrun or the Slurm script")
+        env["MASTER_PORT"] = str(_free_port())
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def load_ds_config(path: str, world_size: int) -> dict:
+    """Read and check a DeepSpeed JSON: unknown keys, batch sizes against the world size; bf16 falls back to
+    fp32 where the hardware has no bf16 (CPU)."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise EngineConfigError(f"cannot read DeepSpeed config {path}: {err}") from None
+    check_ds_config(config, path)
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    if not isinstance(micro, int) or micro < 1:
+        raise EngineConfigError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer")
+    total = config.get("train_batch_size")
+    if total is not None and total != micro * accumulation * world_size:
+        raise EngineConfigError(
+            f"{path}: train_batch_size {total} != micro batch {micro} x gradient accumulation {accumulation} x "
+            f"world size {world_size}; remove train_batch_size or make them agree")
+    config["train_batch_size"] = micro * accumulation * world_size
+    if config.get("bf16", {}).get("enabled") and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        config["bf16"] = {"enabled": False}  # CPU: fp32 (the CPU accelerator's bf16 autocast path is not used)
+    return config
+
+
+def check_ds_config(config: dict, where: str) -> None:
+    unknown = sorted(set(config) - KNOWN_DS_KEYS)
+    unknown += sorted(f"zero_optimization.{k}" for k in set(config.get("zero_optimization", {})) - KNOWN_ZERO_KEYS)
+    for key, value in config.items():
+        if value == "auto" or (isinstance(value, dict) and "auto" in value.values()):
+            raise EngineConfigError(f"{where}: {key} is 'auto': there is no HF Trainer to fill it; give a value")
+    if unknown:
+        raise EngineConfigError(f"{where}: unknown DeepSpeed keys {unknown} (DeepSpeed would ignore them silently)")
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, mim_lr: float, new_module_lr: float,
+                     weight_decay: float) -> list[dict]:
+    """Adapter experts and gates; MIM regressors; new modules (and, in full fine-tuning, the pretrained
+    weights at `lr`). Only trainable parameters reach the optimiser."""
+    patterns = list(getattr(model, "new_module_patterns", ()))
+
+    groups = {"experts": [], "mim": [], "new_modules": [], "pretrained": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        on_adapter = isinstance(model.get_submodule(owner), CLoRAELinear) if owner else False
+        if on_adapter and leaf in EXPERT_PARAMS:
+            groups["experts"].append(param)
+        elif on_adapter and leaf in MIM_PARAMS:
+            groups["mim"].append(param)
+        elif inside_modules(owner, patterns):
+            groups["new_modules"].append(param)
+        else:
+            groups["pretrained"].append(param)
+    rates = {"experts": lr, "mim": mim_lr, "new_modules": new_module_lr, "pretrained": lr}
+    return [{"params": params, "lr": rates[name], "weight_decay": weight_decay, "name": name}
+            for name, params in groups.items() if params]
+
+
+def lr_lambda(warmup: int, total: int, decay: str):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def _allow_deepspeed_checkpoint_globals() -> None:
+    """DeepSpeed's checkpoint files hold a few of its own small objects besides tensors; allow exactly those
+    to the weights_only unpickler, which refuses everything else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler, fragment_address])
+
+
+class DeepSpeedRunner:
+    def __init__(self, model: torch.nn.Module, ds_config: dict, groups: list[dict], betas, warmup: int, total_steps: int,
+                 decay: str, ctx: DistContext):
+        import deepspeed
+
+        self.ctx = ctx
+        optimizer = torch.optim.AdamW(groups, betas=tuple(betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, decay))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # DeepSpeed unpickles its checkpoint files (weights_only=False); read them with the weights-only loader.
+        _allow_deepspeed_checkpoint_globals()
+        self.engine.checkpoint_engine.load = \
+            lambda path, map_location=None: torch.load(path, map_location=map_location, weights_only=True)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage()
+
+    @property
+    def global_step(self) -> int:
+        return self.engine.global_steps
+
+    @property
+    def learning_rates(self) -> dict:
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    # --- collectives -------------------------------------------------------------------------------
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """OR of each flag across ranks (one small all-reduce)."""
+        tensor = torch.tensor([float(f) for f in flags], device=self.ctx.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in tensor.tolist()]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list:
+        out = [None] * self.ctx.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save(self, directory: str, tag: str, client_state: dict, keep_last: int) -> None:
+        """Trainable parameters, optimizer and scheduler (DeepSpeed), the run's state (JSON, readable before
+        anything is loaded) and each rank's RNG state (safetensors). Older checkpoints beyond `keep_last` go."""
+        if self.ctx.rank == 0:  # written first: DeepSpeed moves `latest` to this tag only once it is complete
+            os.makedirs(os.path.join(directory, tag), exist_ok=True)
+            with open(os.path.join(directory, tag, CLIENT_STATE), "w") as f:
+                json.dump(client_state, f, indent=1)
+        self.engine.save_checkpoint(directory, tag=tag, exclude_frozen_parameters=True)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, os.path.join(directory, tag, f"rng_rank{self.ctx.rank}.safetensors"))
+        self.barrier()
+        if self.ctx.rank == 0 and keep_last > 0:
+            tags = sorted((t for t in os.listdir(directory) if t.startswith("global_step")),
+                          key=lambda t: int(t[len("global_step"):]))
+            for old in tags[:-keep_last]:
+                shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+        self.barrier()
+
+    @staticmethod
+    def read_client_state(directory: str, tag: Optional[str] = None) -> Optional[tuple[str, dict]]:
+        """(tag, run state) of a checkpoint (the latest when tag is None), without loading any tensor."""
+        if tag is None:
+            latest = os.path.join(directory, "latest")
+            if not os.path.isfile(latest):
+                return None
+            with open(latest) as f:
+                tag = f.read().strip()
+        path = os.path.join(directory, tag, CLIENT_STATE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return tag, json.load(f)
+
+    def load(self, directory: str, tag: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=False,
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise EngineConfigError(f"DeepSpeed found no checkpoint {tag!r} in {directory!r}")
+        rng_file = os.path.join(directory, tag, f"rng_rank{self.ctx.rank}.safetensors")
+        if not os.path.isfile(rng_file):
+            raise EngineConfigError(f"checkpoint {tag!r} has no RNG state for rank {self.ctx.rank} ({rng_file}): "
+                                    "was it saved with a different world size?")
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def adapter_tensors(self) -> Optional[dict]:
+        """The full trainable tensors on rank 0 (gathered from ZeRO-3 partitions), None on other ranks."""
+        module = self.module
+        if self.zero_stage == 3:
+            import deepspeed
+
+            names = [n for n, _ in module.named_parameters() if is_trainable(module, n)]
+            params = [p for n, p in module.named_parameters() if is_trainable(module, n)]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                tensors = {n: p.detach().clone().cpu() for n, p in zip(names, params)} if self.ctx.rank == 0 else None
+            return tensors
+        return {k: v.clone().cpu() for k, v in adapter_state_dict(module).items()} if self.ctx.rank == 0 else None

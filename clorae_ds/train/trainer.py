@@ -1,0 +1,310 @@
+"""The training job: build, train with the achievement-weighted multi-task loss + MIM, evaluate each epoch,
+broadcast the new task weights, checkpoint, export adapters. Model code knows nothing of parallelism; every
+DeepSpeed call goes through DeepSpeedRunner."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tarfile
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import collect_mim_loss, save_adapter
+from ..adapters.config import CLoRAEConfig
+from ..data.loader import Encoding, MIELoader
+from ..data.render import render
+from ..data.record import Record
+from ..eval import dataset_f1, gold_tuples, parse, score, score_key
+from ..models import ModelConfig
+from .aml import AchievementWeights
+from .config import RunConfig
+from .engine import DeepSpeedRunner, init_distributed, load_ds_config, parameter_groups
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "task_ids", "pixel_values", "image_present",
+                "visual_features", "visual_boxes", "visual_mask")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def log_json(**fields) -> None:
+    print(json.dumps(fields, default=float), flush=True)
+
+
+def per_dataset_token_loss(logits: torch.Tensor, labels: torch.Tensor, dataset_ids: torch.Tensor, causal: bool,
+                           num_datasets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token cross-entropy of each dataset's samples in the micro-batch: (losses (M,), present (M,))."""
+    if causal:  # decoder-only: position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = (labels != -100).float()
+    sample_sum, sample_tokens = (token_loss * mask).sum(1), mask.sum(1)
+    one_hot = F.one_hot(dataset_ids, num_datasets).float()
+    tokens = one_hot.t() @ sample_tokens
+    return (one_hot.t() @ sample_sum) / tokens.clamp(min=1), tokens > 0
+
+
+def _texts_from_shards(patterns: dict, limit: int = 4000) -> list[str]:
+    import webdataset as wds
+
+    texts = []
+    for pattern in patterns.values():
+        for url in wds.shardlists.expand_urls(pattern):
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if member.name.endswith(".json") and len(texts) < limit:
+                        source, target = render(Record.from_dict(json.load(tar.extractfile(member))))
+                        texts += [source, target]
+    return texts
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, ds_config_path: str, resume: Optional[str] = None):
+        self.config, self.resume = config, resume
+        self.ctx = init_distributed(config.dist_timeout_s)
+        self.is_main = self.ctx.rank == 0
+        torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
+        self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size)
+        self.out = config.output.dir
+        self._check_output_dir()
+
+        model_config = ModelConfig.from_dict(dict(config.model))
+        tokenizer_dir = os.path.join(self.out, "tokenizer")
+        if model_config.preset is not None and model_config.tokenizer is None:
+            # A preset's tokenizer is trained once, on rank 0, from the training text.
+            if self.is_main and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+                from ..models import train_tokenizer
+
+                train_tokenizer(_texts_from_shards(config.data.train), tokenizer_dir, model_config.tokenizer_vocab_size)
+            torch.distributed.barrier()
+            model_config.tokenizer = tokenizer_dir
+        self.model_config = model_config
+        built = model_config.build()
+        self.model, self.tokenizer = built.model, built.tokenizer
+        self.adapter: Optional[CLoRAEConfig] = getattr(self.model, "clorae_config", None)
+        self.causal = model_config.family == "llava"
+        encoding = Encoding(max_input_length=config.data.max_input_length,
+                            max_target_length=config.data.max_target_length, causal=self.causal,
+                            drop_target_bos=model_config.family == "encoder_decoder",
+                            image_size=config.data.image_size,
+                            image_tokens=getattr(self.model.lm.config, "image_seq_length", 0) if self.causal else 0)
+        loader_config = MIELoader.Config(
+            train=dict(config.data.train), dev=dict(config.data.dev), mix=config.data.mix,
+            tasks=self.adapter.tasks if self.adapter else ["mner", "mre", "mee"],
+            batch_size=self.ds_config["train_micro_batch_size_per_gpu"], eval_batch_size=config.eval.batch_size,
+            num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer, seed=config.seed,
+            batches_per_epoch=config.data.batches_per_epoch)
+        self.loader = loader_config.build(self.tokenizer, encoding, self.ctx.rank, self.ctx.world_size)
+        self.datasets = self.loader.datasets
+        self.train_datasets = sorted(config.data.train)
+        self.accumulation = self.ds_config.get("gradient_accumulation_steps", 1)
+        steps_per_epoch = self.loader.batches_per_epoch // self.accumulation
+        if steps_per_epoch < 1:
+            raise TrainingError(f"an epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than "
+                                f"gradient_accumulation_steps {self.accumulation}")
+        self.total_steps = config.schedule.max_steps or steps_per_epoch * config.schedule.epochs
+
+        optim = config.optim
+        groups = parameter_groups(self.model, optim.lr, optim.mim_lr or optim.lr, optim.new_module_lr,
+                                  optim.weight_decay)
+        self.runner = DeepSpeedRunner(self.model, self.ds_config, groups, optim.betas, optim.warmup_steps,
+                                      self.total_steps, optim.decay, self.ctx)
+        self.aml = AchievementWeights(self.train_datasets, config.loss.reference_f1, config.loss.margin,
+                                      config.loss.gamma, config.loss.ema, enabled=config.loss.aml)
+        # A dev loader for rank 0 alone: under ZeRO-0/1/2 it evaluates while the other ranks wait.
+        self.solo_eval_loader = loader_config.build(self.tokenizer, encoding, 0, 1) if self.is_main else None
+
+    def _check_output_dir(self) -> None:
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            probe = os.path.join(self.out, f".write-test-{self.ctx.rank}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as err:
+            raise TrainingError(f"output directory {self.out!r} is not writable: {err}") from None
+
+    # --- the run -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        config, runner = self.config, self.runner
+        state = self._resume()
+        epoch, batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        best_all, skipped_steps = state["best_all"], state["skipped_steps"]
+        weights = torch.tensor(self.aml.weights, device=self.ctx.device)
+        # loader dataset id → position among the trained datasets (the order of the task weights)
+        to_train = torch.tensor([self.train_datasets.index(d) if d in self.train_datasets else -1
+                                 for d in self.datasets], device=self.ctx.device)
+        beta = self.adapter.mim_beta if self.adapter and self.adapter.uses_mim else 0.0
+        start, last_log, samples_since_log = time.time(), time.time(), 0
+        report, loss_value, losses = None, float("nan"), []
+        stop = runner.global_step >= self.total_steps
+        while not stop and epoch < config.schedule.epochs:
+            self.runner.module.train()
+            for batch in self.loader.train_epoch(epoch, skip_batches=batch_in_epoch):
+                inputs = {k: v.to(self.ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
+                out = runner.forward(**inputs)
+                dataset_loss, present = per_dataset_token_loss(
+                    out.logits, inputs["labels"], to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
+                    len(self.train_datasets))
+                loss = (weights * dataset_loss * present).sum()  # L_MT = Σ_m w_m L_m over the datasets present
+                mim = collect_mim_loss(runner.module)
+                if mim is not None:
+                    loss = loss + beta * mim
+                # Sync point (one small all-reduce): every rank must skip or stop together, or the gradient
+                # all-reduce of the ranks that go on waits forever.
+                out_of_time = config.schedule.max_minutes is not None and self.is_main and \
+                    time.time() - start > 60 * config.schedule.max_minutes
+                nonfinite, out_of_time = runner.any_rank(not bool(torch.isfinite(loss)), out_of_time)
+                if nonfinite:
+                    skipped_steps += 1
+                    if config.loss.nonfinite == "stop" or skipped_steps > config.loss.max_skipped_steps:
+                        raise TrainingError(f"non-finite loss at step {runner.global_step} (epoch {epoch}, batch "
+                                            f"{batch_in_epoch}) on some rank; loss.nonfinite={config.loss.nonfinite}")
+                    batch_in_epoch += 1
+                    continue
+                runner.backward(loss)
+                runner.step()
+                batch_in_epoch += 1
+                loss_value = loss.item()
+                losses.append(loss_value)
+                samples_since_log += len(batch["ids"])
+                if self.is_main and runner.global_step % config.schedule.log_every == 0:
+                    now = time.time()
+                    rate = samples_since_log * self.ctx.world_size / max(now - last_log, 1e-9)
+                    last_log, samples_since_log = now, 0
+                    eta = (self.total_steps - runner.global_step) * (now - start) / max(1, runner.global_step)
+                    print(f"\rstep {runner.global_step}/{self.total_steps} epoch {epoch} loss {loss_value:.4f} "
+                          f"{rate:.1f} samples/s ETA {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
+                    log_json(event="train", step=runner.global_step, epoch=epoch, loss=round(loss_value, 5),
+                             dataset_loss={d: round(float(v), 5) for d, v, p in
+                                           zip(self.train_datasets, dataset_loss.tolist(), present.tolist()) if p},
+                             mim_loss=None if mim is None else round(mim.item(), 5), lr=runner.learning_rates,
+                             samples_per_s=round(rate, 2), skipped=batch["skipped"])
+                if runner.global_step >= self.total_steps or out_of_time:
+                    stop = True
+                    break
+            epoch_done = batch_in_epoch >= self.loader.batches_per_epoch
+            report = self.evaluate()
+            if epoch_done:
+                # Rank 0 computes the weights from its scores and every rank takes its copy: identical weights
+                # everywhere. They change only at epoch boundaries, so a resumed run follows the same sequence.
+                if self.is_main:
+                    self.aml.update(dataset_f1(report))
+                self.aml.load_state_dict(runner.broadcast_object(self.aml.state_dict() if self.is_main else None))
+                weights = torch.tensor(self.aml.weights, device=self.ctx.device)
+                per_rank = runner.gather_objects(self.aml.weights)  # what each rank will train with
+                if self.is_main:
+                    log_json(event="task_weights", epoch=epoch, datasets=self.train_datasets, per_rank=per_rank,
+                             achievement=self.aml.achievement)
+                epoch, batch_in_epoch = epoch + 1, 0
+            best_all = self._save(report, epoch, batch_in_epoch, best_all, skipped_steps)
+        if report is None:
+            report = self.evaluate()
+        summary = {"event": "summary", "global_step": runner.global_step, "epochs": epoch,
+                   "final_loss": loss_value, "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
+                   "dev_f1": {k: v["f1"] for k, v in report.items() if k != "All"}, "dev_all": report["All"],
+                   "adapter": os.path.join(self.out, "adapter"), "best_adapter": os.path.join(self.out, "adapter_best"),
+                   "skipped_steps": skipped_steps, "train_seconds": round(time.time() - start, 1),
+                   "losses": losses}
+        if self.is_main:
+            print(file=sys.stderr)
+            log_json(**{k: v for k, v in summary.items() if k != "losses"})
+        return summary
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Generate on the dev splits and score. ZeRO-3: every rank generates its share (synced_gpus) and rank 0
+        scores the gathered rows. ZeRO-0/1/2: rank 0 evaluates alone; the others wait at the broadcast (bounded
+        by dist_timeout_s)."""
+        runner, zero3 = self.runner, self.runner.zero_stage == 3
+        rows = []
+        if zero3 or self.is_main:
+            loader = self.loader if zero3 else self.solo_eval_loader
+            world = self.ctx.world_size if zero3 else 1
+            model = runner.module.eval()
+            for dataset in sorted(self.config.data.dev):
+                limit = None
+                if self.config.eval.max_samples:
+                    limit = math.ceil(self.config.eval.max_samples / (self.config.eval.batch_size * world))
+                for index, batch in enumerate(loader.eval_batches(dataset)):
+                    if limit is not None and index >= limit:
+                        break
+                    inputs = {k: v.to(self.ctx.device) for k, v in batch.items()
+                              if k in MODEL_INPUTS and k != "labels"}
+                    generated = model.generate(**inputs, max_new_tokens=self.config.eval.max_new_tokens,
+                                               num_beams=self.config.eval.num_beams, synced_gpus=zero3,
+                                               no_repeat_ngram_size=0)
+                    texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                    for record, text, valid in zip(batch["records"], texts, batch["valid"].tolist()):
+                        if valid:
+                            rows.append((score_key(record), parse(text, record), gold_tuples(record)))
+            runner.module.train()
+        if zero3:
+            rows = [row for part in runner.gather_objects(rows) for row in part]
+        report = score([r[1] for r in rows], [r[2] for r in rows], [r[0] for r in rows]) if self.is_main else None
+        report = runner.broadcast_object(report)
+        if self.is_main:
+            print(file=sys.stderr)
+            log_json(event="eval", step=runner.global_step, samples=len(rows), all=round(report["All"], 3),
+                     f1={k: round(v["f1"], 4) for k, v in report.items() if k != "All"})
+        return report
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def _client_state(self, epoch: int, batch_in_epoch: int, best_all: float, skipped_steps: int) -> dict:
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_all": best_all, "skipped_steps": skipped_steps,
+                "aml": self.aml.state_dict(), "adapter_config": self.adapter.to_dict() if self.adapter else None,
+                "datasets": self.train_datasets}
+
+    def _save(self, report: dict, epoch: int, batch_in_epoch: int, best_all: float, skipped_steps: int) -> float:
+        runner = self.runner
+        best = report["All"] > best_all
+        best_all = max(best_all, report["All"])
+        runner.save(os.path.join(self.out, "checkpoints"), f"global_step{runner.global_step}",
+                    self._client_state(epoch, batch_in_epoch, best_all, skipped_steps), self.config.output.keep_last)
+        tensors = runner.adapter_tensors()  # a collective under ZeRO-3: every rank calls it
+        if self.is_main and self.adapter is not None:
+            save_adapter(runner.module, os.path.join(self.out, "adapter"), tensors)
+            if best:
+                save_adapter(runner.module, os.path.join(self.out, "adapter_best"), tensors)
+            with open(os.path.join(self.out, "run_config.json"), "w") as f:
+                json.dump({"run": self.config.to_dict(), "model": asdict(self.model_config)}, f, indent=1, default=str)
+        runner.barrier()
+        return best_all
+
+    def _resume(self) -> dict:
+        fresh = {"epoch": 0, "batch_in_epoch": 0, "best_all": -1.0, "skipped_steps": 0}
+        if not self.resume:
+            return fresh
+        directory = os.path.join(self.out, "checkpoints") if self.resume == "auto" else self.resume
+        tag = None
+        if self.resume != "auto" and os.path.basename(os.path.normpath(directory)).startswith("global_step"):
+            directory, tag = os.path.split(os.path.normpath(directory))
+        found = DeepSpeedRunner.read_client_state(directory, tag)
+        if found is None:
+            if self.resume == "auto":
+                return fresh  # nothing saved yet: a fresh start (a requeued job's first attempt)
+            raise TrainingError(f"--resume {self.resume}: no clorae_ds checkpoint in {directory!r}")
+        tag, state = found
+        # Checked before any tensor is loaded: a different adapter would fail deep in DeepSpeed otherwise.
+        saved = state.get("adapter_config")
+        current = self.adapter.to_dict() if self.adapter else None
+        if saved != current:
+            diff = sorted(k for k in set(saved or {}) | set(current or {})
+                          if (saved or {}).get(k) != (current or {}).get(k))
+            raise TrainingError(f"--resume: the checkpoint was trained with a different adapter config ({diff})")
+        if state.get("datasets") != self.train_datasets:
+            raise TrainingError(f"--resume: the checkpoint trained {state.get('datasets')}, this run "
+                                f"{self.train_datasets}")
+        self.runner.load(directory, tag)
+        self.aml.load_state_dict(state["aml"])
+        if self.is_main:
+            log_json(event="resume", step=self.runner.global_step, epoch=state["epoch"],
+                     batch_in_epoch=state["batch_in_epoch"])
+        return {k: state[k] for k in fresh}

@@ -1,0 +1,240 @@
+"""The training job end to end: real DeepSpeed (deepspeed launcher and torchrun, 2 ranks, gloo on CPU),
+a tiny T5 with C-LoRAE on shards the test writes, checked through the job's JSON log lines."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from clorae_ds.data import Entity, Record, Relation, Span
+from clorae_ds.data.shards import ShardWriterConfig, write_shards
+from clorae_ds.train.aml import AchievementWeights
+from clorae_ds.train.config import ConfigError, load_config
+from clorae_ds.train.engine import EngineConfigError, KNOWN_DS_KEYS, check_ds_config, load_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launchers", "train.py")
+NAMES = ["Kyrie", "Obama", "Merkel", "Taylor", "Boston", "Paris"]
+
+
+def synthetic_shards(directory):
+    """twitter2015: a name tagged PER in varied text; mnre_v1: every pair related by 'peer' (learnable in a
+    few dozen steps, so the two datasets reach different dev F1 and the task weights move)."""
+    def tweets(n, offset):
+        return [Record(f"t{i}", "twitter2015", "mner", "entity", (NAMES[i % 6], "said", "hello", str(i + offset)),
+                       entities=(Entity("PER", 0, 1),)) for i in range(n)]
+
+    def pairs(n, offset):
+        return [Record(f"r{i}", "mnre_v1", "mre", "relation", (NAMES[i % 6], "met", NAMES[(i + 1) % 6], str(i + offset)),
+                       relation=Relation("/per/per/peer", Span(0, 1), Span(2, 3))) for i in range(n)]
+
+    config = ShardWriterConfig(samples_per_shard=32, progress=False)
+    for name, records in (("twitter2015", tweets), ("mnre_v1", pairs)):
+        write_shards(records(64, 0), directory, name, "train", [], config)
+        write_shards(records(16, 100), directory, name, "dev", [], config)
+    return {"train": {n: f"{directory}/{n}-train-{{000000..000001}}.tar" for n in ("twitter2015", "mnre_v1")},
+            "dev": {n: f"{directory}/{n}-dev-000000.tar" for n in ("twitter2015", "mnre_v1")}}
+
+
+def recipe(tmp_path, tokenizer_dir, **sections):
+    shards = synthetic_shards(str(tmp_path / "shards"))
+    config = {
+        "model": {"family": "t5", "preset": "tiny", "tokenizer": tokenizer_dir,
+                  "adapter": {"rank": 8, "alpha": 16, "dropout": 0.1}},
+        "data": {**shards, "num_workers": 1, "batches_per_epoch": 8, "max_input_length": 48, "max_target_length": 16},
+        "loss": {"reference_f1": {"twitter2015": 0.8, "mnre_v1": 0.9}},
+        "optim": {"lr": 0.01, "warmup_steps": 2},
+        "schedule": {"epochs": 2, "log_every": 1},
+        "eval": {"max_new_tokens": 8, "batch_size": 8},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(launcher, ds_config):
+    if launcher == "deepspeed":
+        return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+                str(free_port()), TRAIN, "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN,
+                "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
+    return [sys.executable, TRAIN, "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def events(stdout):
+    out = []
+    for line in stdout.splitlines():
+        start = line.find('{"event"')
+        if start >= 0:
+            out.append(json.loads(line[start:]))
+    return out
+
+
+def train(launcher, ds_config, config_path, *extra, timeout=300):
+    proc = subprocess.run(command(launcher, ds_config) + ["--config", config_path, *extra], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return events(proc.stdout)
+
+
+def summary_of(log):
+    return next(e for e in log if e["event"] == "summary")
+
+
+def steps(log):
+    return {e["step"]: e["loss"] for e in log if e["event"] == "train"}
+
+
+@pytest.mark.parametrize("launcher, ds_config", [("deepspeed", "zero2.json"), ("deepspeed", "zero3.json"),
+                                                 ("torchrun", "zero0.json")])
+def test_two_ranks_train_evaluate_broadcast_and_export(launcher, ds_config, tmp_path, tokenizer_dir):
+    log = train(launcher, ds_config, recipe(tmp_path, tokenizer_dir, schedule={"epochs": 3}))
+    losses = steps(log)
+    assert len(losses) == 24  # 3 epochs x 8 micro-batches per rank, one optimiser step each
+    first, last = sum(list(losses.values())[:3]), sum(list(losses.values())[-3:])
+    assert last < first
+    weights = [e for e in log if e["event"] == "task_weights"]
+    assert len(weights) == 3
+    for event in weights:
+        assert event["per_rank"][0] == event["per_rank"][1]  # every rank trains with rank 0's weights
+        assert abs(sum(event["per_rank"][0]) - 1) < 1e-9
+    summary = summary_of(log)
+    assert summary["global_step"] == 24 and summary["epochs"] == 3
+    assert summary["dev_f1"]["mnre_v1"] > summary["dev_f1"]["twitter2015"]  # the easy set is learnt first
+    w = summary["task_weights"]
+    assert w["twitter2015"] > w["mnre_v1"]  # AML: more weight where achievement lags
+
+    from clorae_ds.adapters import load_adapter
+    from clorae_ds.models import ModelConfig
+    from safetensors.torch import load_file
+
+    adapter_dir = summary["adapter"]
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    assert tensors and all(t.numel() > 0 for t in tensors.values())  # gathered, even under ZeRO-3
+    model = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir).build().model
+    load_adapter(model, adapter_dir)
+    assert any(t.abs().sum() > 0 for n, t in tensors.items() if n.endswith("expert_B"))
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_losses(tmp_path, tokenizer_dir):
+    config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 3})
+    reference = steps(train("deepspeed", "zero2.json", config, "--output-dir", str(tmp_path / "reference")))
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(command("deepspeed", "zero2.json") + ["--config", config, "--output-dir", str(killed_dir)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    latest = killed_dir / "checkpoints" / "latest"
+    while time.time() < deadline and not (latest.exists() and (killed_dir / "adapter").exists()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher group, mid-run
+    proc.wait()
+    assert latest.exists(), "no checkpoint was written before the deadline"
+    resumed = steps(train("deepspeed", "zero2.json", config, "--output-dir", str(killed_dir), "--resume", "auto"))
+    assert min(resumed) in (9, 17) and max(resumed) == 24  # resumed after a saved epoch (8 steps each)
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
+    from safetensors.torch import load_file
+
+    config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 1})
+    for mode, expect_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
+        log = train("single", "zero0.json", config, f"model.adapter.mode={mode}", "loss.aml=false",
+                    f"output.dir={tmp_path / mode}")
+        tensors = load_file(os.path.join(summary_of(log)["adapter"], "adapter_model.safetensors"))
+        columns = {t.shape[1] for n, t in tensors.items() if n.endswith("expert_B")}
+        assert columns == {expect_columns}
+        assert any(n.endswith(".gate") for n in tensors) == (mode == "clorae")
+    accumulation = tmp_path / "accumulate.json"
+    base = json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))
+    accumulation.write_text(json.dumps({**base, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}))
+    log = train("single", str(accumulation), config, f"output.dir={tmp_path / 'accumulate'}")
+    assert summary_of(log)["global_step"] == 4  # 8 micro-batches / 2
+
+
+def test_clear_errors(tmp_path, tokenizer_dir):
+    config = recipe(tmp_path, tokenizer_dir)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 24,
+                               "zero_optimization": {"stage": 2}}))
+    proc = subprocess.run(command("single", str(bad)) + ["--config", config], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "train_batch_size 24 != micro batch 8" in proc.stderr
+    proc = subprocess.run(command("single", "zero0.json") + ["--config", config, "data.train.mnre_v1=/nope-{0..1}.tar"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "/nope-0.tar" in proc.stderr
+    locked = tmp_path / "locked"
+    locked.write_text("a file, not a directory")
+    proc = subprocess.run(command("single", "zero0.json") + ["--config", config, f"output.dir={locked}/run"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not writable" in proc.stderr
+    first = train("single", "zero0.json", config, "--max-steps", "2", f"output.dir={tmp_path / 'r'}")
+    assert summary_of(first)["global_step"] == 2
+    proc = subprocess.run(command("single", "zero0.json") + ["--config", config, f"output.dir={tmp_path / 'r'}",
+                                                             "--resume", "auto", "model.adapter.rank=4"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "different adapter config" in proc.stderr
+    proc = subprocess.run(command("single", "zero0.json") + ["--config", config, "optim.lr=.nan", "optim.warmup_steps=0",
+                                                             f"output.dir={tmp_path / 'nan'}"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "non-finite loss" in proc.stderr
+
+
+def test_every_ds_config_loads_and_typos_are_rejected():
+    for name in sorted(os.listdir(os.path.join(ROOT, "ds_configs"))):
+        config = load_ds_config(os.path.join(ROOT, "ds_configs", name), world_size=2)
+        assert set(config) <= KNOWN_DS_KEYS and config["train_batch_size"] == 16
+    with pytest.raises(EngineConfigError, match=r"unknown DeepSpeed keys \['zero_optimisation'\]"):
+        check_ds_config({"zero_optimisation": {"stage": 2}}, "x.json")
+    with pytest.raises(EngineConfigError, match=r"zero_optimization.stag"):
+        check_ds_config({"zero_optimization": {"stag": 2}}, "x.json")
+    with pytest.raises(EngineConfigError, match="'auto'"):
+        check_ds_config({"train_micro_batch_size_per_gpu": "auto"}, "x.json")
+
+
+def test_recipes_parse(tmp_path):
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        load_config(os.path.join(ROOT, "configs", name))
+    with pytest.raises(ConfigError, match="unknown keys in optim"):
+        load_config(None, ["optim.learning_rate=1"])
+    assert load_config(None, ["schedule.epochs=5", "data.mix={twitter2015: 2}"]).data.mix == {"twitter2015": 2}
+
+
+def test_achievement_weights():
+    aml = AchievementWeights(["a", "b"], {"a": 0.8, "b": 0.5}, margin=1.05, gamma=2.0, ema=0.1)
+    assert aml.weights == [0.5, 0.5]
+    w = aml.update({"a": 0.8, "b": 0.1})
+    raw = [(1 - 0.8 / (1.05 * 0.8)) ** 2, (1 - 0.1 / (1.05 * 0.5)) ** 2]
+    import math
+
+    expected = [math.exp(r) / sum(math.exp(x) for x in raw) for r in raw]
+    assert w == pytest.approx(expected) and w[1] > w[0]
+    aml.update({"a": 0.0, "b": 0.1})
+    assert aml.achievement["a"] == pytest.approx(0.72)  # EMA: 0.1 * 0.0 + 0.9 * 0.8
+    over = AchievementWeights(["a"], {"a": 0.5})
+    over.update({"a": 0.9})  # beyond margin x reference: clamped at zero, not negative
+    assert over.weights == [1.0]
+    with pytest.raises(ValueError, match="margin"):
+        AchievementWeights(["a"], {}, margin=1.0)
+    with pytest.raises(ValueError, match="not trained"):
+        AchievementWeights(["a"], {"b": 0.5})
