@@ -1,0 +1,126 @@
+"""Training throughput of the embedded default (MiniLM encoder-decoder + C-LoRAE r16, batch 8) under the
+DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch loop on the same model and the
+same batches, measured one after the other in one run.
+
+    python benchmarks/bench_train.py [--steps 15]
+
+Each arm runs in its own process(es); batches are read from the embedded shards before timing, so only the
+training step is measured. Tokens = non-padding input + target tokens. 2-rank arms use one thread per rank
+(2 cores); 1-rank arms two threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+ARMS = [("plain loop", "plain", None, 1), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 1),
+        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 1), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2),
+        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2)]
+
+
+def worker(mode: str, ds_config: str, steps: int) -> None:
+    import torch
+    import transformers
+
+    from benchmarks.bench_loader import embedded_train_shards
+    from clorae_ds.adapters import collect_mim_loss
+    from clorae_ds.data.loader import Encoding, MIELoader
+    from clorae_ds.models import ModelConfig
+
+    transformers.logging.set_verbosity_error()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_num_threads(2 if world == 1 else 1)
+    torch.manual_seed(0)
+    built = ModelConfig(family="encoder_decoder", pretrained="minilm", adapter={"rank": 16, "alpha": 32}).build()
+    model = built.model.train()
+    loader = MIELoader.Config(train=embedded_train_shards(), batch_size=8, num_workers=0,
+                              batches_per_epoch=steps + 3).build(built.tokenizer, Encoding(drop_target_bos=True),
+                                                                 rank, world)
+    keys = ("input_ids", "attention_mask", "labels", "task_ids")
+    batches = [{k: b[k] for k in keys} for b in loader.train_epoch(0)]
+    tokens = [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
+
+    if mode == "plain":
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step(batch):
+            loss = model(**batch).loss + 0.01 * collect_mim_loss(model)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        from clorae_ds.train.engine import DeepSpeedRunner, init_distributed, load_ds_config, parameter_groups
+
+        ctx = init_distributed(600)
+        config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), ctx.world_size)
+        runner = DeepSpeedRunner(model, config, parameter_groups(model, 1e-4, 1e-4, 1e-4, 0.0), (0.9, 0.999), 0,
+                                 steps + 3, "constant", ctx)
+
+        def step(batch):
+            loss = runner.forward(**batch).loss + 0.01 * collect_mim_loss(runner.module)
+            runner.backward(loss)
+            runner.step()
+
+    for batch in batches[:3]:
+        step(batch)
+    start = time.perf_counter()
+    for batch in batches[3:]:
+        step(batch)
+    elapsed = time.perf_counter() - start
+    rate = sum(tokens[3:]) / elapsed
+    if mode != "plain":
+        total = torch.tensor([rate])
+        torch.distributed.all_reduce(total)
+        rate = float(total)
+    if rank == 0:
+        print("RESULT " + json.dumps({"tokens_per_s": rate, "seconds_per_step": elapsed / (len(batches) - 3)}),
+              flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--worker", choices=["plain", "deepspeed"], help=argparse.SUPPRESS)
+    parser.add_argument("--ds", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.ds, args.steps)
+        return 0
+    env = {**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    results = []
+    for label, mode, ds_config, ranks in ARMS:
+        cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps)] + (["--ds", ds_config] if ds_config else [])
+        if ranks > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] + cmd[1:]
+        proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1" if ranks > 1 else "2"}, capture_output=True,
+                              text=True, timeout=900)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"arm {label} x{ranks} failed")
+        results.append({"arm": label, "ranks": ranks, **json.loads(line[len("RESULT "):])})
+    plain = results[0]["tokens_per_s"]
+    print(f"{'arm':20s} {'ranks':>5s} {'tokens/s':>10s} {'s/step':>8s} {'vs plain':>9s}")
+    for r in results:
+        print(f"{r['arm']:20s} {r['ranks']:5d} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:8.3f} "
+              f"{r['tokens_per_s'] / plain:9.3f}")
+    overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
+                for r in results if r["ranks"] == 1 and r["arm"] != "plain loop"}
+    print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead,
+                      "arms": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
