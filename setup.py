@@ -17,6 +17,7 @@ setup(
         "safetensors>=0.4",
         "deepspeed>=0.15",
         "webdataset>=0.2.90",
+        "pillow",
         "pyyaml>=6",
     ],
     extras_require={
