@@ -171,8 +171,21 @@ def _build_lm(config: ModelConfig, tokenizer):
                 decoder_start_token_id=tokenizer.pad_token_id))
     elif config.family == "encoder_decoder":
         if config.pretrained:
+            import logging
+
+            import transformers
+
             path = _resolve(config.pretrained)
-            lm = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True)
+            # The checkpoint is an encoder: its load report lists the decoder's cross-attention and LM-head
+            # transform as missing, which is expected (they are new modules); keep the rest of the log.
+            previous = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+            try:
+                lm = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True)
+            finally:
+                transformers.logging.set_verbosity(previous)
+            logging.getLogger(__name__).info("encoder-decoder from %s: cross-attention and LM-head transform are new",
+                                             path)
         else:
             bert = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=128, pad_token_id=tokenizer.pad_token_id)

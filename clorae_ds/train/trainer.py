@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from ..adapters import collect_mim_loss, save_adapter
 from ..adapters.config import CLoRAEConfig
-from ..data.loader import Encoding, MIELoader
+from ..data.loader import MIELoader
 from ..data.render import render
 from ..data.record import Record
-from ..eval import dataset_f1, gold_tuples, parse, score, score_key
+from ..eval import dataset_f1, score
+from ..eval.generate import generate_rows
+from ..eval.inference import encoding_for
 from ..models import ModelConfig
 from .aml import AchievementWeights
 from .config import RunConfig
@@ -90,11 +92,8 @@ class Trainer:
         self.model, self.tokenizer = built.model, built.tokenizer
         self.adapter: Optional[CLoRAEConfig] = getattr(self.model, "clorae_config", None)
         self.causal = model_config.family == "llava"
-        encoding = Encoding(max_input_length=config.data.max_input_length,
-                            max_target_length=config.data.max_target_length, causal=self.causal,
-                            drop_target_bos=model_config.family == "encoder_decoder",
-                            image_size=config.data.image_size,
-                            image_tokens=getattr(self.model.lm.config, "image_seq_length", 0) if self.causal else 0)
+        encoding = encoding_for(built, config.data.max_input_length, config.data.max_target_length,
+                                config.data.image_size)
         loader_config = MIELoader.Config(
             train=dict(config.data.train), dev=dict(config.data.dev), mix=config.data.mix,
             tasks=self.adapter.tasks if self.adapter else ["mner", "mre", "mee"],
@@ -218,7 +217,6 @@ class Trainer:
         return summary
 
     # --- evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Generate on the dev splits and score. ZeRO-3: every rank generates its share (synced_gpus) and rank 0
         scores the gathered rows. ZeRO-0/1/2: rank 0 evaluates alone; the others wait at the broadcast (bounded
@@ -228,27 +226,18 @@ class Trainer:
         if zero3 or self.is_main:
             loader = self.loader if zero3 else self.solo_eval_loader
             world = self.ctx.world_size if zero3 else 1
+            limit = None
+            if self.config.eval.max_samples:
+                limit = math.ceil(self.config.eval.max_samples / (self.config.eval.batch_size * world))
             model = runner.module.eval()
             for dataset in sorted(self.config.data.dev):
-                limit = None
-                if self.config.eval.max_samples:
-                    limit = math.ceil(self.config.eval.max_samples / (self.config.eval.batch_size * world))
-                for index, batch in enumerate(loader.eval_batches(dataset)):
-                    if limit is not None and index >= limit:
-                        break
-                    inputs = {k: v.to(self.ctx.device) for k, v in batch.items()
-                              if k in MODEL_INPUTS and k != "labels"}
-                    generated = model.generate(**inputs, max_new_tokens=self.config.eval.max_new_tokens,
-                                               num_beams=self.config.eval.num_beams, synced_gpus=zero3,
-                                               no_repeat_ngram_size=0)
-                    texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                    for record, text, valid in zip(batch["records"], texts, batch["valid"].tolist()):
-                        if valid:
-                            rows.append((score_key(record), parse(text, record), gold_tuples(record)))
+                rows += generate_rows(model, self.tokenizer, loader.eval_batches(dataset), self.ctx.device,
+                                      self.config.eval.max_new_tokens, self.config.eval.num_beams, zero3, limit)
             runner.module.train()
         if zero3:
             rows = [row for part in runner.gather_objects(rows) for row in part]
-        report = score([r[1] for r in rows], [r[2] for r in rows], [r[0] for r in rows]) if self.is_main else None
+        report = score([r["predicted"] for r in rows], [r["gold"] for r in rows],
+                       [r["key"] for r in rows]) if self.is_main else None
         report = runner.broadcast_object(report)
         if self.is_main:
             print(file=sys.stderr)

@@ -1,0 +1,99 @@
+"""Trainable parameters and forward / forward+backward FLOPs per method — full fine-tuning, vanilla LoRA (rank
+r) and C-LoRAE (rank r, MIM on) — in the layout of the paper's Table 5, counted by torch.utils.flop_counter on
+a batch of 1 with an input of 256 tokens and a target of 64 tokens.
+
+    python launchers/report_cost.py --model t5-base [--rank 128]     # shapes only: t5-base, t5-large, tiny
+    python launchers/report_cost.py --model models/flan-t5-base      # a local T5 directory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, parameter_report  # noqa: E402
+from clorae_ds.models import DEFAULT_TARGETS, MIEModel  # noqa: E402
+
+SHAPES = {  # T5 v1.0 shapes (the paper's T5-base / T5-large rows); random weights: FLOPs do not depend on them
+    "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=2000),
+    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, vocab_size=32128),
+    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_layers=24, num_heads=16, vocab_size=32128),
+}
+
+
+def build(model: str, method: str, rank: int) -> MIEModel:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if model in SHAPES:
+        lm = T5ForConditionalGeneration(T5Config(**SHAPES[model], dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                                                 decoder_start_token_id=0))
+    elif os.path.isdir(model):
+        lm = T5ForConditionalGeneration.from_pretrained(model, local_files_only=True)
+    else:
+        raise SystemExit(f"report_cost: --model {model!r} is neither a shape preset ({', '.join(SHAPES)}) nor a directory")
+    wrapped = MIEModel(lm, "t5")
+    if method == "full fine-tuning":
+        return wrapped.requires_grad_(True)
+    mode = "universal_only" if method == "LoRA" else "clorae"
+    return apply_clorae(wrapped, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=0.0, mode=mode,
+                                              target_modules=DEFAULT_TARGETS["t5"]))
+
+
+def measure(model: MIEModel, input_len: int, target_len: int) -> dict:
+    vocab = model.lm.config.vocab_size
+    ids = torch.randint(1, vocab, (1, input_len))
+    labels = torch.randint(1, vocab, (1, target_len))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=torch.tensor([0]))
+    model.train()
+    with FlopCounterMode(display=False) as forward_counter:
+        with torch.no_grad():
+            model(**batch)
+    collect_mim_loss(model)  # nothing recorded without grad; keeps the layers clean
+    with FlopCounterMode(display=False) as train_counter:
+        loss = model(**batch).loss
+        mim = collect_mim_loss(model)
+        if mim is not None:
+            loss = loss + 0.01 * mim
+        loss.backward()
+    report = parameter_report(model)
+    return {"trainable_params": report["trainable_params"], "adapter_expert_params": report["expert_params"],
+            "expert_params_formula": report["expert_params_formula"], "mim_params": report["mim_params"], "forward_gflops": forward_counter.get_total_flops() / 1e9,
+            "forward_backward_gflops": train_counter.get_total_flops() / 1e9}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="t5-base")
+    parser.add_argument("--rank", type=int, default=None, help="default: 128 for t5-base, 64 otherwise (the paper's)")
+    parser.add_argument("--input-length", type=int, default=256)
+    parser.add_argument("--target-length", type=int, default=64)
+    args = parser.parse_args(argv)
+    rank = args.rank or (128 if args.model == "t5-base" else 64 if args.model != "tiny" else 8)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    rows = {}
+    for method in ("full fine-tuning", "LoRA", "C-LoRAE"):
+        rows[method] = measure(build(args.model, method, rank), args.input_length, args.target_length)
+    print(f"{args.model}, rank {rank}, batch 1, input {args.input_length}, target {args.target_length} tokens")
+    print("| method | trainable params | fwd GFLOPs | fwd+bwd GFLOPs |\n|---|---|---|---|")
+    for method, r in rows.items():
+        print(f"| {method} | {r['trainable_params'] / 1e6:.3g}M | {r['forward_gflops']:.3g} | "
+              f"{r['forward_backward_gflops']:.3g} |")
+    ratio = rows["C-LoRAE"]["trainable_params"] / rows["LoRA"]["trainable_params"]
+    experts = rows["C-LoRAE"]["adapter_expert_params"] / rows["LoRA"]["adapter_expert_params"]
+    print(f"C-LoRAE / LoRA trainable: {ratio:.3f} (experts and gates alone: {experts:.3f}; the MIM regressors, "
+          f"{rows['C-LoRAE']['mim_params']:,} parameters, make the rest)")
+    print(json.dumps({"model": args.model, "rank": rank, "clorae_over_lora_trainable": round(ratio, 3),
+                      "clorae_over_lora_expert_params": round(experts, 3), "methods": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
