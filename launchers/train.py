@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 from clorae_ds.adapters import AdapterConfigError  # noqa: E402
 from clorae_ds.data.loader import LoaderError  # noqa: E402
+from clorae_ds.metrics import MetricsError  # noqa: E402
 from clorae_ds.models import ModelBuildError  # noqa: E402
 from clorae_ds.train.config import ConfigError, load_config  # noqa: E402
 from clorae_ds.train.engine import EngineConfigError  # noqa: E402
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help="run recipe (YAML); default: the embedded default")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on PORT + local rank (0: off; metrics.bind, default 127.0.0.1)")
     parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint in the output dir, if any) or a "
                                                         "checkpoint directory")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -46,12 +49,14 @@ def main(argv=None) -> int:
         overrides.append(f"schedule.max_steps={args.max_steps}")
     if args.output_dir is not None:
         overrides.append(f"output.dir={args.output_dir}")
+    if args.metrics_port is not None:
+        overrides.append(f"metrics.port={args.metrics_port}")
     os.chdir(ROOT) if args.config is None else None  # the default recipe names the bundled shards relative to the repo
     try:
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
         Trainer(config, args.deepspeed, resume=args.resume).run()
     except (ConfigError, EngineConfigError, TrainingError, LoaderError, ModelBuildError, AdapterConfigError,
-            FileNotFoundError) as err:
+            MetricsError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -72,6 +72,9 @@ class OutputConfig:
     save_every_epoch: bool = True
 
 
+from ..metrics import MetricsConfig  # noqa: E402
+
+
 @dataclass
 class RunConfig:
     model: dict = field(default_factory=lambda: {"family": "encoder_decoder", "pretrained": "minilm"})
@@ -81,6 +84,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
     dist_timeout_s: int = 1800  # collectives fail after this; also bounds how long ranks wait for rank 0's evaluation
 
@@ -89,7 +93,7 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "loss": LossConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-            "eval": EvalConfig, "output": OutputConfig}
+            "eval": EvalConfig, "output": OutputConfig, "metrics": MetricsConfig}
 
 
 def _parse_value(text: str) -> Any:

@@ -24,6 +24,9 @@ from ..eval import dataset_f1, score
 from ..eval.generate import generate_rows
 from ..eval.inference import encoding_for
 from ..models import ModelConfig
+from ..adapters import routing_stats
+from ..eval.report import routing_report
+from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
 from .engine import DeepSpeedRunner, init_distributed, load_ds_config, parameter_groups
@@ -119,6 +122,12 @@ class Trainer:
                                       config.loss.gamma, config.loss.ema, enabled=config.loss.aml)
         # A dev loader for rank 0 alone: under ZeRO-0/1/2 it evaluates while the other ranks wait.
         self.solo_eval_loader = loader_config.build(self.tokenizer, encoding, 0, 1) if self.is_main else None
+        self.metrics = MetricsExporter(config.metrics, self.ctx.rank, self.ctx.local_rank)
+        addresses = self.runner.gather_objects(self.metrics.address)
+        if self.is_main and config.metrics.port:
+            targets = config.metrics.targets_file or os.path.join(self.out, "metrics_targets.json")
+            os.makedirs(os.path.dirname(os.path.abspath(targets)), exist_ok=True)
+            self.metrics.write_targets(targets, addresses)
 
     def _check_output_dir(self) -> None:
         try:
@@ -141,13 +150,18 @@ class Trainer:
                                  for d in self.datasets], device=self.ctx.device)
         beta = self.adapter.mim_beta if self.adapter and self.adapter.uses_mim else 0.0
         start, last_log, samples_since_log = time.time(), time.time(), 0
-        report, loss_value, losses = None, float("nan"), []
+        report, loss_value = None, float("nan")
         stop = runner.global_step >= self.total_steps
+        self.metrics.on_weights(self.train_datasets, self.aml.weights)
         while not stop and epoch < config.schedule.epochs:
             self.runner.module.train()
+            step_end = time.perf_counter()
             for batch in self.loader.train_epoch(epoch, skip_batches=batch_in_epoch):
+                batch_ready = time.perf_counter()
+                tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())  # CPU tensors
+                log_now = (runner.global_step + 1) % config.schedule.log_every == 0
                 inputs = {k: v.to(self.ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
-                out = runner.forward(**inputs)
+                out = runner.forward(**inputs, record_routing=log_now)
                 dataset_loss, present = per_dataset_token_loss(
                     out.logits, inputs["labels"], to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
                     len(self.train_datasets))
@@ -170,10 +184,20 @@ class Trainer:
                 runner.backward(loss)
                 runner.step()
                 batch_in_epoch += 1
-                loss_value = loss.item()
-                losses.append(loss_value)
                 samples_since_log += len(batch["ids"])
-                if self.is_main and runner.global_step % config.schedule.log_every == 0:
+                now = time.perf_counter()
+                self.metrics.on_step(len(batch["ids"]), tokens, now - batch_ready, batch_ready - step_end,
+                                     batch["skipped"])
+                step_end = now
+                if log_now:  # values reach the host only here, at the logging interval
+                    loss_value = loss.item()
+                    losses_now = {d: float(v) for d, v, p in zip(self.train_datasets, dataset_loss.tolist(),
+                                                                 present.tolist()) if p}
+                    gates = routing_report(routing_stats(runner.module), self.adapter.tasks)["layer_groups"] \
+                        if self.adapter is not None and self.adapter.uses_gate else {}
+                    self.metrics.on_log(losses_now, None if mim is None else mim.item(),
+                                        runner.learning_rates.get("experts", 0.0), epoch, gates)
+                if self.is_main and log_now:
                     now = time.time()
                     rate = samples_since_log * self.ctx.world_size / max(now - last_log, 1e-9)
                     last_log, samples_since_log = now, 0
@@ -181,8 +205,7 @@ class Trainer:
                     print(f"\rstep {runner.global_step}/{self.total_steps} epoch {epoch} loss {loss_value:.4f} "
                           f"{rate:.1f} samples/s ETA {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
                     log_json(event="train", step=runner.global_step, epoch=epoch, loss=round(loss_value, 5),
-                             dataset_loss={d: round(float(v), 5) for d, v, p in
-                                           zip(self.train_datasets, dataset_loss.tolist(), present.tolist()) if p},
+                             dataset_loss={d: round(v, 5) for d, v in losses_now.items()},
                              mim_loss=None if mim is None else round(mim.item(), 5), lr=runner.learning_rates,
                              samples_per_s=round(rate, 2), skipped=batch["skipped"])
                 if runner.global_step >= self.total_steps or out_of_time:
@@ -197,6 +220,7 @@ class Trainer:
                     self.aml.update(dataset_f1(report))
                 self.aml.load_state_dict(runner.broadcast_object(self.aml.state_dict() if self.is_main else None))
                 weights = torch.tensor(self.aml.weights, device=self.ctx.device)
+                self.metrics.on_weights(self.train_datasets, self.aml.weights)
                 per_rank = runner.gather_objects(self.aml.weights)  # what each rank will train with
                 if self.is_main:
                     log_json(event="task_weights", epoch=epoch, datasets=self.train_datasets, per_rank=per_rank,
@@ -209,11 +233,11 @@ class Trainer:
                    "final_loss": loss_value, "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
                    "dev_f1": {k: v["f1"] for k, v in report.items() if k != "All"}, "dev_all": report["All"],
                    "adapter": os.path.join(self.out, "adapter"), "best_adapter": os.path.join(self.out, "adapter_best"),
-                   "skipped_steps": skipped_steps, "train_seconds": round(time.time() - start, 1),
-                   "losses": losses}
+                   "skipped_steps": skipped_steps, "train_seconds": round(time.time() - start, 1)}
         if self.is_main:
             print(file=sys.stderr)
-            log_json(**{k: v for k, v in summary.items() if k != "losses"})
+            log_json(**summary)
+        self.metrics.close()
         return summary
 
     # --- evaluation ----------------------------------------------------------------------------------
@@ -239,6 +263,7 @@ class Trainer:
         report = score([r["predicted"] for r in rows], [r["gold"] for r in rows],
                        [r["key"] for r in rows]) if self.is_main else None
         report = runner.broadcast_object(report)
+        self.metrics.on_eval(report)
         if self.is_main:
             print(file=sys.stderr)
             log_json(event="eval", step=runner.global_step, samples=len(rows), all=round(report["All"], 3),
