@@ -78,6 +78,7 @@ def test_sbatch_trains_two_ranks_on_a_real_slurm(slurm_cluster, tmp_path, tokeni
     env, slurm_dir = slurm_cluster
     config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 1})
     out, log_dir = tmp_path / "run", tmp_path / "logs"
+    log_dir.mkdir()  # Slurm opens --output before the script runs: the directory must exist
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", f"--chdir={ROOT}",
          f"--output={log_dir}/batch-%j.out", "--export=ALL,CLORAE_PROCS_PER_NODE=2,CLORAE_LOG_DIR=" + str(log_dir),
@@ -95,6 +96,7 @@ def test_sbatch_trains_two_ranks_on_a_real_slurm(slurm_cluster, tmp_path, tokeni
         subprocess.run(["scancel", job], env=env)
         pytest.fail(f"job {job} did not finish in time:\n{logs(slurm_dir)}")
     info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    assert os.listdir(log_dir), info + logs(slurm_dir)
     node_logs = sorted(p for p in os.listdir(log_dir) if "node" in p)
     text = "".join(open(log_dir / p).read() for p in os.listdir(log_dir))
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + text[-3000:]
