@@ -2,14 +2,14 @@
 {"sent_id", "tokens": [...], "entity_mentions": [{"id", "start", "end", "entity_type", ...}],
  "event_mentions": [{"event_type": "Conflict:Attack", "trigger": {"start", "end", "text"},
                      "arguments": [{"entity_id", "role", "text"}]}]}
-Argument spans come from the entity mention each argument names. Like M2E2: one trigger record per sentence
-and one argument record per event mention. Time roles (Time-*) are dropped, as OneIE's ACE setting does."""
+Argument spans come from the entity mention each argument names. Records as for M2E2 (events.py). Time roles (Time-*) are dropped, as OneIE's ACE setting does."""
 from __future__ import annotations
 
 import json
 from typing import Iterator, Union
 
 from ..record import Argument, Event, Record, RecordError, Span
+from .events import event_records
 
 
 def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
@@ -41,12 +41,7 @@ def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
                 yield RecordError(f"{where}: missing or malformed field {err}")
                 continue
             try:
-                records = [Record(id=f"{dataset}-{sent_id}-trigger", dataset=dataset, task="mee", subtask="trigger",
-                                  tokens=tokens, events=tuple(Event(e.type, e.trigger) for e in events),
-                                  extra={"source": where})]
-                records += [Record(id=f"{dataset}-{sent_id}-argument-{k}", dataset=dataset, task="mee",
-                                   subtask="argument", tokens=tokens, events=(event,), extra={"source": where})
-                            for k, event in enumerate(events)]
+                records = event_records(dataset, sent_id, tokens, tuple(events), None, where)
             except (RecordError, TypeError) as err:
                 yield RecordError(f"{where}: {err}")
                 continue

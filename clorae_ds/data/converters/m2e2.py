@@ -1,14 +1,13 @@
 """M2E2 text event annotations (a JSON list of sentences with `words`, `golden-event-mentions`: trigger
 {start, end}, event_type, arguments [{role, start, end}], and `image`: the article's images). Each sentence
-yields a trigger record (every sentence: one without events teaches the model to answer empty) and one
-argument record per event mention (its type and trigger are given in the instruction), as UMIE's two stages
-do."""
+yields a trigger record and one argument record per event mention (events.py)."""
 from __future__ import annotations
 
 import json
 from typing import Iterator, Union
 
 from ..record import Argument, Event, Record, RecordError, Span
+from .events import event_records
 
 
 def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
@@ -33,13 +32,8 @@ def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
         except (KeyError, TypeError) as err:
             yield RecordError(f"{where}: missing or malformed field {err}")
             continue
-        common = dict(dataset=dataset, task="mee", tokens=words, image=images[0] if images else None,
-                      extra={"source": where})
         try:
-            records = [Record(id=f"{dataset}-{sentence_id}-trigger", subtask="trigger",
-                              events=tuple(Event(e.type, e.trigger) for e in events), **common)]
-            records += [Record(id=f"{dataset}-{sentence_id}-argument-{k}", subtask="argument", events=(event,),
-                               **common) for k, event in enumerate(events)]
+            records = event_records(dataset, sentence_id, words, events, images[0] if images else None, where)
         except (RecordError, TypeError) as err:
             yield RecordError(f"{where}: {err}")
             continue

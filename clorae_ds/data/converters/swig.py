@@ -16,6 +16,7 @@ import os
 from typing import Iterator, Union
 
 from ..record import Argument, Event, Record, RecordError, Span
+from .events import event_records
 from ..schema import ACE_ROLES
 
 _ACE_TYPES = {name.casefold(): name for name in ACE_ROLES}
@@ -70,11 +71,7 @@ def read(dataset: str, path: str) -> Iterator[Union[Record, RecordError]]:
                 if (verb, role) in mapping:
                     arguments.append(Argument(mapping[(verb, role)][1], start, len(tokens)))
             event = Event(verb_events[verb], Span(0, 1), tuple(arguments))
-            common = dict(dataset=dataset, task="mee", tokens=tuple(tokens), image=image, extra={"source": where})
-            stem = os.path.splitext(image)[0]
-            records = [Record(id=f"{dataset}-{stem}-trigger", subtask="trigger", events=(Event(event.type, event.trigger),),
-                              **common),
-                       Record(id=f"{dataset}-{stem}-argument-0", subtask="argument", events=(event,), **common)]
+            records = event_records(dataset, os.path.splitext(image)[0], tuple(tokens), (event,), image, where)
         except (KeyError, TypeError, IndexError, AttributeError) as err:
             yield RecordError(f"{where}: missing or malformed field {err}")
             continue
