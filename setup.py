@@ -18,6 +18,8 @@ setup(
         "deepspeed>=0.15",
         "webdataset>=0.2.90",
         "pillow",
+        "numpy",
+        "prometheus-client>=0.20",
         "pyyaml>=6",
     ],
     extras_require={
