@@ -24,7 +24,7 @@ from ..eval import dataset_f1, score
 from ..eval.generate import generate_rows
 from ..eval.inference import encoding_for
 from ..models import ModelConfig
-from ..adapters import routing_stats
+from ..adapters import parameter_report, routing_stats
 from ..eval.report import routing_report
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
@@ -122,6 +122,8 @@ class Trainer:
                                       config.loss.gamma, config.loss.ema, enabled=config.loss.aml)
         # A dev loader for rank 0 alone: under ZeRO-0/1/2 it evaluates while the other ranks wait.
         self.solo_eval_loader = loader_config.build(self.tokenizer, encoding, 0, 1) if self.is_main else None
+        if self.is_main:
+            log_json(event="model", world_size=self.ctx.world_size, **parameter_report(self.model))
         self.metrics = MetricsExporter(config.metrics, self.ctx.rank, self.ctx.local_rank)
         addresses = self.runner.gather_objects(self.metrics.address)
         if self.is_main and config.metrics.port:

@@ -1,0 +1,158 @@
+"""The paper's comparisons at CPU scale: every arm in experiments/ (full fine-tuning, LoRA, C-LoRAE and the
+five ablations) on the same subsample of the real train splits, the same budget and the same seeds; then a
+results table (Markdown + JSON) with per-dataset dev F1, All, trainable parameters, samples/s and wall time
+(mean ± std over seeds) beside the train-set lookup baseline for Twitter-2015.
+
+    python launchers/run_experiments.py --budget small            # 1-2 hours on 2 CPU cores
+    python launchers/run_experiments.py --budget smoke --arms clorae,lora
+    python launchers/run_experiments.py --budget large --seeds 0,1,2 --deepspeed ds_configs/zero2.json  # a GPU node
+
+Shards are built from ../shared/data/raw (--raw) by launchers/build_shards.py with a seeded subsample, once,
+into OUT/shards; each arm trains with launchers/train.py in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import yaml
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from clorae_ds.data import load_raw  # noqa: E402
+from clorae_ds.eval.baselines import lookup_baseline  # noqa: E402
+from clorae_ds.train.config import load_config  # noqa: E402
+
+ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
+SOURCES = {"twitter2015": ("twitter2015/train.txt", "twitter2015/valid.txt"),
+           "twitter2017": ("twitter2017/train.txt", "twitter2017/valid.txt"),
+           "mnre_v1": ("mnre_v1/ours_train.txt", "mnre_v1/ours_val.txt"),
+           "mnre_v2": ("mnre_v2/mnre_train.txt", "mnre_v2/mnre_val.txt"),
+           "m2e2": ("m2e2/text_event_train.json", "m2e2/text_event_dev.json")}
+# samples per dataset (train, dev), epochs, minutes of training per arm (None: no limit)
+BUDGETS = {"smoke": (64, 32, 1, 0.5), "small": (800, 200, 3, 6.0), "large": (None, None, 20, None)}
+
+
+def build_shards(raw: str, out: str, train_n, dev_n) -> dict:
+    patterns = {"train": {}, "dev": {}}
+    for dataset, files in SOURCES.items():
+        for split, file, n in (("train", files[0], train_n), ("dev", files[1], dev_n)):
+            index = os.path.join(out, f"{dataset}-{split}.index.json")
+            if not os.path.isfile(index):
+                cmd = [sys.executable, os.path.join(ROOT, "launchers", "build_shards.py"), "--quiet", "--dataset",
+                       dataset, "--input", os.path.join(raw, file), "--split", split, "--out", out, "--seed", "0"]
+                subprocess.run(cmd + (["--sample", str(n)] if n else []), check=True)
+            count = len(json.load(open(index))["shards"])
+            patterns[split][dataset] = os.path.join(out, f"{dataset}-{split}-{{000000..{count - 1:06d}}}.tar")
+    return patterns
+
+
+def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, deepspeed: str) -> dict:
+    _, _, epochs, minutes = budget
+    arm_dir = os.path.join(out, f"{arm}-seed{seed}")
+    with open(os.path.join(ROOT, "experiments", "base.yaml")) as f:
+        base = yaml.safe_load(f)
+    overrides = [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}",
+                 f"schedule.epochs={epochs}", f"seed={seed}", f"output.dir={arm_dir}"]
+    if minutes:
+        overrides.append(f"schedule.max_minutes={minutes}")
+    recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
+    merged = load_config(recipe, overrides, base=base)  # validates before any work starts
+    os.makedirs(arm_dir, exist_ok=True)
+    recipe_path = os.path.join(arm_dir, "recipe.yaml")
+    with open(recipe_path, "w") as f:
+        yaml.safe_dump(merged.to_dict(), f)
+    start = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
+                           "--deepspeed", deepspeed], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wall = time.time() - start
+    with open(os.path.join(arm_dir, "train.log"), "w") as f:
+        f.write(proc.stdout)
+        f.write(proc.stderr[-20000:])
+    if proc.returncode != 0:
+        raise SystemExit(f"arm {arm} seed {seed} failed; see {arm_dir}/train.log")
+    events = [json.loads(line[line.find('{"event"'):]) for line in proc.stdout.splitlines() if '{"event"' in line]
+    summary = next(e for e in events if e["event"] == "summary")
+    model = next(e for e in events if e["event"] == "model")
+    rates = [e["samples_per_s"] for e in events if e["event"] == "train"]
+    return {"arm": arm, "seed": seed, "dev_f1": summary["dev_f1"], "all": summary["dev_all"],
+            "trainable_params": model["trainable_params"], "samples_per_s": statistics.mean(rates) if rates else None,
+            "steps": summary["global_step"], "wall_seconds": round(wall, 1)}
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(results: list, baseline: dict, budget_name: str) -> str:
+    keys = sorted({k for r in results for k in r["dev_f1"]})
+    lines = [f"## Results ({budget_name} budget)", "",
+             "| arm | " + " | ".join(keys) + " | All | trainable | samples/s | wall s |",
+             "|---|" + "---|" * (len(keys) + 4)]
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        rows = [r for r in results if r["arm"] == arm]
+        cells = []
+        for key in keys:
+            m, s = mean_std([100 * r["dev_f1"].get(key, 0.0) for r in rows])
+            cells.append(f"{m:.1f} ± {s:.1f}")
+        m, s = mean_std([r["all"] for r in rows])
+        rate, _ = mean_std([r["samples_per_s"] for r in rows])
+        wall, _ = mean_std([r["wall_seconds"] for r in rows])
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {rows[0]['trainable_params'] / 1e6:.2f}M"
+                     f" | {rate:.1f} | {wall:.0f} |")
+    lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (same subsample): F1 "
+              f"{100 * baseline['any']:.1f} (any phrase tagged in train), {100 * baseline['majority']:.1f} "
+              "(phrases tagged in at least half of their train occurrences). An arm below it has not learnt the task.",
+              "F1 × 100, mean ± std over seeds; m2e2_argument uses gold triggers (training-time evaluation)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "raw"))
+    parser.add_argument("--out", default=None, help="default runs/experiments-BUDGET")
+    parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"))
+    args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {ARMS}")
+    out = args.out or os.path.join(ROOT, "runs", f"experiments-{args.budget}")
+    budget = BUDGETS[args.budget]
+    patterns = build_shards(args.raw, os.path.join(out, "shards"), budget[0], budget[1])
+    train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
+    dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
+    if budget[1]:  # the builder's subsample: the same seeded choice of positions
+        dev = [dev[i] for i in sorted(random.Random(0).sample(range(len(dev)), budget[1]))]
+    baseline = {"any": lookup_baseline(train, dev)["twitter2015"]["f1"],
+                "majority": lookup_baseline(train, dev, 0.5)["twitter2015"]["f1"]}
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for arm in arms:
+            print(f"running {arm} (seed {seed}) ...", file=sys.stderr, flush=True)
+            results.append(run_arm(arm, seed, patterns, budget, out, args.deepspeed))
+            print(json.dumps(results[-1]), flush=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"budget": args.budget, "results": results, "lookup_baseline_twitter2015": baseline}, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table(results, baseline, args.budget))
+    print(open(os.path.join(out, "results.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
