@@ -60,7 +60,7 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, deepspeed: st
     with open(os.path.join(ROOT, "experiments", "base.yaml")) as f:
         base = yaml.safe_load(f)
     overrides = [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}",
-                 f"schedule.epochs={epochs}", f"seed={seed}", f"output.dir={arm_dir}"]
+                 f"schedule.epochs={epochs}", f"seed={seed}", f"output.dir={arm_dir}", "schedule.log_every=10"]
     if minutes:
         overrides.append(f"schedule.max_minutes={minutes}")
     recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
@@ -109,8 +109,9 @@ def table(results: list, baseline: dict, budget_name: str) -> str:
         m, s = mean_std([r["all"] for r in rows])
         rate, _ = mean_std([r["samples_per_s"] for r in rows])
         wall, _ = mean_std([r["wall_seconds"] for r in rows])
+        rate_text = "—" if rate is None else f"{rate:.1f}"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {rows[0]['trainable_params'] / 1e6:.2f}M"
-                     f" | {rate:.1f} | {wall:.0f} |")
+                     f" | {rate_text} | {wall:.0f} |")
     lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (same subsample): F1 "
               f"{100 * baseline['any']:.1f} (any phrase tagged in train), {100 * baseline['majority']:.1f} "
               "(phrases tagged in at least half of their train occurrences). An arm below it has not learnt the task.",

@@ -205,9 +205,12 @@ def test_visual_side_is_new_and_trains_fully_or_is_adapted(tokenizer_dir):
 
 
 def test_full_finetune_baseline_trains_everything(tokenizer_dir):
-    model = tiny(tokenizer=tokenizer_dir, full_finetune=True).model
+    built = tiny(tokenizer=tokenizer_dir, full_finetune=True)
+    model = built.model
     assert all(p.requires_grad for p in model.parameters())
     assert not list(clorae_layers(model))
+    ids, mask, labels = batch(built.tokenizer)
+    model(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2])).loss.backward()  # batches carry task ids
 
 
 def test_encoder_decoder_from_a_local_bert_directory(tmp_path):

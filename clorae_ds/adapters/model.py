@@ -85,7 +85,10 @@ def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = 
     (forward or generate); `record_stats` accumulates the gate statistics read by routing_stats(). Clears
     MIM terms left uncollected by an earlier call, so a forgotten collection never keeps an old graph alive."""
     layers = [layer for _, layer in clorae_layers(model)]
-    routing = TaskRouting(task_ids, layers[0].config.num_tasks if layers else 1, record_stats)
+    if not layers:  # no adapter (full fine-tuning): nothing to route
+        yield None
+        return
+    routing = TaskRouting(task_ids, layers[0].config.num_tasks, record_stats)
     previous = [layer.routing for layer in layers]
     for layer in layers:
         layer.routing = routing
