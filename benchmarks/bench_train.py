@@ -2,10 +2,11 @@
 DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch loop on the same model and the
 same batches, measured one after the other in one run.
 
-    python benchmarks/bench_train.py [--steps 15]
+    python benchmarks/bench_train.py [--steps 15] [--rounds 3]
 
 Each arm runs in its own process(es); batches are read from the embedded shards before timing, so only the
-training step is measured. Tokens = non-padding input + target tokens. 2-rank arms use one thread per rank
+training step is measured. The arms run in turn, `--rounds` times, and each arm's median is reported: on a
+shared machine throughput drifts by 10-20 % over minutes, which a single pass would attribute to the arms. Tokens = non-padding input + target tokens. 2-rank arms use one thread per rank
 (2 cores); 1-rank arms two threads.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +93,7 @@ def worker(mode: str, ds_config: str, steps: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", choices=["plain", "deepspeed"], help=argparse.SUPPRESS)
     parser.add_argument("--ds", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -98,18 +101,26 @@ def main(argv=None) -> int:
         worker(args.worker, args.ds, args.steps)
         return 0
     env = {**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    runs = {i: [] for i in range(len(ARMS))}
+    for _ in range(args.rounds):
+        for i, (label, mode, ds_config, ranks) in enumerate(ARMS):
+            cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps)] + \
+                (["--ds", ds_config] if ds_config else [])
+            if ranks > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] + cmd[1:]
+            proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1" if ranks > 1 else "2"}, capture_output=True,
+                                  text=True, timeout=900)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"arm {label} x{ranks} failed")
+            runs[i].append(json.loads(line[len("RESULT "):]))
     results = []
-    for label, mode, ds_config, ranks in ARMS:
-        cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps)] + (["--ds", ds_config] if ds_config else [])
-        if ranks > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] + cmd[1:]
-        proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1" if ranks > 1 else "2"}, capture_output=True,
-                              text=True, timeout=900)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"arm {label} x{ranks} failed")
-        results.append({"arm": label, "ranks": ranks, **json.loads(line[len("RESULT "):])})
+    for i, (label, _, _, ranks) in enumerate(ARMS):
+        rates = sorted(r["tokens_per_s"] for r in runs[i])
+        results.append({"arm": label, "ranks": ranks, "tokens_per_s": statistics.median(rates),
+                        "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs[i]),
+                        "all_rounds": [round(r, 1) for r in rates]})
     plain = results[0]["tokens_per_s"]
     print(f"{'arm':20s} {'ranks':>5s} {'tokens/s':>10s} {'s/step':>8s} {'vs plain':>9s}")
     for r in results:
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s'] / plain:9.3f}")
     overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
                 for r in results if r["ranks"] == 1 and r["arm"] != "plain loop"}
-    print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead,
+    print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds,
                       "arms": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
     return 0
 
