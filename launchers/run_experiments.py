@@ -127,13 +127,16 @@ def main(argv=None) -> int:
     parser.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "raw"))
     parser.add_argument("--out", default=None, help="default runs/experiments-BUDGET")
     parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"))
+    parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
+    parser.add_argument("--max-minutes", type=float, default=None, help="override the budget's minutes per arm")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {ARMS}")
     out = args.out or os.path.join(ROOT, "runs", f"experiments-{args.budget}")
-    budget = BUDGETS[args.budget]
+    train_n, dev_n, epochs, minutes = BUDGETS[args.budget]
+    budget = (train_n, dev_n, args.epochs or epochs, args.max_minutes or minutes)
     patterns = build_shards(args.raw, os.path.join(out, "shards"), budget[0], budget[1])
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
