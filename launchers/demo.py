@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     model, tokenizer, adapter = built.model, built.tokenizer, built.model.clorae_config
     print(json.dumps({"parameters": parameter_report(model)}))
 
-    order = sorted(range(len(SAMPLES)), key=lambda i: adapter.task_id(SAMPLES[i][0]))  # batches sorted by task
+    order = list(range(len(SAMPLES)))  # a micro-batch mixing the three tasks
     task_ids = torch.tensor([adapter.task_id(SAMPLES[i][0]) for i in order])
     enc = tokenizer([SAMPLES[i][1] for i in order], return_tensors="pt", padding=True)
     labels = tokenizer([SAMPLES[i][2] for i in order], return_tensors="pt", padding=True)["input_ids"][:, 1:]

@@ -21,7 +21,7 @@ from ..data.loader import MIELoader
 from ..data.render import render
 from ..data.record import Record
 from ..eval import dataset_f1, score
-from ..eval.generate import generate_rows
+from ..eval.generate import GENERATE_INPUTS, generate_rows
 from ..eval.inference import encoding_for
 from ..models import ModelConfig
 from ..adapters import parameter_report, routing_stats
@@ -31,8 +31,7 @@ from .aml import AchievementWeights
 from .config import RunConfig
 from .engine import DeepSpeedRunner, init_distributed, load_ds_config, parameter_groups
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "task_ids", "pixel_values", "image_present",
-                "visual_features", "visual_boxes", "visual_mask")
+MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 
 
 class TrainingError(RuntimeError):
