@@ -5,7 +5,8 @@ results table (Markdown + JSON) with per-dataset dev F1, All, trainable paramete
 
     python launchers/run_experiments.py --budget small            # 1-2 hours on 2 CPU cores
     python launchers/run_experiments.py --budget smoke --arms clorae,lora
-    python launchers/run_experiments.py --budget large --seeds 0,1,2 --deepspeed ds_configs/zero2.json  # a GPU node
+    python launchers/run_experiments.py --budget large --seeds 0,1,2 --launcher "deepspeed --num_gpus 8" \
+        --deepspeed ds_configs/zero2.json                                 # a GPU node: full splits, 20 epochs
 
 Shards are built from ../shared/data/raw (--raw) by launchers/build_shards.py with a seeded subsample, once,
 into OUT/shards; each arm trains with launchers/train.py in its own process.
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -30,37 +32,45 @@ from clorae_ds.data import load_raw  # noqa: E402
 from clorae_ds.eval.baselines import lookup_baseline  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "launchers"))
+from build_shards import main as build_shards_main  # noqa: E402
+
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
 SOURCES = {"twitter2015": ("twitter2015/train.txt", "twitter2015/valid.txt"),
            "twitter2017": ("twitter2017/train.txt", "twitter2017/valid.txt"),
            "mnre_v1": ("mnre_v1/ours_train.txt", "mnre_v1/ours_val.txt"),
            "mnre_v2": ("mnre_v2/mnre_train.txt", "mnre_v2/mnre_val.txt"),
            "m2e2": ("m2e2/text_event_train.json", "m2e2/text_event_dev.json")}
-# samples per dataset (train, dev), epochs, minutes of training per arm (None: no limit)
-BUDGETS = {"smoke": (64, 32, 1, 0.5), "small": (800, 200, 3, 6.0), "large": (None, None, 20, None)}
+# Samples per dataset (train, dev), epochs, optimiser steps per epoch (None: one pass over the train samples),
+# minutes per arm (None: no limit). Budgets are counted in steps, not minutes, so every arm takes the same
+# number of updates whatever its speed or the machine's load.
+BUDGETS = {"smoke": (64, 32, 1, 8, None), "small": (800, 200, 4, 150, None), "large": (None, None, 20, None, None)}
 
 
-def build_shards(raw: str, out: str, train_n, dev_n) -> dict:
+def build_all_shards(raw: str, out: str, train_n, dev_n) -> dict:
     patterns = {"train": {}, "dev": {}}
     for dataset, files in SOURCES.items():
         for split, file, n in (("train", files[0], train_n), ("dev", files[1], dev_n)):
             index = os.path.join(out, f"{dataset}-{split}.index.json")
             if not os.path.isfile(index):
-                cmd = [sys.executable, os.path.join(ROOT, "launchers", "build_shards.py"), "--quiet", "--dataset",
-                       dataset, "--input", os.path.join(raw, file), "--split", split, "--out", out, "--seed", "0"]
-                subprocess.run(cmd + (["--sample", str(n)] if n else []), check=True)
+                argv = ["--quiet", "--dataset", dataset, "--input", os.path.join(raw, file), "--split", split,
+                        "--out", out, "--seed", "0"] + (["--sample", str(n)] if n else [])
+                if build_shards_main(argv) != 0:
+                    raise SystemExit(f"building the {dataset} {split} shards from {raw}/{file} failed (see above)")
             count = len(json.load(open(index))["shards"])
             patterns[split][dataset] = os.path.join(out, f"{dataset}-{split}-{{000000..{count - 1:06d}}}.tar")
     return patterns
 
 
-def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, deepspeed: str) -> dict:
-    _, _, epochs, minutes = budget
+def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, args) -> dict:
+    _, _, epochs, steps_per_epoch, minutes = budget
     arm_dir = os.path.join(out, f"{arm}-seed{seed}")
-    with open(os.path.join(ROOT, "experiments", "base.yaml")) as f:
+    with open(args.base) as f:
         base = yaml.safe_load(f)
     overrides = [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}",
                  f"schedule.epochs={epochs}", f"seed={seed}", f"output.dir={arm_dir}", "schedule.log_every=10"]
+    if steps_per_epoch:  # micro-batches per rank; the runner's DeepSpeed configs accumulate 1
+        overrides.append(f"data.batches_per_epoch={steps_per_epoch}")
     if minutes:
         overrides.append(f"schedule.max_minutes={minutes}")
     recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
@@ -70,8 +80,9 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, deepspeed: st
     with open(recipe_path, "w") as f:
         yaml.safe_dump(merged.to_dict(), f)
     start = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
-                           "--deepspeed", deepspeed], capture_output=True, text=True,
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    proc = subprocess.run(launcher + [os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
+                                      "--deepspeed", args.deepspeed], capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     wall = time.time() - start
     with open(os.path.join(arm_dir, "train.log"), "w") as f:
@@ -79,13 +90,26 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, deepspeed: st
         f.write(proc.stderr[-20000:])
     if proc.returncode != 0:
         raise SystemExit(f"arm {arm} seed {seed} failed; see {arm_dir}/train.log")
-    events = [json.loads(line[line.find('{"event"'):]) for line in proc.stdout.splitlines() if '{"event"' in line]
+    return arm_row(arm, seed, proc.stdout, wall)
+
+
+def arm_row(arm: str, seed: int, log: str, wall: float) -> dict:
+    events = [json.loads(line[line.find('{"event"'):]) for line in log.splitlines() if '{"event"' in line]
     summary = next(e for e in events if e["event"] == "summary")
     model = next(e for e in events if e["event"] == "model")
+    # the median over logging intervals: an interval slowed by another job on the machine does not skew it
     rates = [e["samples_per_s"] for e in events if e["event"] == "train"]
     return {"arm": arm, "seed": seed, "dev_f1": summary["dev_f1"], "all": summary["dev_all"],
-            "trainable_params": model["trainable_params"], "samples_per_s": statistics.mean(rates) if rates else None,
+            "trainable_params": model["trainable_params"], "world_size": model["world_size"],
+            "samples_per_s": statistics.median(rates) if rates else None,
             "steps": summary["global_step"], "wall_seconds": round(wall, 1)}
+
+
+def subsample(records: list, n) -> list:
+    """launchers/build_shards.py's --sample: the same seeded choice of positions, in file order."""
+    if not n or n >= len(records):
+        return records
+    return [records[i] for i in sorted(random.Random(0).sample(range(len(records)), n))]
 
 
 def mean_std(values):
@@ -112,9 +136,11 @@ def table(results: list, baseline: dict, budget_name: str) -> str:
         rate_text = "—" if rate is None else f"{rate:.1f}"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {rows[0]['trainable_params'] / 1e6:.2f}M"
                      f" | {rate_text} | {wall:.0f} |")
-    lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (same subsample): F1 "
-              f"{100 * baseline['any']:.1f} (any phrase tagged in train), {100 * baseline['majority']:.1f} "
-              "(phrases tagged in at least half of their train occurrences). An arm below it has not learnt the task.",
+    lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (the arms' dev subsample), from all "
+              f"{baseline['train_samples']} train tweets: F1 {100 * baseline['any']:.1f} (any phrase tagged in train), "
+              f"{100 * baseline['majority']:.1f} (phrases tagged in at least half of their train occurrences); from "
+              f"the {baseline['train_subsample']} train tweets the arms saw: F1 {100 * baseline['any_subsample']:.1f}. "
+              "An arm below it has not learnt the task.",
               "F1 × 100, mean ± std over seeds; m2e2_argument uses gold triggers (training-time evaluation)."]
     return "\n".join(lines) + "\n"
 
@@ -127,34 +153,60 @@ def main(argv=None) -> int:
     parser.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "raw"))
     parser.add_argument("--out", default=None, help="default runs/experiments-BUDGET")
     parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"))
+    parser.add_argument("--launcher", default=None,
+                        help='what starts launchers/train.py, e.g. "deepspeed --num_gpus 8" (default: this python)')
+    parser.add_argument("--base", default=os.path.join(ROOT, "experiments", "base.yaml"),
+                        help="the recipe every arm shares (backbone, lengths, loss, learning rates)")
+    parser.add_argument("--retabulate", action="store_true",
+                        help="rebuild results.md / results.json from OUT's arm logs without training")
     parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
-    parser.add_argument("--max-minutes", type=float, default=None, help="override the budget's minutes per arm")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop each arm after this many minutes of training (arms then differ in steps)")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {ARMS}")
     out = args.out or os.path.join(ROOT, "runs", f"experiments-{args.budget}")
-    train_n, dev_n, epochs, minutes = BUDGETS[args.budget]
-    budget = (train_n, dev_n, args.epochs or epochs, args.max_minutes or minutes)
-    patterns = build_shards(args.raw, os.path.join(out, "shards"), budget[0], budget[1])
+    if args.retabulate:
+        return retabulate(out)
+    train_n, dev_n, epochs, steps_per_epoch, minutes = BUDGETS[args.budget]
+    budget = (train_n, dev_n, args.epochs or epochs, steps_per_epoch, args.max_minutes or minutes)
+    patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget[0], budget[1])
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
-    if budget[1]:  # the builder's subsample: the same seeded choice of positions
-        dev = [dev[i] for i in sorted(random.Random(0).sample(range(len(dev)), budget[1]))]
+    train_seen = subsample(train, budget[0])  # what the arms train on
+    dev = subsample(dev, budget[1])
     baseline = {"any": lookup_baseline(train, dev)["twitter2015"]["f1"],
-                "majority": lookup_baseline(train, dev, 0.5)["twitter2015"]["f1"]}
+                "majority": lookup_baseline(train, dev, 0.5)["twitter2015"]["f1"],
+                "any_subsample": lookup_baseline(train_seen, dev)["twitter2015"]["f1"],
+                "train_samples": len(train), "train_subsample": len(train_seen)}
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in arms:
             print(f"running {arm} (seed {seed}) ...", file=sys.stderr, flush=True)
-            results.append(run_arm(arm, seed, patterns, budget, out, args.deepspeed))
+            results.append(run_arm(arm, seed, patterns, budget, out, args))
             print(json.dumps(results[-1]), flush=True)
+    write_results(out, args.budget, results, baseline)
+    return 0
+
+
+def write_results(out: str, budget: str, results: list, baseline: dict) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"budget": args.budget, "results": results, "lookup_baseline_twitter2015": baseline}, f, indent=1)
+        json.dump({"budget": budget, "results": results, "lookup_baseline_twitter2015": baseline}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table(results, baseline, args.budget))
+        f.write(table(results, baseline, budget))
     print(open(os.path.join(out, "results.md")).read())
+
+
+def retabulate(out: str) -> int:
+    with open(os.path.join(out, "results.json")) as f:
+        previous = json.load(f)
+    results = []
+    for row in previous["results"]:
+        with open(os.path.join(out, f"{row['arm']}-seed{row['seed']}", "train.log")) as f:
+            results.append(arm_row(row["arm"], row["seed"], f.read(), row["wall_seconds"]))
+    write_results(out, previous["budget"], results, previous["lookup_baseline_twitter2015"])
     return 0
 
 

@@ -1,0 +1,192 @@
+"""Writes docs/PERFORMANCE.md from the benchmarks: runs each one here, keeps its closing JSON line in
+docs/performance.json, and renders the tables with the command that produced every figure.
+
+    python benchmarks/report.py                      # runs everything on this machine (~15 min on 2 CPU cores)
+    python benchmarks/report.py --render-only        # re-renders docs/PERFORMANCE.md from docs/performance.json
+
+Figures measured on another machine (a GPU node) go in benchmarks/results/*.json, one file per run:
+{"benchmark": "bench_adapter", "device": ..., "date": ..., "command": ..., "ratios_vs_peft_lora": {arm: ratio},
+"trainable_params": {arm: n}, "note": ...}; each becomes its own row beside the figures measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+BENCHMARKS = {  # key: command, relative to the repository root
+    "adapter": ["benchmarks/bench_adapter.py"],
+    "train": ["benchmarks/bench_train.py"],
+    "loader": ["benchmarks/bench_loader.py"],
+    "cost_t5_base": ["launchers/report_cost.py", "--model", "t5-base"],
+    "cost_t5_large": ["launchers/report_cost.py", "--model", "t5-large"],
+}
+ADAPTER_ARMS = [("clorae", "C-LoRAE (MIM on)"), ("clorae_without_mim", "C-LoRAE without MIM"),
+                ("clorae_unsorted_batch", "C-LoRAE, unsorted batch"), ("universal_only", "our universal_only (= LoRA)"),
+                ("per_task_loop", "per-task loop (no MIM)")]
+
+
+def run(key: str) -> dict:
+    command = [sys.executable] + BENCHMARKS[key]
+    print(f"running {' '.join(BENCHMARKS[key])} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"})
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not last.startswith("{"):
+        raise SystemExit(f"{' '.join(BENCHMARKS[key])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(last)
+
+
+def command_text(key: str) -> str:
+    return "python " + " ".join(BENCHMARKS[key])
+
+
+def adapter_ratios(result: dict) -> dict:
+    base = result["arms"]["peft_lora"]["fwd_bwd_ms"]
+    return {arm: r["fwd_bwd_ms"] / base for arm, r in result["arms"].items()}
+
+
+def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
+    result = measured["adapter"]
+    arms = result["arms"]
+    lines = ["## Adapter: C-LoRAE vs peft LoRA vs the per-task loop", "",
+             "A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers; q, k, v, o, wi, wo adapted), rank 64, "
+             "3 tasks, a mixed batch of 8 x 128 tokens; forward + backward of the same loss, arms interleaved round "
+             "by round, median kept. Target: C-LoRAE within 1.10x of peft LoRA.", "",
+             f"Measured here ({machine}, {result['device']}, {result['dtype']}): `{command_text('adapter')}`", "",
+             "| arm | fwd+bwd ms | vs peft LoRA | trainable | saved activations MB |", "|---|---|---|---|---|"]
+    for arm, label in [("peft_lora", "peft LoRA r 64")] + ADAPTER_ARMS:
+        r = arms[arm]
+        lines.append(f"| {label} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_ms'] / arms['peft_lora']['fwd_bwd_ms']:.3f} | "
+                     f"{r['trainable_params'] / 1e6:.2f}M | {r['saved_activation_bytes'] / 2**20:.0f} |")
+    lines += ["", f"Per-task loop over C-LoRAE without MIM (both without MIM): {result['loop_over_clorae']:.2f}x.", ""]
+    runs = [r for r in device_runs if r["benchmark"] == "bench_adapter"]
+    if runs:
+        lines += ["Measured on other machines (ratios to peft LoRA in the same run):", "",
+                  "| device | date | command | " + " | ".join(label for _, label in ADAPTER_ARMS) + " | note |",
+                  "|---|---|---|" + "---|" * (len(ADAPTER_ARMS) + 1)]
+        for r in runs:
+            cells = [f"{r['ratios_vs_peft_lora'][arm]:.2f}" if arm in r["ratios_vs_peft_lora"] else "—"
+                     for arm, _ in ADAPTER_ARMS]
+            lines.append(f"| {r['device']} | {r['date']} | `{r['command']}` | " + " | ".join(cells) + f" | {r.get('note', '')} |")
+        lines.append("")
+    ratio = result["clorae_over_peft_lora"]
+    lines += [f"**Target {'met' if ratio <= 1.10 else 'not met'}** here: {ratio:.2f}x with MIM, "
+              f"{result['clorae_without_mim_over_peft_lora']:.2f}x without. The masked pass computes every task "
+              "expert for every token (all N task columns, then a mask), which puts the FLOP floor near 1.10x at this "
+              "shape; MIM adds rank-space Gram matrices. On a GPU the small shape is launch-bound: peft LoRA itself "
+              "takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio counts kernels (the gate and MIM "
+              "elementwise work). Next steps: fuse the gate and MIM elementwise work, pad the expert columns "
+              "(r + N·r_t = 127 at r 64) to 128 for bf16 tensor cores.", ""]
+    return lines
+
+
+def train_section(measured: dict, machine: str) -> list:
+    result = measured["train"]
+    lines = ["## Engine overhead: DeepSpeed vs a plain loop", "",
+             "MiniLM encoder-decoder + C-LoRAE r 16, batch 8 per rank, the same batches; the arms run in turn for "
+             f"{result['rounds']} rounds and the medians are kept (drift between rounds is ±10 % on a shared 2-core "
+             f"machine). Target: the engine costs at most 10 %. Measured here ({machine}): `{command_text('train')}`",
+             "", "| arm | ranks | tokens/s (median) | s/step | vs plain | every round |", "|---|---|---|---|---|---|"]
+    plain = result["plain_tokens_per_s"]
+    for arm in result["arms"]:
+        lines.append(f"| {arm['arm']} | {arm['ranks']} | {arm['tokens_per_s']:.0f} | {arm['seconds_per_step']:.3f} | "
+                     f"{arm['tokens_per_s'] / plain:.3f} | {', '.join(str(x) for x in arm['all_rounds'])} |")
+    overheads = {k: v for k, v in result.items() if k.endswith("_overhead")}
+    lines += ["", "Overhead on one rank (plain / engine − 1): " +
+              ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %" for k, v in overheads.items()) +
+              ". Two ranks share the same 2 cores (1 thread each), so their total is a parallel-efficiency figure, "
+              "not a speed-up.", ""]
+    return lines
+
+
+def loader_section(measured: dict, machine: str) -> list:
+    result = measured["loader"]
+    return ["## Loader headroom", "",
+            "The webdataset loader alone (2 workers, the embedded shards, tokenised and collated) against what "
+            f"training consumes (MiniLM + C-LoRAE r 16, batch 8, CPU). Target ≥ 20x. Measured here ({machine}): "
+            f"`{command_text('loader')}`", "",
+            "| loader samples/s | training samples/s | headroom |", "|---|---|---|",
+            f"| {result['loader_samples_per_s']:.0f} | {result['train_samples_per_s']:.1f} | "
+            f"{result['loader_over_train']:.0f}x |", ""]
+
+
+def cost_section(measured: dict) -> list:
+    lines = ["## Table 5 layout: trainable parameters and FLOPs", "",
+             "Built from T5 v1.0 shapes with random weights (FLOPs do not depend on the weights), counted by "
+             "torch.utils.flop_counter on a batch of 1, input 256 and target 64 tokens; every projection including "
+             "cross-attention is adapted, MIM on (β 0.01).", ""]
+    for key, name in (("cost_t5_base", "T5-base"), ("cost_t5_large", "T5-large")):
+        result = measured[key]
+        lines += [f"{name}, rank {result['rank']}: `{command_text(key)}`", "",
+                  "| method | trainable params | fwd GFLOPs | fwd+bwd GFLOPs |", "|---|---|---|---|"]
+        for method, r in result["methods"].items():
+            lines.append(f"| {method} | {r['trainable_params'] / 1e6:.1f}M | {r['forward_gflops']:.1f} | "
+                         f"{r['forward_backward_gflops']:.0f} |")
+        lines += ["", f"C-LoRAE / LoRA trainable parameters: {result['clorae_over_lora_trainable']:.2f} "
+                  f"(experts and gates alone: {result['clorae_over_lora_expert_params']:.2f}; the MIM regressors "
+                  "make the rest).", ""]
+    lines += ["The paper reports C-LoRAE at about twice LoRA's trainable parameters, which this matches. Its fwd+bwd "
+              "FLOPs exceed LoRA's by more than the paper's: the masked pass computes all N task experts for each "
+              "token, and MIM's Gram matrices are counted.", ""]
+    return lines
+
+
+def render(data: dict, device_runs: list) -> str:
+    machine = data["machine"]
+    lines = ["# Performance", "",
+             f"Generated by `python benchmarks/report.py` on {data['date']} ({machine}); the raw JSON lines are in "
+             "docs/performance.json. Every figure below names the command that measured it; ratios compare arms "
+             "measured side by side in one run.", ""]
+    lines += adapter_section(data["results"], machine, device_runs)
+    lines += train_section(data["results"], machine)
+    lines += loader_section(data["results"], machine)
+    lines += cost_section(data["results"])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--json", default=os.path.join(ROOT, "docs", "performance.json"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "PERFORMANCE.md"))
+    parser.add_argument("--only", default=None, help="comma-separated benchmarks to rerun, keeping the others' JSON")
+    args = parser.parse_args(argv)
+    if args.render_only or args.only:
+        with open(args.json) as f:
+            data = json.load(f)
+    else:
+        data = {"results": {}}
+    if not args.render_only:
+        keys = args.only.split(",") if args.only else list(BENCHMARKS)
+        unknown = sorted(set(keys) - set(BENCHMARKS))
+        if unknown:
+            parser.error(f"unknown benchmarks {unknown}; choose from {sorted(BENCHMARKS)}")
+        for key in keys:
+            data["results"][key] = run(key)
+        data["date"] = datetime.date.today().isoformat()
+        data["machine"] = f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    missing = sorted(set(BENCHMARKS) - set(data["results"]))
+    if missing:
+        raise SystemExit(f"{args.json} lacks {missing}: run python benchmarks/report.py --only {','.join(missing)}")
+    device_runs = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
+        with open(path) as f:
+            device_runs.append(json.load(f))
+    with open(args.out, "w") as f:
+        f.write(render(data, device_runs))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

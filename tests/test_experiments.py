@@ -1,0 +1,82 @@
+"""The experiment runner end to end on the real raw splits (smoke budget, one arm) and the performance report's
+rendering from recorded benchmark output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RAW = os.path.join(ROOT, "..", "shared", "data", "raw")
+
+
+@pytest.mark.skipif(not os.path.isdir(RAW), reason="../shared/data/raw is not beside the checkout")
+def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
+    out = tmp_path / "exp"
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke",
+                           "--arms", "only_t", "--out", str(out), "--launcher", launcher,
+                           "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["results"]
+    assert row["arm"] == "only_t" and row["world_size"] == 2
+    assert row["steps"] == 8  # the smoke budget: 1 epoch of 8 steps per rank, counted in steps
+    assert set(row["dev_f1"]) == {"twitter2015", "twitter2017", "mnre_v1", "mnre_v2", "m2e2_trigger", "m2e2_argument"}
+    baseline = results["lookup_baseline_twitter2015"]
+    assert baseline["train_samples"] == 4000 and baseline["train_subsample"] == 64
+    assert 0.2 < baseline["any"] < baseline["majority"] < 0.5  # the lookup on 32 dev tweets from all 4000 train ones
+    recipe = (out / "only_t-seed0" / "recipe.yaml").read_text()
+    assert "mode: task_only" in recipe and "batches_per_epoch: 8" in recipe
+    table = (out / "results.md").read_text()
+    assert "| only_t |" in table and "lookup baseline" in table
+    for dataset in ("twitter2015", "m2e2"):  # the same seeded subsample the arms trained on
+        index = json.loads((out / "shards" / f"{dataset}-train.index.json").read_text())
+        assert index["samples"] == 64
+
+    (out / "results.md").unlink()  # --retabulate rebuilds the table from the arms' logs alone
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--retabulate",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == results and (out / "results.md").read_text() == table
+
+
+def test_run_experiments_rejects_unknown_arms():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--arms", "clorae,dora"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unknown arms ['dora']" in proc.stderr
+
+
+def test_performance_report_renders_recorded_results(tmp_path):
+    arm = {"fwd_bwd_ms": 10.0, "trainable_params": 1000, "saved_activation_bytes": 2**20}
+    arms = {name: dict(arm) for name in ("peft_lora", "clorae", "clorae_without_mim", "clorae_unsorted_batch",
+                                          "universal_only", "per_task_loop")}
+    arms["clorae"]["fwd_bwd_ms"] = 12.5
+    method = {"trainable_params": 2e6, "forward_gflops": 1.0, "forward_backward_gflops": 3.0}
+    cost = {"rank": 8, "clorae_over_lora_trainable": 2.0, "clorae_over_lora_expert_params": 2.0,
+            "methods": {"full fine-tuning": method, "LoRA": method, "C-LoRAE": method}}
+    data = {"date": "2026-11-26", "machine": "test machine", "results": {
+        "adapter": {"device": "cpu (2 threads)", "dtype": "float32", "arms": arms, "loop_over_clorae": 1.0,
+                    "clorae_over_peft_lora": 1.25, "clorae_without_mim_over_peft_lora": 1.0},
+        "train": {"rounds": 3, "plain_tokens_per_s": 500.0, "zero2_1rank_overhead": 0.05,
+                  "arms": [{"arm": "plain loop", "ranks": 1, "tokens_per_s": 500.0, "seconds_per_step": 0.5,
+                            "all_rounds": [490.0, 500.0, 510.0]}]},
+        "loader": {"loader_samples_per_s": 2000.0, "train_samples_per_s": 10.0, "loader_over_train": 200.0},
+        "cost_t5_base": cost, "cost_t5_large": cost}}
+    (tmp_path / "perf.json").write_text(json.dumps(data))
+    out = tmp_path / "PERFORMANCE.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), "--render-only",
+                           "--json", str(tmp_path / "perf.json"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "| C-LoRAE (MIM on) | 12.5 | 1.250 |" in text and "**Target not met**" in text
+    assert "ZeRO-2 +5.0 %" in text and "| 2000 | 10.0 | 200x |" in text
+    assert "`python benchmarks/bench_adapter.py`" in text and "NVIDIA H200" in text  # benchmarks/results rows
+
+    del data["results"]["loader"]
+    (tmp_path / "perf.json").write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), "--render-only",
+                           "--json", str(tmp_path / "perf.json"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "lacks ['loader']" in proc.stderr
