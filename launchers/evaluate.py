@@ -30,7 +30,7 @@ from clorae_ds.adapters import AdapterConfigError, routing_stats  # noqa: E402
 from clorae_ds.data import Event, Record, Span  # noqa: E402
 from clorae_ds.data.loader import LoaderError, MIELoader  # noqa: E402
 from clorae_ds.eval import ParseStats, normalize_span, parse, score  # noqa: E402
-from clorae_ds.eval.generate import generate_rows  # noqa: E402
+from clorae_ds.eval.generate import generate_rows, write_predictions  # noqa: E402
 from clorae_ds.eval.inference import InferenceError, encoding_for, load_trained  # noqa: E402
 from clorae_ds.eval.report import routing_report, table2_markdown, write_routing  # noqa: E402
 from clorae_ds.models import ModelBuildError  # noqa: E402
@@ -169,10 +169,7 @@ def main(argv=None) -> int:
         report = score([s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored])
         out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.adapter)), "eval")
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "predictions.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps({**row, "predicted": [list(t) for t in row["predicted"]],
-                                    "gold": [list(t) for t in row["gold"]]}, ensure_ascii=False) + "\n")
+        write_predictions(os.path.join(out, "predictions.jsonl"), rows)
         parse_totals = {k: sum(p[k] for p in parse_stats) for k in parse_stats[0]}
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump({"scores": report, "samples": len(rows), "parse": parse_totals, "held_out": list(held_out),

@@ -30,11 +30,14 @@ sys.path.insert(0, ROOT)
 
 from clorae_ds.data import load_raw  # noqa: E402
 from clorae_ds.eval.baselines import lookup_baseline  # noqa: E402
+from clorae_ds.eval.bootstrap import paired_bootstrap  # noqa: E402
+from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "launchers"))
 from build_shards import main as build_shards_main  # noqa: E402
 
+REFERENCE_ARM = "clorae"  # the arm every other one is compared with
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
 SOURCES = {"twitter2015": ("twitter2015/train.txt", "twitter2015/valid.txt"),
            "twitter2017": ("twitter2017/train.txt", "twitter2017/valid.txt"),
@@ -119,11 +122,23 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(results: list, baseline: dict, budget_name: str) -> str:
+def compare_with_reference(out: str, results: list) -> dict:
+    """Each arm's All minus the reference arm's (C-LoRAE), with a paired bootstrap interval over the dev samples,
+    from the arms' dev_predictions.jsonl; {} when the reference arm is not in the matrix."""
+    if not any(r["arm"] == REFERENCE_ARM for r in results):
+        return {}
+    runs = {}
+    for r in results:
+        path = os.path.join(out, f"{r['arm']}-seed{r['seed']}", "dev_predictions.jsonl")
+        runs.setdefault(r["arm"], []).append(read_predictions(path))
+    return {arm: paired_bootstrap(rows, runs[REFERENCE_ARM]) for arm, rows in runs.items() if arm != REFERENCE_ARM}
+
+
+def table(results: list, baseline: dict, budget_name: str, comparison: dict) -> str:
     keys = sorted({k for r in results for k in r["dev_f1"]})
     lines = [f"## Results ({budget_name} budget)", "",
-             "| arm | " + " | ".join(keys) + " | All | trainable | samples/s | wall s |",
-             "|---|" + "---|" * (len(keys) + 4)]
+             "| arm | " + " | ".join(keys) + " | All | All − C-LoRAE [95 % CI] | trainable | samples/s | wall s |",
+             "|---|" + "---|" * (len(keys) + 5)]
     for arm in dict.fromkeys(r["arm"] for r in results):
         rows = [r for r in results if r["arm"] == arm]
         cells = []
@@ -134,14 +149,18 @@ def table(results: list, baseline: dict, budget_name: str) -> str:
         rate, _ = mean_std([r["samples_per_s"] for r in rows])
         wall, _ = mean_std([r["wall_seconds"] for r in rows])
         rate_text = "—" if rate is None else f"{rate:.1f}"
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {rows[0]['trainable_params'] / 1e6:.2f}M"
-                     f" | {rate_text} | {wall:.0f} |")
+        versus = comparison.get(arm)
+        versus_text = "—" if versus is None else f"{versus['difference']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {versus_text} | "
+                     f"{rows[0]['trainable_params'] / 1e6:.2f}M | {rate_text} | {wall:.0f} |")
     lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (the arms' dev subsample), from all "
               f"{baseline['train_samples']} train tweets: F1 {100 * baseline['any']:.1f} (any phrase tagged in train), "
               f"{100 * baseline['majority']:.1f} (phrases tagged in at least half of their train occurrences); from "
               f"the {baseline['train_subsample']} train tweets the arms saw: F1 {100 * baseline['any_subsample']:.1f}. "
               "An arm below it has not learnt the task.",
-              "F1 × 100, mean ± std over seeds; m2e2_argument uses gold triggers (training-time evaluation)."]
+              "F1 × 100, mean ± std over seeds; m2e2_argument uses gold triggers (training-time evaluation). "
+              "All − C-LoRAE: the difference of the seed means with a paired bootstrap 95 % interval over the dev "
+              "samples (1000 resamples within each dataset): dev-sampling noise only, not seed variance."]
     return "\n".join(lines) + "\n"
 
 
@@ -192,10 +211,12 @@ def main(argv=None) -> int:
 
 
 def write_results(out: str, budget: str, results: list, baseline: dict) -> None:
+    comparison = compare_with_reference(out, results)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"budget": budget, "results": results, "lookup_baseline_twitter2015": baseline}, f, indent=1)
+        json.dump({"budget": budget, "results": results, "lookup_baseline_twitter2015": baseline,
+                   f"all_minus_{REFERENCE_ARM}": comparison}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table(results, baseline, budget))
+        f.write(table(results, baseline, budget, comparison))
     print(open(os.path.join(out, "results.md")).read())
 
 

@@ -123,3 +123,46 @@ def test_cost_report_on_the_tiny_shape():
     assert methods["full fine-tuning"]["trainable_params"] > methods["C-LoRAE"]["trainable_params"]
     assert methods["C-LoRAE"]["forward_backward_gflops"] > methods["LoRA"]["forward_backward_gflops"] > 0
     assert methods["LoRA"]["forward_gflops"] > 0
+
+
+def prediction_rows(outcomes: dict) -> list[dict]:
+    """{key: [True/False per sample]} → rows with one gold tuple each, predicted right or wrong."""
+    return [{"id": f"{key}-{i}", "key": key, "gold": [("entity", "person", f"x{i}")],
+             "predicted": [("entity", "person", f"x{i}" if right else "wrong")]}
+            for key, samples in outcomes.items() for i, right in enumerate(samples)]
+
+
+def test_paired_bootstrap():
+    from clorae_ds.eval.bootstrap import paired_bootstrap
+
+    reference = prediction_rows({"a": [True] * 10 + [False] * 10, "b": [False] * 20})
+    same = paired_bootstrap([reference], [reference])
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+
+    perfect = prediction_rows({"a": [True] * 20, "b": [True] * 20})
+    versus = paired_bootstrap([perfect], [reference])  # every resample: 200 − 100 × F1(a) of the reference
+    assert versus["difference"] == pytest.approx(150.0) and versus["share_above_zero"] == 1.0
+    assert versus["low"] < 150.0 < versus["high"]
+
+    slightly = prediction_rows({"a": [True] * 11 + [False] * 9, "b": [False] * 20})  # one sample better
+    observed = score([r["predicted"] for r in slightly], [r["gold"] for r in slightly], [r["key"] for r in slightly])
+    result = paired_bootstrap([slightly], [reference], resamples=2000)
+    assert result["difference"] == pytest.approx(observed["All"] - 50.0)
+    assert result["low"] <= 0.0 < result["high"]  # one sample of twenty is within dev-sampling noise
+    two_seeds = paired_bootstrap([slightly, reference], [reference, reference])
+    assert two_seeds["difference"] == pytest.approx(result["difference"] / 2)
+
+    with pytest.raises(ValueError, match="different dev samples"):
+        paired_bootstrap([reference[:-1]], [reference])
+
+
+def test_predictions_round_trip(tmp_path):
+    from clorae_ds.eval.generate import read_predictions, write_predictions
+
+    rows = prediction_rows({"twitter2015": [True, False]})
+    write_predictions(str(tmp_path / "p.jsonl"), rows, step=7)
+    back = read_predictions(str(tmp_path / "p.jsonl"))
+    assert [r["predicted"] for r in back] == [r["predicted"] for r in rows] and {r["step"] for r in back} == {7}
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a prediction row"):
+        read_predictions(str(tmp_path / "bad.jsonl"))

@@ -16,14 +16,17 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
     out = tmp_path / "exp"
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke",
-                           "--arms", "only_t", "--out", str(out), "--launcher", launcher,
+                           "--arms", "only_t,clorae", "--out", str(out), "--launcher", launcher,
                            "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    (row,) = results["results"]
-    assert row["arm"] == "only_t" and row["world_size"] == 2
-    assert row["steps"] == 8  # the smoke budget: 1 epoch of 8 steps per rank, counted in steps
+    row, reference = results["results"]
+    assert row["arm"] == "only_t" and reference["arm"] == "clorae" and row["world_size"] == 2
+    assert row["steps"] == reference["steps"] == 8  # the smoke budget: 1 epoch of 8 steps per rank
+    versus = results["all_minus_clorae"]["only_t"]  # paired bootstrap over the arms' dev predictions
+    assert versus["difference"] == pytest.approx(row["all"] - reference["all"])
+    assert versus["low"] <= versus["high"]
     assert set(row["dev_f1"]) == {"twitter2015", "twitter2017", "mnre_v1", "mnre_v2", "m2e2_trigger", "m2e2_argument"}
     baseline = results["lookup_baseline_twitter2015"]
     assert baseline["train_samples"] == 4000 and baseline["train_subsample"] == 64
@@ -31,7 +34,7 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
     recipe = (out / "only_t-seed0" / "recipe.yaml").read_text()
     assert "mode: task_only" in recipe and "batches_per_epoch: 8" in recipe
     table = (out / "results.md").read_text()
-    assert "| only_t |" in table and "lookup baseline" in table
+    assert "| only_t |" in table and "| clorae |" in table and "lookup baseline" in table
     for dataset in ("twitter2015", "m2e2"):  # the same seeded subsample the arms trained on
         index = json.loads((out / "shards" / f"{dataset}-train.index.json").read_text())
         assert index["samples"] == 64

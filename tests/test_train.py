@@ -122,6 +122,14 @@ def test_two_ranks_train_evaluate_broadcast_and_export(launcher, ds_config, tmp_
     w = summary["task_weights"]
     assert w["twitter2015"] > w["mnre_v1"]  # AML: more weight where achievement lags
 
+    from clorae_ds.eval import score
+    from clorae_ds.eval.generate import read_predictions
+
+    rows = read_predictions(os.path.join(tmp_path, "run", "dev_predictions.jsonl"))  # the final evaluation's rows
+    assert {r["step"] for r in rows} == {24} and len({(r["key"], r["id"]) for r in rows}) == len(rows)
+    rescored = score([r["predicted"] for r in rows], [r["gold"] for r in rows], [r["key"] for r in rows])
+    assert rescored["All"] == pytest.approx(summary["dev_all"])
+
     from clorae_ds.adapters import load_adapter
     from clorae_ds.models import ModelConfig
     from safetensors.torch import load_file

@@ -2,6 +2,8 @@
 launchers/evaluate.py."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -34,4 +36,29 @@ def generate_rows(model, tokenizer, batches: Iterable[dict], device, max_new_tok
                 rows.append({"id": record.id, "key": score_key(record), "input": render(record)[0],
                              "output": text, "predicted": parse(text, record, stats), "gold": gold_tuples(record),
                              "record": record})
+    return rows
+
+
+def write_predictions(path: str, rows: list[dict], **fields) -> None:
+    """Scored rows as JSON lines (id, key, input, output, predicted, gold and `fields`), written atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for row in sorted(rows, key=lambda r: (r["key"], r["id"])):
+            f.write(json.dumps({**{k: v for k, v in row.items() if k != "record"}, **fields,
+                                "predicted": [list(t) for t in row["predicted"]],
+                                "gold": [list(t) for t in row["gold"]]}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_predictions(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                row["predicted"] = [tuple(t) for t in row["predicted"]]
+                row["gold"] = [tuple(t) for t in row["gold"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a prediction row ({err})") from None
+            rows.append(row)
     return rows

@@ -21,7 +21,7 @@ from ..data.loader import MIELoader
 from ..data.render import render
 from ..data.record import Record
 from ..eval import dataset_f1, score
-from ..eval.generate import GENERATE_INPUTS, generate_rows
+from ..eval.generate import GENERATE_INPUTS, generate_rows, write_predictions
 from ..eval.inference import encoding_for
 from ..models import ModelConfig
 from ..adapters import parameter_report, routing_stats
@@ -265,7 +265,8 @@ class Trainer:
                        [r["key"] for r in rows]) if self.is_main else None
         report = runner.broadcast_object(report)
         self.metrics.on_eval(report)
-        if self.is_main:
+        if self.is_main:  # the latest evaluation's rows: what the final dev F1 was computed from
+            write_predictions(os.path.join(self.out, "dev_predictions.jsonl"), rows, step=runner.global_step)
             print(file=sys.stderr)
             log_json(event="eval", step=runner.global_step, samples=len(rows), all=round(report["All"], 3),
                      f1={k: round(v["f1"], 4) for k, v in report.items() if k != "All"})
