@@ -77,11 +77,18 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, args) -> dict
     if minutes:
         overrides.append(f"schedule.max_minutes={minutes}")
     recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
-    merged = load_config(recipe, overrides, base=base)  # validates before any work starts
+    merged = yaml.safe_dump(load_config(recipe, overrides, base=base).to_dict())  # validates before any work
+    recipe_path, result_path = os.path.join(arm_dir, "recipe.yaml"), os.path.join(arm_dir, "result.json")
+    if os.path.isfile(result_path):  # finished by an earlier, interrupted invocation: reuse if the recipe matches
+        with open(recipe_path) as f:
+            if f.read() != merged:
+                raise SystemExit(f"{arm_dir} holds a finished run of another recipe: remove it or choose another --out")
+        print(f"reusing the finished {arm} (seed {seed}) in {arm_dir}", file=sys.stderr, flush=True)
+        with open(result_path) as f:
+            return json.load(f)
     os.makedirs(arm_dir, exist_ok=True)
-    recipe_path = os.path.join(arm_dir, "recipe.yaml")
     with open(recipe_path, "w") as f:
-        yaml.safe_dump(merged.to_dict(), f)
+        f.write(merged)
     start = time.time()
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     proc = subprocess.run(launcher + [os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
@@ -93,7 +100,10 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, args) -> dict
         f.write(proc.stderr[-20000:])
     if proc.returncode != 0:
         raise SystemExit(f"arm {arm} seed {seed} failed; see {arm_dir}/train.log")
-    return arm_row(arm, seed, proc.stdout, wall)
+    row = arm_row(arm, seed, proc.stdout, wall)
+    with open(result_path, "w") as f:
+        json.dump(row, f, indent=1)
+    return row
 
 
 def arm_row(arm: str, seed: int, log: str, wall: float) -> dict:

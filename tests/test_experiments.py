@@ -39,6 +39,13 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
         index = json.loads((out / "shards" / f"{dataset}-train.index.json").read_text())
         assert index["samples"] == 64
 
+    command = proc.args
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)  # an interrupted matrix resumes:
+    assert proc.returncode == 0 and proc.stderr.count("reusing the finished") == 2  # finished arms are not rerun
+    assert json.loads((out / "results.json").read_text()) == results
+    proc = subprocess.run(command + ["--epochs", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "holds a finished run of another recipe" in proc.stderr
+
     (out / "results.md").unlink()  # --retabulate rebuilds the table from the arms' logs alone
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--retabulate",
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
