@@ -21,6 +21,13 @@ from clorae_ds.data import DATASETS, RecordError, load_raw  # noqa: E402
 from clorae_ds.data.shards import BuildStats, ShardWriterConfig, write_shards  # noqa: E402
 
 
+def subsample(records: list, n, seed: int) -> list:
+    """A seeded random subset of n records, in file order (all of them when n is None or not smaller)."""
+    if n is None or n >= len(records):
+        return records
+    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS)
@@ -46,9 +53,7 @@ def main(argv=None) -> int:
     except (RecordError, FileNotFoundError) as err:
         print(f"build_shards: {err}", file=sys.stderr)
         return 2
-    if args.sample is not None and args.sample < len(records):
-        keep = sorted(random.Random(args.seed).sample(range(len(records)), args.sample))
-        records = [records[i] for i in keep]
+    records = subsample(records, args.sample, args.seed)
     for reason in stats.skipped_records[:20]:
         print(f"skipped: {reason}", file=sys.stderr)
     config = ShardWriterConfig(samples_per_shard=args.samples_per_shard, images=args.images,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "launchers"))
-from build_shards import main as build_shards_main  # noqa: E402
+from build_shards import main as build_shards_main, subsample  # noqa: E402
 
 REFERENCE_ARM = "clorae"  # the arm every other one is compared with
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
@@ -118,13 +117,6 @@ def arm_row(arm: str, seed: int, log: str, wall: float) -> dict:
             "steps": summary["global_step"], "wall_seconds": round(wall, 1)}
 
 
-def subsample(records: list, n) -> list:
-    """launchers/build_shards.py's --sample: the same seeded choice of positions, in file order."""
-    if not n or n >= len(records):
-        return records
-    return [records[i] for i in sorted(random.Random(0).sample(range(len(records)), n))]
-
-
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -204,8 +196,8 @@ def main(argv=None) -> int:
     patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget[0], budget[1])
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
-    train_seen = subsample(train, budget[0])  # what the arms train on
-    dev = subsample(dev, budget[1])
+    train_seen = subsample(train, budget[0], seed=0)  # what the arms train on: the shards' subsample
+    dev = subsample(dev, budget[1], seed=0)
     baseline = {"any": lookup_baseline(train, dev)["twitter2015"]["f1"],
                 "majority": lookup_baseline(train, dev, 0.5)["twitter2015"]["f1"],
                 "any_subsample": lookup_baseline(train_seen, dev)["twitter2015"]["f1"],
