@@ -3,7 +3,7 @@ five ablations) on the same subsample of the real train splits, the same budget 
 results table (Markdown + JSON) with per-dataset dev F1, All, trainable parameters, samples/s and wall time
 (mean ± std over seeds) beside the train-set lookup baseline for Twitter-2015.
 
-    python launchers/run_experiments.py --budget small            # 1-2 hours on 2 CPU cores
+    python launchers/run_experiments.py --budget small            # about 70 minutes on 2 CPU cores
     python launchers/run_experiments.py --budget smoke --arms clorae,lora
     python launchers/run_experiments.py --budget large --seeds 0,1,2 --launcher "deepspeed --num_gpus 8" \
         --deepspeed ds_configs/zero2.json                                 # a GPU node: full splits, 20 epochs
