@@ -56,7 +56,8 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
     result = measured["adapter"]
     arms = result["arms"]
     lines = ["## Adapter: C-LoRAE vs peft LoRA vs the per-task loop", "",
-             "A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers; q, k, v, o, wi, wo adapted), rank 64, "
+             "A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers; q, k, v, o, wi, wo adapted), "
+             "rank 64, "
              "3 tasks, a mixed batch of 8 x 128 tokens; forward + backward of the same loss, arms interleaved round "
              "by round, median kept. Target: C-LoRAE within 1.10x of peft LoRA.", "",
              f"Measured here ({machine}, {result['device']}, {result['dtype']}): `{command_text('adapter')}`", "",
@@ -74,7 +75,8 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
         for r in runs:
             cells = [f"{r['ratios_vs_peft_lora'][arm]:.2f}" if arm in r["ratios_vs_peft_lora"] else "—"
                      for arm, _ in ADAPTER_ARMS]
-            lines.append(f"| {r['device']} | {r['date']} | `{r['command']}` | " + " | ".join(cells) + f" | {r.get('note', '')} |")
+            lines.append(f"| {r['device']} | {r['date']} | `{r['command']}` | " + " | ".join(cells)
+                         + f" | {r.get('note', '')} |")
         lines.append("")
     ratio = result["clorae_over_peft_lora"]
     lines += [f"**Target {'met' if ratio <= 1.10 else 'not met'}** here: {ratio:.2f}x with MIM, "
@@ -100,7 +102,8 @@ def train_section(measured: dict, machine: str) -> list:
                      f"{arm['tokens_per_s'] / plain:.3f} | {', '.join(str(x) for x in arm['all_rounds'])} |")
     overheads = {k: v for k, v in result.items() if k.endswith("_overhead")}
     lines += ["", "Overhead on one rank (plain / engine − 1): " +
-              ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %" for k, v in overheads.items()) +
+              ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %"
+                        for k, v in overheads.items()) +
               ". Two ranks share the same 2 cores (1 thread each), so their total is a parallel-efficiency figure, "
               "not a speed-up.", ""]
     return lines

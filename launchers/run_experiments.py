@@ -152,7 +152,8 @@ def table(results: list, baseline: dict, budget_name: str, comparison: dict) -> 
         wall, _ = mean_std([r["wall_seconds"] for r in rows])
         rate_text = "—" if rate is None else f"{rate:.1f}"
         versus = comparison.get(arm)
-        versus_text = "—" if versus is None else f"{versus['difference']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]"
+        versus_text = "—" if versus is None else \
+            f"{versus['difference']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {versus_text} | "
                      f"{rows[0]['trainable_params'] / 1e6:.2f}M | {rate_text} | {wall:.0f} |")
     lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (the arms' dev subsample), from all "

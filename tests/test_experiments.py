@@ -17,7 +17,8 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke",
                            "--arms", "only_t,clorae", "--out", str(out), "--launcher", launcher,
-                           "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")], capture_output=True, text=True,
+                           "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")],
+                          capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -54,8 +55,8 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
 
 
 def test_run_experiments_rejects_unknown_arms():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--arms", "clorae,dora"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"),
+                           "--arms", "clorae,dora"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown arms ['dora']" in proc.stderr
 
 

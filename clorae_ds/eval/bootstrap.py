@@ -6,15 +6,14 @@ is applied to every seed's predictions and the difference of the seed means is t
 dev sampling, not seed variance (the seeds' std shows that)."""
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
+
+from .score import sample_counts
 
 
 def _counts(rows: list[dict]) -> dict:
-    """(key, id) → (key, true positives, predicted, gold)."""
-    return {(r["key"], r["id"]): (r["key"], sum((Counter(r["predicted"]) & Counter(r["gold"])).values()), len(r["predicted"]),
-                      len(r["gold"])) for r in rows}
+    """(key, id) → (true positives, predicted, gold)."""
+    return {(r["key"], r["id"]): sample_counts(r["predicted"], r["gold"]) for r in rows}
 
 
 def _all_scores(counts: np.ndarray, draws: dict) -> np.ndarray:
@@ -38,13 +37,13 @@ def paired_bootstrap(arm_runs: list[list[dict]], reference_runs: list[list[dict]
     for counts in runs[1:]:
         if sorted(counts) != ids:
             raise ValueError("paired_bootstrap: the runs were scored on different dev samples")
-    keys = np.array([runs[0][i][0] for i in ids])
+    keys = np.array([key for key, _ in ids])
     rng = np.random.default_rng(seed)
     draws = {}
     for key in sorted(set(keys)):
         positions = np.flatnonzero(keys == key)
         draws[key] = positions[rng.integers(0, len(positions), size=(resamples, len(positions)))]
-    matrices = [np.array([counts[i][1:] for i in ids], dtype=float) for counts in runs]
+    matrices = [np.array([counts[i] for i in ids], dtype=float) for counts in runs]
     whole = {key: np.flatnonzero(keys == key)[None, :] for key in draws}  # the dev set itself, once
 
     def seed_mean_difference(selection: dict) -> np.ndarray:

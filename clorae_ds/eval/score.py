@@ -14,16 +14,18 @@ def score_key(record: Record) -> str:
     return f"{record.dataset}_{record.subtask}" if record.task == "mee" else record.dataset
 
 
+def sample_counts(predicted: list[tuple], gold: list[tuple]) -> tuple[int, int, int]:
+    """(true positives, predicted, gold) of one sample; each predicted tuple consumes at most one gold tuple."""
+    return sum((Counter(predicted) & Counter(gold)).values()), len(predicted), len(gold)
+
+
 def score(predictions: list[list[tuple]], golds: list[list[tuple]], keys: list[str]) -> dict:
     if not len(predictions) == len(golds) == len(keys):
         raise ValueError(f"score needs parallel lists, got {len(predictions)}, {len(golds)}, {len(keys)}")
     counts = defaultdict(lambda: [0, 0, 0])  # true positives, predicted, gold
     for predicted, gold, key in zip(predictions, golds, keys):
-        matched = sum((Counter(predicted) & Counter(gold)).values())
-        entry = counts[key]
-        entry[0] += matched
-        entry[1] += len(predicted)
-        entry[2] += len(gold)
+        for i, n in enumerate(sample_counts(predicted, gold)):
+            counts[key][i] += n
     report = {}
     for key in sorted(counts):
         tp, n_pred, n_gold = counts[key]
