@@ -105,6 +105,104 @@ def test_mim_equals_the_explicit_full_width_formula():
     torch.testing.assert_close(low_rank, explicit)
 
 
+def direct_vid(layer, x, task_ids, real):
+    """method.md §2 per token and channel, in fp64, over the real tokens only."""
+    w = layer.split_experts(layer.expert_A, layer.expert_B)
+    universal = x @ w["universal_A"].T @ w["universal_B"].T
+    task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
+    variance = F.softplus(layer.mim_var) + MIM_EPS
+    per_channel = 0.5 * ((layer.mim_scale * task + layer.mim_shift - universal) ** 2 / variance + torch.log(variance))
+    return per_channel[real].mean()
+
+
+def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients():
+    layer = make_layer("clorae", mim_detach_teacher=False).train()
+    with torch.no_grad():
+        layer.mim_var.normal_()
+    task_ids = torch.tensor(ORDERS["mixed"])
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    real = torch.ones(5, 4, dtype=torch.bool)
+    real[1, 2:] = real[3, 1:] = False
+    with task_routing(layer, task_ids, token_masks=[real]):
+        layer(x)
+        ours = collect_mim_loss(layer)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    direct = direct_vid(layer, x, task_ids, real)
+    torch.testing.assert_close(ours, direct)
+    for got, want in zip(torch.autograd.grad(ours, params, allow_unused=True, materialize_grads=True),
+                         torch.autograd.grad(direct, params, allow_unused=True, materialize_grads=True)):
+        torch.testing.assert_close(got, want)
+    # What the padded positions hold does not matter.
+    x2 = x.clone()
+    x2[~real] = 100.0
+    with task_routing(layer, task_ids, token_masks=[real]):
+        layer(x2)
+        torch.testing.assert_close(collect_mim_loss(layer), ours.detach())
+
+
+def test_mim_over_layers_is_a_sum():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)).double()
+    apply_clorae(model, CLoRAEConfig(rank=6, alpha=12, dropout=0.0, target_modules=["0", "1"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "expert_B" in name:
+                param.normal_()
+    x = torch.randn(3, 2, 6, dtype=torch.float64)
+    with task_routing(model.train(), torch.tensor([0, 1, 2])):
+        model(x)
+        terms = [t for layer in model for t in layer.pop_mim_terms()]
+        model(x)
+        total = collect_mim_loss(model)
+    torch.testing.assert_close(total, terms[0] + terms[1])
+
+
+def test_where_mim_gradient_reaches_with_a_detached_teacher():
+    """The documented reach of mim_detach_teacher: a layer's MIM never updates that layer's universal expert;
+    it updates its task expert and regressor and, through the layer input, the earlier layer's experts."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)).double()
+    apply_clorae(model, CLoRAEConfig(rank=6, alpha=12, dropout=0.0, target_modules=["0", "1"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "expert_B" in name or "gate" in name:
+                param.normal_()
+    with task_routing(model.train(), torch.tensor([0, 1, 2])):
+        model(torch.randn(3, 2, 6, dtype=torch.float64))
+        model[0].pop_mim_terms()  # keep only the second layer's MIM term
+        collect_mim_loss(model).backward()
+    second = model[1].split_experts(model[1].expert_A.grad, model[1].expert_B.grad)
+    first = model[0].split_experts(model[0].expert_A.grad, model[0].expert_B.grad)
+    assert torch.count_nonzero(second["universal_A"]) == 0 and torch.count_nonzero(second["universal_B"]) == 0
+    assert torch.count_nonzero(second["task_B"]) > 0 and torch.count_nonzero(model[1].mim_var.grad) > 0
+    assert torch.count_nonzero(first["universal_B"]) > 0 and torch.count_nonzero(first["task_B"]) > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_bf16_runs_close_to_fp32(mode):
+    layer = make_layer(mode, dtype=torch.float32).train()
+    x = torch.randn(4, 8, 6)
+    task_ids = torch.tensor([0, 1, 2, 0])
+    reference = layer(x, task_ids)
+    collect_mim_loss(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, task_ids)
+        mim = collect_mim_loss(layer)
+    assert y.dtype == torch.bfloat16
+    (y.float().square().mean() + (mim if mim is not None else 0)).backward()
+    torch.testing.assert_close(y.float(), reference, atol=0.1, rtol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in layer.parameters() if p.requires_grad)
+
+
+def test_bf16_parameters_with_an_fp32_buffer_train():
+    """DeepSpeed's bf16 casts parameters and keeps buffers fp32."""
+    layer = make_layer("clorae", dtype=torch.float32)
+    for param in layer.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    y = layer.train()(torch.randn(3, 4, 6, dtype=torch.bfloat16), torch.tensor([0, 1, 2]))
+    (y.float().square().mean() + collect_mim_loss(layer).float()).backward()
+    assert torch.isfinite(layer.expert_B.grad.float()).all()
+
+
 def test_mim_teacher_detached_by_default():
     layer = make_layer("clorae").train()
     x = torch.randn(5, 4, 6, dtype=torch.float64)
@@ -223,3 +321,24 @@ def test_routing_errors_are_clear():
 def test_no_matching_target_is_an_error():
     with pytest.raises(AdapterConfigError, match="no nn.Linear matches"):
         apply_clorae(nn.Sequential(nn.Linear(2, 2)), CLoRAEConfig(rank=3, target_modules=["q"]))
+
+
+@pytest.mark.parametrize("mode", ["universal_only", "clorae"])
+def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode):
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "report_cost", os.path.join(os.path.dirname(__file__), "..", "launchers", "report_cost.py"))
+    report_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_cost)
+    d_in, d_out, tokens = 48, 40, 10
+    layer = make_layer(mode, dtype=torch.float32, d_in=d_in, d_out=d_out, rank=6, mim_beta=0.0).train()
+    x = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    with report_cost.flop_counter() as counter:
+        layer(x, torch.tensor([0, 2])).square().sum().backward()
+    R = layer.expert_A.shape[0]
+    base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
+    adapter = 2 * tokens * R * (d_in + d_out) * 3  # down and up projections: forward, grad of weights, grad of inputs
+    # gate logits (forward, grad of the gate, grad of x) and per-column gate weights (forward, backward)
+    gate = 2 * tokens * 2 * (3 * d_in + 2 * R) if mode == "clorae" else 0
+    assert counter.get_total_flops() == base + adapter + gate

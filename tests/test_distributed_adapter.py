@@ -10,13 +10,13 @@ WORKER = os.path.join(os.path.dirname(__file__), "distributed", "zero_adapter_wo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_ranks_with_different_tasks_train_in_lockstep(stage, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")])
+def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, tokenizer_dir, tmp_path):
     pytest.importorskip("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
            "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-           tokenizer_dir, str(tmp_path), str(stage)]
+           tokenizer_dir, str(tmp_path), str(stage), precision]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as err:
@@ -25,6 +25,7 @@ def test_ranks_with_different_tasks_train_in_lockstep(stage, tokenizer_dir, tmp_
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     for result in results:
         assert result["losses"][-1] < result["losses"][0]
+        assert result["param_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
     # The ranks hold the same (reduced) weights, and every task expert learned from the rank that had it.
     assert results[0]["task_experts_changed"] == results[1]["task_experts_changed"]
     for changed in results[0]["task_experts_changed"].values():

@@ -246,3 +246,100 @@ def test_achievement_weights():
         AchievementWeights(["a"], {}, margin=1.0)
     with pytest.raises(ValueError, match="not trained"):
         AchievementWeights(["a"], {"b": 0.5})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.adapter.rnak=4", "unknown keys in model.adapter: ['rnak']"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("schedule.epochs=2.5", "schedule.epochs: expected int, got 2.5"),
+    ("model.family=llama", "model: unknown model family 'llama'"),
+    ("model.adapter.rank=0", "model: rank must be a positive integer"),
+])
+def test_recipe_errors_name_the_key_before_any_work(override, message):
+    from clorae_ds.train.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as err:
+        load_config(os.path.join(ROOT, "configs", "default.yaml"), [override])
+    assert message in str(err.value)
+
+
+def test_yaml_exponent_strings_become_floats():
+    from clorae_ds.train.config import load_config
+    config = load_config(os.path.join(ROOT, "configs", "default.yaml"), ["optim.lr=1e-3", "optim.new_module_lr=2e-4"])
+    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float) and config.optim.new_module_lr == 2e-4
+
+
+def image_shards(directory):
+    """Like synthetic_shards, but every other record has an image (a tiny PNG), so batches mix samples with
+    and without images."""
+    from PIL import Image
+
+    images = os.path.join(directory, "images")
+    os.makedirs(images, exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 255 - 60 * i, 128)).save(os.path.join(images, f"img{i}.png"))
+
+    def tweets(n, offset):
+        return [Record(f"t{i}", "twitter2015", "mner", "entity", (NAMES[i % 6], "said", "hello", str(i + offset)),
+                       entities=(Entity("PER", 0, 1),), image=f"img{i % 4}.png" if i % 2 else None)
+                for i in range(n)]
+
+    config = ShardWriterConfig(samples_per_shard=32, progress=False, images=images)
+    write_shards(tweets(32, 0), directory, "twitter2015", "train", [], config)
+    write_shards(tweets(8, 100), directory, "twitter2015", "dev", [], config)
+    return {"train": {"twitter2015": f"{directory}/twitter2015-train-000000.tar"},
+            "dev": {"twitter2015": f"{directory}/twitter2015-dev-000000.tar"}}
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_config, tmp_path,
+                                                                             llava_tokenizer_dir):
+    shards = image_shards(str(tmp_path / "shards"))
+    config = {
+        "model": {"family": "llava", "preset": "tiny", "tokenizer": llava_tokenizer_dir,
+                  "adapter": {"rank": 6, "alpha": 12, "dropout": 0.0}},
+        "data": {**shards, "num_workers": 1, "batches_per_epoch": 4, "max_input_length": 48,
+                 "max_target_length": 16, "image_size": 32},
+        "optim": {"lr": 0.01, "warmup_steps": 1},
+        "schedule": {"epochs": 1, "log_every": 1},
+        "eval": {"max_new_tokens": 6, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = train("torchrun", ds_config, str(path))
+    assert len(steps(log)) == 4
+    report = next(e for e in log if e["event"] == "model")
+    assert report["trainable_params"] == report["expert_params"] + report["mim_params"] + report["new_module_params"]
+    assert report["total_params"] > report["trainable_params"] > 0  # real sizes under ZeRO-3 too
+    summary = summary_of(log)
+    assert set(summary["dev_f1"]) == {"twitter2015"}
+
+    from clorae_ds.adapters import load_adapter, parameter_report
+    from clorae_ds.models import ModelConfig
+
+    model = ModelConfig(family="llava", preset="tiny", tokenizer=llava_tokenizer_dir,
+                        adapter={"rank": 6, "alpha": 12, "dropout": 0.0}).build().model
+    assert parameter_report(model)["trainable_params"] == report["trainable_params"]
+    load_adapter(model, summary["adapter"])
+
+
+def test_multi_task_loss_does_not_depend_on_the_batch_mix():
+    import torch
+    from clorae_ds.train.trainer import multi_task_loss, per_dataset_token_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 5))
+    labels[1, 3:] = -100
+    uniform = torch.full((4,), 0.25)
+    mean = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
+    for dataset_ids in ([0, 0, 0, 0], [0, 1, 2, 3], [2, 2, 3, 1]):
+        sums, tokens = per_dataset_token_loss(logits, labels, torch.tensor(dataset_ids), False, 4)
+        torch.testing.assert_close(multi_task_loss(uniform, sums, tokens), mean)
+    # A sample's gradient is the same whether its micro-batch holds one dataset or four (any weights).
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    grads = []
+    for dataset_ids in ([0, 0, 0, 0], [0, 1, 2, 3]):
+        sums, tokens = per_dataset_token_loss(logits, labels, torch.tensor(dataset_ids), False, 4)
+        grads.append(torch.autograd.grad(multi_task_loss(weights, sums, tokens), logits)[0][0])
+    torch.testing.assert_close(grads[0], grads[1])

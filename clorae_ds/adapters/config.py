@@ -34,8 +34,10 @@ class CLoRAEConfig:
     mode: str = "clorae"
     mim_beta: float = 0.01
     task_rank: Optional[int] = None
-    # VID teacher: the universal expert's output is detached in the MIM loss, so MIM shapes the task
-    # experts (students) and the regressor, never the universal expert.
+    # VID teacher: each layer's universal expert output U is a constant target in that layer's MIM term, so
+    # MIM never updates that layer's universal expert. It does update the task experts (students), the
+    # regressor and, through the layer input (the student's own input), every earlier layer's parameters,
+    # universal experts included, as any loss on a hidden layer's output does.
     mim_detach_teacher: bool = True
     modules_to_save: list[str] = field(default_factory=list)
     base_model_name: str = ""

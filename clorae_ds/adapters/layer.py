@@ -49,7 +49,7 @@ class _CLoRAEDelta(torch.autograd.Function):
         gates = None
         if gate is not None:
             gates = torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1).to(x.dtype)
-            coef = gates @ gate_columns  # (tokens, R): g1·α/r on universal columns, g2·α/r on task columns
+            coef = gates @ gate_columns.to(gates.dtype)  # (tokens, R): g1·α/r on universal columns, g2·α/r on task columns
             if column_mask is not None:
                 coef = coef * column_mask
         elif column_mask is not None:
@@ -89,7 +89,7 @@ class _CLoRAEDelta(torch.autograd.Function):
             grad_gate_columns = grad_coefd * z
             if column_mask is not None:
                 grad_gate_columns = grad_gate_columns * column_mask
-            g, grad_g = _at_least_fp32(gates), _at_least_fp32(grad_gate_columns @ gate_columns.t())
+            g, grad_g = _at_least_fp32(gates), _at_least_fp32(grad_gate_columns @ gate_columns.to(gates.dtype).t())
             grad_logits = (g * (grad_g - (g * grad_g).sum(-1, keepdim=True))).to(x.dtype)
             grad_gate = grad_logits.t() @ x
             if grad_x is not None:
@@ -98,16 +98,16 @@ class _CLoRAEDelta(torch.autograd.Function):
 
 
 class _MIMLoss(torch.autograd.Function):
-    """The MIM term of one layer (method.md §2): mean over tokens and channels of ½[(mu(D) − U)²/σ² + log σ²]
-    with mu(D) = scale⊙D + shift and σ² = softplus(var) + eps, computed exactly without a (tokens × d_out)
-    tensor. With Z = z masked to each token's own task columns, M = [−B_U, scale⊙B_task] and W = diag(1/σ²),
-    a token's residual is v = M·Z_t + shift, so
-        Σ_t vᵀWv = ⟨MᵀWM, ZᵀZ⟩ + 2⟨MᵀW·shift, Σ_t Z_t⟩ + T·shiftᵀW·shift.
+    """The MIM term of one layer (method.md §2): mean over real tokens and channels of
+    ½[(mu(D) − U)²/σ² + log σ²] with mu(D) = scale⊙D + shift and σ² = softplus(var) + eps, computed exactly
+    without a (tokens × d_out) tensor. With Z = z masked to each token's own task columns (and to zero on
+    padding), M = [−B_U, scale⊙B_task] and W = diag(1/σ²), a real token's residual is v = M·Z_t + shift, so
+        Σ_t vᵀWv = ⟨MᵀWM, ZᵀZ⟩ + 2⟨MᵀW·shift, Σ_t Z_t⟩ + T·shiftᵀW·shift    (T real tokens).
     The backward is written out (a few rank-space matmuls) rather than left to autograd, which would launch
     several times more kernels. Computed in fp32 at least: the expansion cancels terms."""
 
     @staticmethod
-    def forward(ctx, z, column_mask, expert_B, scale, shift, var, universal_rank, detach_teacher):
+    def forward(ctx, z, column_mask, expert_B, scale, shift, var, universal_rank, detach_teacher, real_tokens):
         r = universal_rank
         Z = _at_least_fp32(z) * _at_least_fp32(column_mask)
         B = _at_least_fp32(expert_B)
@@ -118,23 +118,24 @@ class _MIMLoss(torch.autograd.Function):
         WM = M * inv_var[:, None]
         C = Z.t() @ Z
         column_sum = Z.sum(0)
-        tokens, d_out = Z.shape[0], M.shape[0]
+        tokens, d_out = real_tokens, M.shape[0]
         total = (WM.t() @ M).mul_(C).sum() + 2.0 * (WM.t() @ shift32).dot(column_sum) \
             + tokens * (shift32 * shift32 * inv_var).sum()
         loss = 0.5 * (total / (tokens * d_out) + torch.log(variance).mean())
         # Only fresh tensors are saved, never a parameter: this backward runs early (the loss adds the MIM terms
         # last), before ZeRO-3 gathers the layer's partitioned parameters again for its own backward.
         ctx.save_for_backward(Z, column_mask, B[:, r:].clone(), scale32.clone(), shift32.clone(),
-                              torch.sigmoid(_at_least_fp32(var)), variance, M, C, column_sum)
+                              torch.sigmoid(_at_least_fp32(var)), variance, M, C, column_sum,
+                              torch.as_tensor(real_tokens, dtype=torch.float32, device=Z.device))
         ctx.param_dtype = expert_B.dtype
         ctx.universal_rank, ctx.detach_teacher, ctx.z_dtype = r, detach_teacher, z.dtype
         return loss.to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        Z, column_mask, task_B, scale, shift, var_slope, variance, M, C, column_sum = ctx.saved_tensors
+        Z, column_mask, task_B, scale, shift, var_slope, variance, M, C, column_sum, tokens = ctx.saved_tensors
         r = ctx.universal_rank
-        tokens, d_out = Z.shape[0], M.shape[0]
+        d_out = M.shape[0]
         inv_var = 1.0 / variance
         k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
         WM = M * inv_var[:, None]
@@ -156,7 +157,7 @@ class _MIMLoss(torch.autograd.Function):
             grad_B[:, :r] = 0
         dtype = ctx.param_dtype
         return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype),
-                grad_scale.to(dtype), grad_shift.to(dtype), grad_var.to(dtype), None, None)
+                grad_scale.to(dtype), grad_shift.to(dtype), grad_var.to(dtype), None, None, None)
 
 
 class CLoRAELinear(nn.Module):
@@ -231,11 +232,26 @@ class CLoRAELinear(nn.Module):
         return weights
 
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # The autograd Functions below mix no dtypes: run the whole layer in the autocast dtype (its
+            # parameters cast like any autocast matmul's, gradients flowing back to the fp32 masters).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.to(dtype), task_ids, dtype)
+        return self._forward(x, task_ids, None)
+
+    def _forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor], cast) -> torch.Tensor:
+        params = {name: getattr(self, name) for name in ("expert_A", "expert_B", "gate")}
+        if cast is not None:
+            params = {name: p if p is None else p.to(cast) for name, p in params.items()}
+            base_out = F.linear(x.reshape(-1, x.shape[-1]), self.base.weight.to(cast),
+                                None if self.base.bias is None else self.base.bias.to(cast))
+        else:
+            base_out = self.base(x.reshape(-1, x.shape[-1]))
         x2 = x.reshape(-1, x.shape[-1])
-        base_out = self.base(x2)
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
-        column_mask = one_hot = None
+        column_mask = one_hot = token_mask = None
         if self.task_rank:
             if task_ids is not None:
                 routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
@@ -246,17 +262,23 @@ class CLoRAELinear(nn.Module):
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
             shape = (x.shape[0], x2.shape[0] // x.shape[0])
             column_mask = routing.column_mask(*shape, self.universal_rank, self.task_rank, x.device, x.dtype)
+            token_mask = routing.token_mask(*shape, x.device, x.dtype)
             if self.gate is not None and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, torch.float32)
                 self.gate_token_count += routing.task_token_counts(*shape, x.device)
         dropout = self.config.dropout if self.training else 0.0
-        y, z, gates = _CLoRAEDelta.apply(base_out, x2, self.expert_A, self.expert_B, self.gate, column_mask,
+        y, z, gates = _CLoRAEDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
+                                         column_mask,
                                          getattr(self, "gate_columns", None), self.config.scaling, dropout)
         if one_hot is not None:
             self.gate_task_sum += one_hot.t() @ gates[:, 1].float()
         if self.config.uses_mim and self.training and torch.is_grad_enabled():
-            self._mim_terms.append(_MIMLoss.apply(z, column_mask, self.expert_B, self.mim_scale, self.mim_shift,
-                                                  self.mim_var, self.universal_rank, self.config.mim_detach_teacher))
+            # Padding rows are zeroed in the MIM mask and left out of its token count.
+            mim_mask = column_mask if token_mask is None else column_mask * token_mask
+            real_tokens = len(x2) if token_mask is None else token_mask.sum().clamp(min=1).float()
+            self._mim_terms.append(_MIMLoss.apply(z, mim_mask, params["expert_B"], self.mim_scale, self.mim_shift,
+                                                  self.mim_var, self.universal_rank, self.config.mim_detach_teacher,
+                                                  real_tokens))
         return y.view(*x.shape[:-1], self.out_features)
 
     def pop_mim_terms(self) -> list[torch.Tensor]:

@@ -80,15 +80,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = False):
+def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = False,
+                 token_masks: Optional[list[torch.Tensor]] = None):
     """Route every adapted layer of `model` by `task_ids` (batch,) for the calls made inside the block
-    (forward or generate); `record_stats` accumulates the gate statistics read by routing_stats(). Clears
+    (forward or generate); `record_stats` accumulates the gate statistics read by routing_stats();
+    `token_masks` are (batch, length) masks of real tokens, one per sequence length the model runs (the MIM
+    loss leaves padding out; a layer input whose length has no mask counts every token). Clears
     MIM terms left uncollected by an earlier call, so a forgotten collection never keeps an old graph alive."""
     layers = [layer for _, layer in clorae_layers(model)]
     if not layers:  # no adapter (full fine-tuning): nothing to route
         yield None
         return
-    routing = TaskRouting(task_ids, layers[0].config.num_tasks, record_stats)
+    routing = TaskRouting(task_ids, layers[0].config.num_tasks, record_stats, token_masks)
     previous = [layer.routing for layer in layers]
     for layer in layers:
         layer.routing = routing
@@ -101,12 +104,13 @@ def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = 
 
 
 def collect_mim_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """Mean over adapted layers (and over calls, for layers run more than once) of the MIM terms recorded
-    since the last collection; None when nothing was recorded (eval, or a mode without MIM)."""
+    """L_MIM: the sum over adapted layer calls of each call's MIM term (a mean over the batch's real tokens
+    and channels, as L_MT is a mean over the batch's tokens), recorded since the last collection; None when
+    nothing was recorded (eval, or a mode without MIM). So β weighs each adapted layer's distillation term."""
     terms = [t for _, layer in clorae_layers(model) for t in layer.pop_mim_terms()]
     if not terms:
         return None
-    return torch.stack(terms).mean()
+    return torch.stack(terms).sum()
 
 
 def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tensor]:
@@ -189,6 +193,12 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     return model
 
 
+def numel(param: torch.Tensor) -> int:
+    """A parameter's full size, also under ZeRO-3 (a partitioned parameter holds an empty placeholder and
+    keeps its real size in `ds_numel`)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def parameter_report(model: nn.Module) -> dict:
     """Trainable parameters by kind, with the per-layer formula check of method.md §1:
     (r + N·r_t)(d_in + d_out) + 2·d_in per adapted linear (MIM regressors counted apart)."""
@@ -197,13 +207,13 @@ def parameter_report(model: nn.Module) -> dict:
     for _, layer in clorae_layers(model):
         c = layer.config
         d_in, d_out = layer.in_features, layer.out_features
-        experts += sum(getattr(layer, p).numel() for p in EXPERT_PARAMS if getattr(layer, p) is not None)
-        mim += sum(getattr(layer, p).numel() for p in MIM_PARAMS if hasattr(layer, p))
+        experts += sum(numel(getattr(layer, p)) for p in EXPERT_PARAMS if getattr(layer, p) is not None)
+        mim += sum(numel(getattr(layer, p)) for p in MIM_PARAMS if hasattr(layer, p))
         expected_experts += ((c.rank if c.uses_universal else 0)
                              + (c.num_tasks * c.expert_task_rank if c.uses_task_experts else 0)) * (d_in + d_out) \
             + (2 * d_in if c.uses_gate else 0)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return {
         "adapted_layers": sum(1 for _ in clorae_layers(model)),
         "expert_params": experts,

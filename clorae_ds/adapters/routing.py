@@ -1,11 +1,14 @@
 """Which task expert each token of a batch uses.
 
 A `TaskRouting` is built once per model call from the batch's task ids and shared by every adapted layer.
-It turns the ids into per-token tensors (a one-hot task matrix and an expert-column mask) once per shape,
+It turns the ids into per-token tensors (a one-hot task matrix, an expert-column mask and the real-token mask
+of the MIM loss) once per shape,
 so the layers' hot path does no host work and no host-device synchronisation. Pass task ids that live on
 the CPU (the collator's do).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -15,7 +18,8 @@ class RoutingError(ValueError):
 
 
 class TaskRouting:
-    def __init__(self, task_ids: torch.Tensor, num_tasks: int, record_stats: bool = False):
+    def __init__(self, task_ids: torch.Tensor, num_tasks: int, record_stats: bool = False,
+                 token_masks: Optional[list[torch.Tensor]] = None):
         task_ids = torch.as_tensor(task_ids)
         if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise RoutingError(f"task_ids must be a 1-D integer tensor (batch,), got {tuple(task_ids.shape)} "
@@ -27,6 +31,16 @@ class TaskRouting:
         self.num_tasks = num_tasks
         self.record_stats = record_stats  # accumulate per-task gate statistics (a few extra kernels per layer)
         self._cache: dict[tuple, object] = {}
+        # (batch, length) masks of real tokens, told apart by their length: a layer input of that length
+        # gets that mask (MIEModel keeps its sequences' lengths distinct); other inputs count every token.
+        self.token_masks = {}
+        for mask in token_masks or []:
+            if mask.dim() != 2 or mask.shape[0] != self.batch_size:
+                raise RoutingError(f"token mask of shape {tuple(mask.shape)} does not fit a batch of "
+                                   f"{self.batch_size}")
+            if mask.shape[1] in self.token_masks:
+                raise RoutingError(f"two token masks of length {mask.shape[1]}: a layer could not tell them apart")
+            self.token_masks[mask.shape[1]] = mask
 
     @property
     def batch_size(self) -> int:
@@ -65,4 +79,14 @@ class TaskRouting:
             task_columns = torch.nn.functional.one_hot(tasks, self.num_tasks).repeat_interleave(task_rank, dim=1)
             mask = torch.cat([torch.ones(len(tasks), universal_rank, dtype=task_columns.dtype), task_columns], 1)
             self._cache[key] = mask.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def token_mask(self, batch: int, tokens_per_sample: int, device, dtype) -> Optional[torch.Tensor]:
+        """(tokens, 1) mask of real tokens for a layer input of this shape, or None (every token real)."""
+        mask = self.token_masks.get(tokens_per_sample)
+        if mask is None or batch != self.batch_size:
+            return None
+        key = ("token_mask", tokens_per_sample, str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
         return self._cache[key]

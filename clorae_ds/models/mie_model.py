@@ -27,8 +27,10 @@ class MIEModel(nn.Module):
     def is_seq2seq(self) -> bool:
         return self.family != "llava"
 
-    def _routing(self, task_ids, record_stats=False):
-        return task_routing(self, task_ids, record_stats) if task_ids is not None else contextlib.nullcontext()
+    def _routing(self, task_ids, record_stats=False, token_masks=None):
+        if task_ids is None:
+            return contextlib.nullcontext()
+        return task_routing(self, task_ids, record_stats, token_masks)
 
     def encode(self, input_ids, attention_mask, visual_features=None, visual_boxes=None, visual_mask=None,
                pixel_values=None, image_present=None) -> BaseModelOutput:
@@ -51,10 +53,17 @@ class MIEModel(nn.Module):
                 record_routing=False, **visual):
         """Returns the backbone's output (logits, and loss when labels are given). `record_routing`
         accumulates gate statistics (routing_stats) for this call."""
-        with self._routing(task_ids, record_routing):
+        if self.is_seq2seq and labels is not None and labels.shape[1] == input_ids.shape[1]:
+            # One more ignored label position keeps the decoder's length apart from the encoder's, so each
+            # adapted layer finds its own real-token mask by length (the MIM loss leaves padding out).
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        token_masks = [attention_mask.bool()]
+        if self.is_seq2seq and labels is not None:
+            token_masks.append(labels != -100)
+        with self._routing(task_ids, record_routing, token_masks):
             if not self.is_seq2seq:
-                return self.lm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                               labels=labels)
+                return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                               **_images(pixel_values))
             encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
             return self.lm(encoder_outputs=encoded, attention_mask=attention_mask, labels=labels)
 
@@ -66,7 +75,13 @@ class MIEModel(nn.Module):
         with self._routing(task_ids, record_stats=True):
             if not self.is_seq2seq:
                 out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       pixel_values=pixel_values, **kwargs)
+                                       **_images(pixel_values), **kwargs)
                 return out[:, input_ids.shape[1]:]
             encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
             return self.lm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **kwargs)
+
+
+def _images(pixel_values) -> dict:
+    """LLaVA's keyword for a batch's images, absent for a text-only batch: transformers 5 runs the vision
+    tower whenever `pixel_values` is passed, even as None."""
+    return {} if pixel_values is None else {"pixel_values": pixel_values}

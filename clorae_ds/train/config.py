@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -117,6 +118,66 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = _parse_value(value)
 
 
+def _coerce(where: str, value: Any, expected: Any) -> Any:
+    """`value` as the annotated type, or a ConfigError naming the key, the value and the type. YAML reads
+    `1e-3` as a string (only `1.0e-3` is a float): numeric strings become numbers."""
+    if typing.get_origin(expected) is typing.Union:
+        options = [t for t in typing.get_args(expected) if t is not type(None)]
+        if value is None:
+            return None
+        expected = options[0] if len(options) == 1 else Any
+    if expected is Any:
+        return value
+    origin = typing.get_origin(expected) or expected
+    if origin is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif origin is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    elif isinstance(value, origin):
+        return value
+    name = getattr(expected, "__name__", str(expected))
+    raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build_section(name: str, cls, value: dict):
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    bad = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+    if bad:
+        raise ConfigError(f"unknown keys in {name}: {bad}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _coerce(f"{name}.{key}", item, hints[key]) for key, item in value.items()})
+
+
+def check_model(model: dict) -> None:
+    """The model section as the builder will read it (ModelConfig, its adapter and visual options), checked
+    before any rank starts: building the configs loads nothing."""
+    from ..adapters import AdapterConfigError
+    from ..models import ModelConfig
+    from ..models.builder import ModelBuildError
+    if not isinstance(model, dict):
+        raise ConfigError("config section 'model' must be a mapping")
+    try:
+        config = _build_section("model", ModelConfig, model)
+        if isinstance(config.adapter, dict):
+            from ..adapters import CLoRAEConfig
+            _build_section("model.adapter", CLoRAEConfig, {k: v for k, v in config.adapter.items()})
+        config.adapter_config()
+    except (ModelBuildError, AdapterConfigError, TypeError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
 def build_config(data: dict) -> RunConfig:
     data = dict(data)
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RunConfig)})
@@ -125,15 +186,12 @@ def build_config(data: dict) -> RunConfig:
     kwargs = {}
     for name, value in data.items():
         if name in SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"config section {name!r} must be a mapping")
-            cls = SECTIONS[name]
-            bad = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
-            if bad:
-                raise ConfigError(f"unknown keys in {name}: {bad}")
-            kwargs[name] = cls(**value)
-        else:
+            kwargs[name] = _build_section(name, SECTIONS[name], value)
+        elif name == "model":
+            check_model(value)
             kwargs[name] = value
+        else:
+            kwargs[name] = _coerce(name, value, typing.get_type_hints(RunConfig)[name])
     config = RunConfig(**kwargs)
     if config.loss.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"loss.nonfinite must be stop or skip, got {config.loss.nonfinite!r}")

@@ -44,15 +44,22 @@ def log_json(**fields) -> None:
 
 def per_dataset_token_loss(logits: torch.Tensor, labels: torch.Tensor, dataset_ids: torch.Tensor, causal: bool,
                            num_datasets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token cross-entropy of each dataset's samples in the micro-batch: (losses (M,), present (M,))."""
+    """Summed token cross-entropy of each dataset's samples in the micro-batch and their token counts:
+    (sums (M,), tokens (M,))."""
     if causal:  # decoder-only: position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = (labels != -100).float()
     sample_sum, sample_tokens = (token_loss * mask).sum(1), mask.sum(1)
     one_hot = F.one_hot(dataset_ids, num_datasets).float()
-    tokens = one_hot.t() @ sample_tokens
-    return (one_hot.t() @ sample_sum) / tokens.clamp(min=1), tokens > 0
+    return one_hot.t() @ sample_sum, one_hot.t() @ sample_tokens
+
+
+def multi_task_loss(task_weights: torch.Tensor, dataset_sum: torch.Tensor, dataset_tokens: torch.Tensor):
+    """L_MT (method.md eq. 10, L_m summing its samples' cross-entropy) per token of the micro-batch:
+    Σ_m M·w_m·L_m / tokens. Each token's weight is M·w_m / tokens whatever datasets share the micro-batch, and
+    uniform weights (1/M) give the ordinary mean token loss."""
+    return len(task_weights) * (task_weights * dataset_sum).sum() / dataset_tokens.sum().clamp(min=1)
 
 
 def _texts_from_shards(patterns: dict, limit: int = 4000) -> list[str]:
@@ -163,10 +170,11 @@ class Trainer:
                 log_now = (runner.global_step + 1) % config.schedule.log_every == 0
                 inputs = {k: v.to(self.ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
                 out = runner.forward(**inputs, record_routing=log_now)
-                dataset_loss, present = per_dataset_token_loss(
+                dataset_sum, dataset_tokens = per_dataset_token_loss(
                     out.logits, inputs["labels"], to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
                     len(self.train_datasets))
-                loss = (weights * dataset_loss * present).sum()  # L_MT = Σ_m w_m L_m over the datasets present
+                loss = multi_task_loss(weights, dataset_sum, dataset_tokens)
+                dataset_loss, present = dataset_sum / dataset_tokens.clamp(min=1), dataset_tokens > 0
                 mim = collect_mim_loss(runner.module)
                 if mim is not None:
                     loss = loss + beta * mim

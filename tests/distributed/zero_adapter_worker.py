@@ -2,7 +2,9 @@
 different tasks (rank 0: only mner; rank 1: mre and mee). Under ZeRO-3 a rank that touched other parameters
 than its peer would hang here. Writes one JSON line per rank to OUT/rank{N}.json.
 
-    torchrun --standalone --nproc_per_node 2 zero_adapter_worker.py TOKENIZER_DIR OUT STAGE
+    torchrun --standalone --nproc_per_node 2 zero_adapter_worker.py TOKENIZER_DIR OUT STAGE [bf16]
+
+With bf16, DeepSpeed's own bf16 mode: parameters in bf16, buffers kept fp32, fp32 master weights.
 """
 import json
 import os
@@ -18,6 +20,7 @@ from clorae_ds.models import ModelConfig
 
 def main():
     tokenizer_dir, out_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    bf16 = sys.argv[4:] == ["bf16"]
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)  # identical initial weights on both ranks
@@ -28,6 +31,7 @@ def main():
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "Adam", "params": {"lr": 0.05, "torch_adam": True}},
         "zero_optimization": {"stage": stage}, "steps_per_print": 1000, "wall_clock_breakdown": False,
+        "bf16": {"enabled": bf16},
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
@@ -43,14 +47,15 @@ def main():
         loss = loss + built.model.clorae_config.mim_beta * collect_mim_loss(engine.module)
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
+        losses.append(loss.float().item())
     changed = {}
     for name, layer in clorae_layers(engine.module):
         with deepspeed.zero.GatheredParameters([layer.expert_A, layer.expert_B], enabled=stage == 3):
             after = layer.expert_weights()["task_B"]
             changed[name] = [bool((after[n] - before[name][n]).abs().max() > 0) for n in range(3)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "task_experts_changed": changed}, f)
+        json.dump({"losses": losses, "task_experts_changed": changed,
+                   "param_dtype": str(next(engine.module.parameters()).dtype)}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
