@@ -60,7 +60,8 @@ def worker(mode: str, ds_config: str, steps: int) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        from clorae_ds.train.engine import DeepSpeedRunner, init_distributed, load_ds_config, parameter_groups
+        from clorae_ds.adapters.model import parameter_groups
+        from clorae_ds.train.engine import DeepSpeedRunner, init_distributed, load_ds_config
 
         ctx = init_distributed(600)
         config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), ctx.world_size)
@@ -80,9 +81,9 @@ def worker(mode: str, ds_config: str, steps: int) -> None:
     elapsed = time.perf_counter() - start
     rate = sum(tokens[3:]) / elapsed
     if mode != "plain":
-        total = torch.tensor([rate])
-        torch.distributed.all_reduce(total)
-        rate = float(total)
+        from clorae_ds.train.engine import sum_across_ranks
+
+        rate = sum_across_ranks([rate], "cpu")[0]
     if rank == 0:
         print("RESULT " + json.dumps({"tokens_per_s": rate, "seconds_per_step": elapsed / (len(batches) - 3)}),
               flush=True)

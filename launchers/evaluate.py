@@ -34,7 +34,8 @@ from clorae_ds.eval.generate import generate_rows, write_predictions  # noqa: E4
 from clorae_ds.eval.inference import InferenceError, encoding_for, load_trained  # noqa: E402
 from clorae_ds.eval.report import routing_report, table2_markdown, write_routing  # noqa: E402
 from clorae_ds.models import ModelBuildError  # noqa: E402
-from clorae_ds.train.engine import EngineConfigError, init_distributed, load_ds_config  # noqa: E402
+from clorae_ds.train.engine import (EngineConfigError, gather_objects, inference_engine, init_distributed,  # noqa: E402
+                                   max_across_ranks, shutdown)
 
 
 def dataset_of(pattern: str) -> str:
@@ -72,9 +73,7 @@ def second_stage(model, tokenizer, encoder, rows, device, batch_size, max_new_to
                                        events=(Event(event_type, span),)))
     batches = -(-len(requests) // batch_size)
     if zero3:  # every rank must join every generate call: pad to the largest count
-        count = torch.tensor([batches], device=device)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        batches = int(count)
+        batches = int(max_across_ranks([batches], device)[0])
     predicted = {sentence_of(r.id.rsplit("-predicted-", 1)[0]): [] for r in requests}
     keys = ("input_ids", "attention_mask", "task_ids")
     for b in range(batches):
@@ -117,11 +116,7 @@ def main(argv=None) -> int:
             raise InferenceError(f"--exclude-datasets {clash}: the adapter was trained on them")
         model, zero3 = built.model.to(ctx.device), False
         if args.deepspeed:
-            import deepspeed
-
-            ds_config = load_ds_config(args.deepspeed, ctx.world_size)
-            engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-            model, zero3 = engine.module, engine.zero_optimization_stage() == 3
+            model, zero3 = inference_engine(model, args.deepspeed, ctx.world_size)
         patterns = {dataset_of(p): p for p in args.shards}
         loader = MIELoader.Config(dev=patterns, tasks=built.model.clorae_config.tasks, eval_batch_size=args.batch_size,
                                   num_workers=args.num_workers).build(
@@ -138,12 +133,8 @@ def main(argv=None) -> int:
                                      args.max_new_tokens, args.num_beams, zero3, stats)
         for row in rows:
             del row["record"]
-        gathered, parse_stats = [None] * ctx.world_size, [None] * ctx.world_size
-        torch.distributed.all_gather_object(gathered, (rows, stage_two))
-        torch.distributed.all_gather_object(parse_stats, stats.__dict__)
-        routing = {k: v.cpu() for k, v in routing_stats(model).items()}
-        counts = [None] * ctx.world_size
-        torch.distributed.all_gather_object(counts, routing)
+        gathered, parse_stats = gather_objects((rows, stage_two)), gather_objects(stats.__dict__)
+        counts = gather_objects({k: v.cpu() for k, v in routing_stats(model).items()})
     except (InferenceError, LoaderError, ModelBuildError, AdapterConfigError, EngineConfigError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
@@ -192,5 +183,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
-    torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+    shutdown()
     os._exit(code)

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, parameter_report  # noqa: E402
+from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, parameter_report, task_routing  # noqa: E402
 from clorae_ds.models import DEFAULT_TARGETS, MIEModel  # noqa: E402
 
 SHAPES = {  # T5 v1.0 shapes (the paper's T5-base / T5-large rows); random weights: FLOPs do not depend on them
@@ -28,13 +28,16 @@ SHAPES = {  # T5 v1.0 shapes (the paper's T5-base / T5-large rows); random weigh
 }
 
 
-def build(model: str, method: str, rank: int) -> MIEModel:
+def build(model, method: str, rank: int) -> MIEModel:
+    """`model`: a SHAPES name, a dict of T5Config fields, or a local T5 directory. Build it inside
+    `torch.device("meta")` to count a large shape's FLOPs without allocating it."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    if model in SHAPES:
-        lm = T5ForConditionalGeneration(T5Config(**SHAPES[model], dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                                                 decoder_start_token_id=0))
+    if isinstance(model, dict) or model in SHAPES:
+        shape = model if isinstance(model, dict) else SHAPES[model]
+        lm = T5ForConditionalGeneration(T5Config(**{"vocab_size": 32128, **shape}, dropout_rate=0.0, pad_token_id=0,
+                                                 eos_token_id=1, decoder_start_token_id=0))
     elif os.path.isdir(model):
         lm = T5ForConditionalGeneration.from_pretrained(model, local_files_only=True)
     else:
@@ -62,17 +65,23 @@ def flop_counter() -> FlopCounterMode:
 
 
 def measure(model: MIEModel, input_len: int, target_len: int) -> dict:
-    vocab = model.lm.config.vocab_size
-    ids = torch.randint(1, vocab, (1, input_len))
-    labels = torch.randint(1, vocab, (1, target_len))
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=torch.tensor([0]))
+    vocab, device = model.lm.config.vocab_size, next(model.parameters()).device
+    ids = torch.randint(1, vocab, (1, input_len), device=device)
+    labels = torch.randint(1, vocab, (1, target_len), device=device)
+
+    def run():
+        if device.type == "meta":  # transformers inspects masks on the host (.item()): none on meta, all tokens real
+            with task_routing(model, torch.tensor([0])):
+                return model.lm(input_ids=ids, labels=labels)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=torch.tensor([0]))
+
     model.train()
     with flop_counter() as forward_counter:
         with torch.no_grad():
-            model(**batch)
+            run()
     collect_mim_loss(model)  # nothing recorded without grad; keeps the layers clean
     with flop_counter() as train_counter:
-        loss = model(**batch).loss
+        loss = run().loss
         mim = collect_mim_loss(model)
         if mim is not None:
             loss = loss + 0.01 * mim

@@ -64,7 +64,25 @@ def build_all_shards(raw: str, out: str, train_n, dev_n) -> dict:
     return patterns
 
 
-def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, args) -> dict:
+def run_arms(arms: list, seed: int, patterns: dict, budget, out: str, args) -> list:
+    """Train each arm (reusing finished ones); with --parallel all of this seed's arms at once (one GPU holds
+    several small runs), else one after another."""
+    rows, pending = {}, []
+    for arm in arms:
+        started = start_arm(arm, seed, patterns, budget, out, args)
+        if isinstance(started, dict):
+            rows[arm] = started
+        else:
+            pending.append((arm, *started))
+            if not args.parallel:
+                rows[arm] = finish_arm(*pending.pop(), seed)
+    for arm, arm_dir, proc, log, start in pending:
+        rows[arm] = finish_arm(arm, arm_dir, proc, log, start, seed)
+    return [rows[arm] for arm in arms]
+
+
+def start_arm(arm: str, seed: int, patterns: dict, budget, out: str, args):
+    """The finished row of an arm run earlier with the same recipe, or (arm_dir, process, log file, start)."""
     _, _, epochs, steps_per_epoch, minutes = budget
     arm_dir = os.path.join(out, f"{arm}-seed{seed}")
     with open(args.base) as f:
@@ -75,6 +93,7 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, args) -> dict
         overrides.append(f"data.batches_per_epoch={steps_per_epoch}")
     if minutes:
         overrides.append(f"schedule.max_minutes={minutes}")
+    overrides += args.set or []
     recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
     merged = yaml.safe_dump(load_config(recipe, overrides, base=base).to_dict())  # validates before any work
     recipe_path, result_path = os.path.join(arm_dir, "recipe.yaml"), os.path.join(arm_dir, "result.json")
@@ -88,20 +107,26 @@ def run_arm(arm: str, seed: int, patterns: dict, budget, out: str, args) -> dict
     os.makedirs(arm_dir, exist_ok=True)
     with open(recipe_path, "w") as f:
         f.write(merged)
-    start = time.time()
+    print(f"running {arm} (seed {seed}) ...", file=sys.stderr, flush=True)
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
-    proc = subprocess.run(launcher + [os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
-                                      "--deepspeed", args.deepspeed], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    log = open(os.path.join(arm_dir, "train.log"), "w")
+    proc = subprocess.Popen(launcher + [os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
+                                        "--deepspeed", args.deepspeed], stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return arm_dir, proc, log, time.time()
+
+
+def finish_arm(arm: str, arm_dir: str, proc, log, start: float, seed: int) -> dict:
+    code = proc.wait()
     wall = time.time() - start
-    with open(os.path.join(arm_dir, "train.log"), "w") as f:
-        f.write(proc.stdout)
-        f.write(proc.stderr[-20000:])
-    if proc.returncode != 0:
+    log.close()
+    if code != 0:
         raise SystemExit(f"arm {arm} seed {seed} failed; see {arm_dir}/train.log")
-    row = arm_row(arm, seed, proc.stdout, wall)
-    with open(result_path, "w") as f:
+    with open(os.path.join(arm_dir, "train.log")) as f:
+        row = arm_row(arm, seed, f.read(), wall)
+    with open(os.path.join(arm_dir, "result.json"), "w") as f:
         json.dump(row, f, indent=1)
+    print(json.dumps(row), flush=True)
     return row
 
 
@@ -182,6 +207,10 @@ def main(argv=None) -> int:
     parser.add_argument("--retabulate", action="store_true",
                         help="rebuild results.md / results.json from OUT's arm logs without training")
     parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train a seed's arms at the same time (a GPU with room for several runs)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a recipe override for every arm (repeatable), e.g. --set optim.lr=1e-3")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop each arm after this many minutes of training (arms then differ in steps)")
     args = parser.parse_args(argv)
@@ -205,10 +234,7 @@ def main(argv=None) -> int:
                 "train_samples": len(train), "train_subsample": len(train_seen)}
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for arm in arms:
-            print(f"running {arm} (seed {seed}) ...", file=sys.stderr, flush=True)
-            results.append(run_arm(arm, seed, patterns, budget, out, args))
-            print(json.dumps(results[-1]), flush=True)
+        results += run_arms(arms, seed, patterns, budget, out, args)
     write_results(out, args.budget, results, baseline)
     return 0
 

@@ -162,6 +162,27 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_losses(tmp_path, tokenize
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(tmp_path, tokenizer_dir):
+    config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 2}, output={"save_every_steps": 3, "keep_last": 3})
+    # The deepspeed launcher keeps its ranks in its process group, so killing the group kills them all.
+    reference = steps(train("deepspeed", "zero2.json", config, "--output-dir", str(tmp_path / "reference")))
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(command("deepspeed", "zero2.json") + ["--config", config, "--output-dir", str(killed_dir)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = killed_dir / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "no step checkpoint was written before the deadline"
+    resumed = steps(train("deepspeed", "zero2.json", config, "--output-dir", str(killed_dir), "--resume", "auto"))
+    first = min(resumed)
+    assert (first - 1) % 3 == 0 and first - 1 != 0 and max(resumed) == 16
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
 def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     from safetensors.torch import load_file
 
@@ -322,6 +343,28 @@ def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_c
     assert parameter_report(model)["trainable_params"] == report["trainable_params"]
     load_adapter(model, summary["adapter"])
 
+    # The exported adapter through the evaluation and prediction launchers, with and without images.
+    launchers = os.path.join(ROOT, "launchers")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(launchers, "evaluate.py"), "--adapter", summary["adapter"], "--shards",
+                           shards["dev"]["twitter2015"], "--output", str(tmp_path / "eval"), "--batch-size", "3",
+                           "--max-new-tokens", "6"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
+    assert sorted(r["id"] for r in rows) == sorted(f"t{i}" for i in range(8))
+    for image in ([], ["--image", str(tmp_path / "shards" / "images" / "img1.png")]):
+        proc = subprocess.run([sys.executable, os.path.join(launchers, "predict.py"), "--adapter", summary["adapter"],
+                               "--task", "mner", "--text", "Kyrie said hello 3", *image],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert isinstance(json.loads(proc.stdout.strip().splitlines()[-1])["entities"], list)
+
+
+def test_offload_config_trains_on_two_ranks(tmp_path, tokenizer_dir):
+    log = train("torchrun", "zero3_offload.json", recipe(tmp_path, tokenizer_dir, schedule={"epochs": 1}),
+                "--max-steps", "4")
+    assert len(steps(log)) == 4 and summary_of(log)["global_step"] == 4
+
 
 def test_multi_task_loss_does_not_depend_on_the_batch_mix():
     import torch
@@ -343,3 +386,20 @@ def test_multi_task_loss_does_not_depend_on_the_batch_mix():
         sums, tokens = per_dataset_token_loss(logits, labels, torch.tensor(dataset_ids), False, 4)
         grads.append(torch.autograd.grad(multi_task_loss(weights, sums, tokens), logits)[0][0])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_deepspeed_and_collectives_live_in_the_engine_only():
+    """One module owns every DeepSpeed and torch.distributed call (launcher command lines aside)."""
+    import re
+
+    offenders = []
+    for folder in ("clorae_ds", "launchers", "benchmarks"):
+        for directory, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                path = os.path.join(directory, name)
+                if not name.endswith(".py") or path.endswith(os.path.join("clorae_ds", "train", "engine.py")):
+                    continue
+                for number, line in enumerate(open(path), 1):
+                    if re.search(r"^\s*(import deepspeed|from deepspeed)|torch\.distributed\.(?!run\b)", line):
+                        offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

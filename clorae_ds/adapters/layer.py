@@ -232,7 +232,7 @@ class CLoRAELinear(nn.Module):
         return weights
 
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
             # The autograd Functions below mix no dtypes: run the whole layer in the autocast dtype (its
             # parameters cast like any autocast matmul's, gradients flowing back to the fp32 masters).
             dtype = torch.get_autocast_dtype(x.device.type)

@@ -70,6 +70,31 @@ def is_trainable(model: nn.Module, name: str) -> bool:
     return inside_modules(owner, config.modules_to_save)
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, mim_lr: float, new_module_lr: float,
+                     weight_decay: float) -> list[dict]:
+    """Adapter experts and gates; MIM regressors; new modules (and, in full fine-tuning, the pretrained
+    weights at `lr`). Only trainable parameters reach the optimiser."""
+    patterns = list(getattr(model, "new_module_patterns", ()))
+
+    groups = {"experts": [], "mim": [], "new_modules": [], "pretrained": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        on_adapter = isinstance(model.get_submodule(owner), CLoRAELinear) if owner else False
+        if on_adapter and leaf in EXPERT_PARAMS:
+            groups["experts"].append(param)
+        elif on_adapter and leaf in MIM_PARAMS:
+            groups["mim"].append(param)
+        elif inside_modules(owner, patterns):
+            groups["new_modules"].append(param)
+        else:
+            groups["pretrained"].append(param)
+    rates = {"experts": lr, "mim": mim_lr, "new_modules": new_module_lr, "pretrained": lr}
+    return [{"params": params, "lr": rates[name], "weight_decay": weight_decay, "name": name}
+            for name, params in groups.items() if params]
+
+
 def mark_trainable(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(is_trainable(model, name))

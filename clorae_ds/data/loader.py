@@ -349,8 +349,11 @@ class MIELoader:
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         workers = self.config.num_workers
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG each time an
+        # iterator starts, which would shift the training's dropout stream when a run resumes mid-epoch.
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                          multiprocessing_context="fork" if workers else None)
+                          multiprocessing_context="fork" if workers else None,
+                          generator=torch.Generator().manual_seed(self.config.seed))
 
     def train_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
         """Exactly batches_per_epoch - skip_batches batches (skip_batches resumes inside an epoch)."""

@@ -49,7 +49,9 @@ class ModelConfig:
     adapter: Optional[dict] = field(default_factory=dict)
     full_finetune: bool = False
     visual: Optional[dict] = None  # VisualConfig fields; None: text only
-    new_module_dropout: Optional[float] = None
+    # T5Config fields of a t5 preset (random weights at a real model's shape, e.g. for speed runs):
+    # {d_model: 2048, d_ff: 5120, num_layers: 24, num_heads: 32, d_kv: 64, feed_forward_proj: gated-gelu}
+    shape: Optional[dict] = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -60,6 +62,8 @@ class ModelConfig:
             raise ModelBuildError(f"unknown preset {self.preset!r}; the only preset is 'tiny'")
         if self.full_finetune and self.adapter:
             raise ModelBuildError("full_finetune trains every weight: drop the adapter options")
+        if self.shape is not None and (self.family != "t5" or self.preset is None):
+            raise ModelBuildError("model.shape sets the T5Config of a t5 preset (family t5, preset tiny)")
         if self.visual is not None and self.family == "llava":
             raise ModelBuildError("LLaVA brings its own vision tower: the UMIE visual side is for seq2seq models")
 
@@ -165,10 +169,14 @@ def _build_lm(config: ModelConfig, tokenizer):
         if config.pretrained:
             lm = T5ForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True)
         else:
-            lm = T5ForConditionalGeneration(T5Config(
-                vocab_size=vocab, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id))
+            shape = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_heads": 4, **(config.shape or {})}
+            shape["vocab_size"] = max(vocab, shape.get("vocab_size", 0))  # ids index the tokenizer's vocabulary
+            try:
+                t5_config = T5Config(**shape, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+            except (TypeError, ValueError) as err:
+                raise ModelBuildError(f"model.shape {config.shape}: {err}") from None
+            lm = T5ForConditionalGeneration(t5_config)
     elif config.family == "encoder_decoder":
         if config.pretrained:
             import logging

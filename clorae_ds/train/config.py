@@ -56,6 +56,9 @@ class ScheduleConfig:
     max_steps: Optional[int] = None  # optimiser steps; stops early (evaluates, saves)
     max_minutes: Optional[float] = None  # wall-clock budget for training, checked every step
     log_every: int = 10
+    # Sync the device around forward, backward and step and log their seconds per logging interval
+    # (train event `phase_seconds`, with the data wait): for profiling, as the syncs cost speed.
+    time_phases: bool = False
 
 
 @dataclass
@@ -70,7 +73,10 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs/default"
     keep_last: int = 2  # checkpoints kept
-    save_every_epoch: bool = True
+    save: bool = True  # false: no checkpoints, no adapter files (speed runs of large shapes)
+    # A checkpoint every N optimiser steps besides the one after each evaluation (kill -9 loses at most N
+    # steps; --resume continues mid-epoch exactly); None: after evaluations only.
+    save_every_steps: Optional[int] = None
 
 
 from ..metrics import MetricsConfig  # noqa: E402

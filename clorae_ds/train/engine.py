@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -14,8 +15,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapters.layer import CLoRAELinear
-from ..adapters.model import EXPERT_PARAMS, MIM_PARAMS, adapter_state_dict, inside_modules, is_trainable
+from ..adapters.model import adapter_state_dict, is_trainable
 
 # Top-level DeepSpeed keys this project's configs may use: DeepSpeed ignores unknown keys silently, so a typo
 # would change nothing without a word.
@@ -114,31 +114,6 @@ def check_ds_config(config: dict, where: str) -> None:
         raise EngineConfigError(f"{where}: unknown DeepSpeed keys {unknown} (DeepSpeed would ignore them silently)")
 
 
-def parameter_groups(model: torch.nn.Module, lr: float, mim_lr: float, new_module_lr: float,
-                     weight_decay: float) -> list[dict]:
-    """Adapter experts and gates; MIM regressors; new modules (and, in full fine-tuning, the pretrained
-    weights at `lr`). Only trainable parameters reach the optimiser."""
-    patterns = list(getattr(model, "new_module_patterns", ()))
-
-    groups = {"experts": [], "mim": [], "new_modules": [], "pretrained": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        owner, _, leaf = name.rpartition(".")
-        on_adapter = isinstance(model.get_submodule(owner), CLoRAELinear) if owner else False
-        if on_adapter and leaf in EXPERT_PARAMS:
-            groups["experts"].append(param)
-        elif on_adapter and leaf in MIM_PARAMS:
-            groups["mim"].append(param)
-        elif inside_modules(owner, patterns):
-            groups["new_modules"].append(param)
-        else:
-            groups["pretrained"].append(param)
-    rates = {"experts": lr, "mim": mim_lr, "new_modules": new_module_lr, "pretrained": lr}
-    return [{"params": params, "lr": rates[name], "weight_decay": weight_decay, "name": name}
-            for name, params in groups.items() if params]
-
-
 def lr_lambda(warmup: int, total: int, decay: str):
     def factor(step: int) -> float:
         if step < warmup:
@@ -160,12 +135,63 @@ def _allow_deepspeed_checkpoint_globals() -> None:
     torch.serialization.add_safe_globals([ZeroStageEnum, LossScaler, fragment_address])
 
 
+# --- collectives and inference: every torch.distributed / DeepSpeed call of the project lives in this module ---
+def sum_across_ranks(values: list[float], device) -> list[float]:
+    tensor = torch.tensor([float(v) for v in values], device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def max_across_ranks(values: list[float], device) -> list[float]:
+    """Element-wise maximum over ranks (one small all-reduce)."""
+    tensor = torch.tensor([float(v) for v in values], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: int) -> tuple[torch.nn.Module, bool]:
+    """The model wrapped by DeepSpeed for inference (ZeRO-3 partitions it across ranks): (module, zero3)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=load_ds_config(ds_config_path, world_size))
+    return engine.module, engine.zero_optimization_stage() == 3
+
+
 class DeepSpeedRunner:
     def __init__(self, model: torch.nn.Module, ds_config: dict, groups: list[dict], betas, warmup: int, total_steps: int,
                  decay: str, ctx: DistContext):
         import deepspeed
 
         self.ctx = ctx
+        self.phase_seconds: dict[str, float] = {}
         optimizer = torch.optim.AdamW(groups, betas=tuple(betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, decay))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -191,34 +217,43 @@ class DeepSpeedRunner:
     def learning_rates(self) -> dict:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
+    # Phase timing (schedule.time_phases): a device sync before and after forward, backward and step, so their
+    # seconds add up to the step time. Off by default: the syncs stall the host's run-ahead.
+    time_phases = False
+
+    def _timed(self, phase: str, call):
+        if not self.time_phases:
+            return call()
+        sync = torch.cuda.synchronize if self.ctx.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out = call()
+        sync()
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
+    def take_phase_seconds(self) -> dict:
+        """Seconds spent in forward / backward / step since the last call (empty unless time_phases)."""
+        seconds, self.phase_seconds = getattr(self, "phase_seconds", {}), {}
+        return seconds
+
     def forward(self, **inputs):
-        return self.engine(**inputs)
+        return self._timed("forward", lambda: self.engine(**inputs))
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self._timed("backward", lambda: self.engine.backward(loss))
 
     def step(self) -> None:
-        self.engine.step()
+        self._timed("step", self.engine.step)
 
     # --- collectives -------------------------------------------------------------------------------
     def any_rank(self, *flags: bool) -> list[bool]:
         """OR of each flag across ranks (one small all-reduce)."""
-        tensor = torch.tensor([float(f) for f in flags], device=self.ctx.device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return [bool(v) for v in tensor.tolist()]
+        return [bool(v) for v in max_across_ranks(list(flags), self.ctx.device)]
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
-        return box[0]
-
-    def gather_objects(self, obj: Any) -> list:
-        out = [None] * self.ctx.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        torch.distributed.barrier()
+    broadcast_object = staticmethod(broadcast_object)
+    gather_objects = staticmethod(gather_objects)
+    barrier = staticmethod(barrier)
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: str, tag: str, client_state: dict, keep_last: int) -> None:

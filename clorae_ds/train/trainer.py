@@ -3,13 +3,14 @@ broadcast the new task weights, checkpoint, export adapters. Model code knows no
 DeepSpeed call goes through DeepSpeedRunner."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import tarfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -25,11 +26,12 @@ from ..eval.generate import GENERATE_INPUTS, generate_rows, write_predictions
 from ..eval.inference import encoding_for
 from ..models import ModelConfig
 from ..adapters import parameter_report, routing_stats
+from ..adapters.model import parameter_groups
 from ..eval.report import routing_report
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
-from .engine import DeepSpeedRunner, init_distributed, load_ds_config, parameter_groups
+from .engine import DeepSpeedRunner, barrier, init_distributed, load_ds_config
 
 MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 
@@ -38,8 +40,78 @@ class TrainingError(RuntimeError):
     pass
 
 
+class Progress:
+    """Rank 0's progress line on stderr: redrawn in place on a terminal (and wiped before each JSON log line,
+    so those stay whole lines of their own), one plain line per update otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.shown = stream, False
+
+    def show(self, text: str) -> None:
+        if self.stream.isatty():
+            self.stream.write(f"\r{text}\x1b[K")
+            self.shown = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+PROGRESS = Progress()
+
+
 def log_json(**fields) -> None:
+    PROGRESS.clear()
     print(json.dumps(fields, default=float), flush=True)
+
+
+@dataclass
+class RunState:
+    """Where the run is: what a checkpoint's client state holds besides the task weights."""
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the next micro-batch of the epoch
+    best_all: float = -1.0
+    skipped_steps: int = 0
+    stop: bool = False
+
+
+class IntervalLog:
+    """Sums over a logging interval, kept on the device (no host sync per step) and read once per interval."""
+
+    def __init__(self, num_datasets: int, device):
+        self.num_datasets, self.device, self.last_loss = num_datasets, device, float("nan")
+        self._reset()
+
+    def _reset(self) -> None:
+        zeros = torch.zeros(self.num_datasets, device=self.device)
+        self.loss, self.mim, self.dataset_sum, self.dataset_tokens = 0.0, None, zeros, zeros.clone()
+        self.steps = self.samples = self.tokens = 0
+        self.data_wait, self.since = 0.0, time.perf_counter()
+
+    def add(self, loss, dataset_sum, dataset_tokens, mim, samples: int, tokens: int, data_wait: float) -> None:
+        self.loss = self.loss + loss.detach().float()
+        if mim is not None:
+            self.mim = mim.detach().float() + (0.0 if self.mim is None else self.mim)
+        self.dataset_sum += dataset_sum.detach().float()
+        self.dataset_tokens += dataset_tokens.detach().float()
+        self.steps, self.samples, self.tokens = self.steps + 1, self.samples + samples, self.tokens + tokens
+        self.data_wait += data_wait
+
+    def take(self) -> dict:
+        """Interval means (loss, per-dataset token loss, MIM), this rank's samples/s and tokens/s, data wait."""
+        elapsed, steps = max(time.perf_counter() - self.since, 1e-9), max(1, self.steps)
+        self.last_loss = float(self.loss) / steps
+        means = {"loss": self.last_loss, "mim": None if self.mim is None else float(self.mim) / steps,
+                 "dataset_loss": (self.dataset_sum / self.dataset_tokens.clamp(min=1)).tolist(),
+                 "dataset_present": (self.dataset_tokens > 0).tolist(), "samples_per_s": self.samples / elapsed,
+                 "tokens_per_s": self.tokens / elapsed, "data_wait": self.data_wait}
+        self._reset()
+        return means
 
 
 def per_dataset_token_loss(logits: torch.Tensor, labels: torch.Tensor, dataset_ids: torch.Tensor, causal: bool,
@@ -94,12 +166,15 @@ class Trainer:
                 from ..models import train_tokenizer
 
                 train_tokenizer(_texts_from_shards(config.data.train), tokenizer_dir, model_config.tokenizer_vocab_size)
-            torch.distributed.barrier()
+            barrier()
             model_config.tokenizer = tokenizer_dir
         self.model_config = model_config
-        built = model_config.build()
+        # Random weights (presets) are drawn on the device itself: a T5-XL shape initialises in seconds there.
+        with torch.device(self.ctx.device) if model_config.preset is not None else contextlib.nullcontext():
+            built = model_config.build()
         self.model, self.tokenizer = built.model, built.tokenizer
         self.adapter: Optional[CLoRAEConfig] = getattr(self.model, "clorae_config", None)
+        self.mim_beta = self.adapter.mim_beta if self.adapter and self.adapter.uses_mim else 0.0
         self.causal = model_config.family == "llava"
         encoding = encoding_for(built, config.data.max_input_length, config.data.max_target_length,
                                 config.data.image_size)
@@ -112,6 +187,9 @@ class Trainer:
         self.loader = loader_config.build(self.tokenizer, encoding, self.ctx.rank, self.ctx.world_size)
         self.datasets = self.loader.datasets
         self.train_datasets = sorted(config.data.train)
+        # loader dataset id → position among the trained datasets (the order of the task weights)
+        self.to_train = torch.tensor([self.train_datasets.index(d) if d in self.train_datasets else -1
+                                      for d in self.datasets], device=self.ctx.device)
         self.accumulation = self.ds_config.get("gradient_accumulation_steps", 1)
         steps_per_epoch = self.loader.batches_per_epoch // self.accumulation
         if steps_per_epoch < 1:
@@ -124,6 +202,7 @@ class Trainer:
                                   optim.weight_decay)
         self.runner = DeepSpeedRunner(self.model, self.ds_config, groups, optim.betas, optim.warmup_steps,
                                       self.total_steps, optim.decay, self.ctx)
+        self.runner.time_phases = config.schedule.time_phases
         self.aml = AchievementWeights(self.train_datasets, config.loss.reference_f1, config.loss.margin,
                                       config.loss.gamma, config.loss.ema, enabled=config.loss.aml)
         # A dev loader for rank 0 alone: under ZeRO-0/1/2 it evaluates while the other ranks wait.
@@ -148,103 +227,114 @@ class Trainer:
 
     # --- the run -------------------------------------------------------------------------------------
     def run(self) -> dict:
-        config, runner = self.config, self.runner
         state = self._resume()
-        epoch, batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        best_all, skipped_steps = state["best_all"], state["skipped_steps"]
-        weights = torch.tensor(self.aml.weights, device=self.ctx.device)
-        # loader dataset id → position among the trained datasets (the order of the task weights)
-        to_train = torch.tensor([self.train_datasets.index(d) if d in self.train_datasets else -1
-                                 for d in self.datasets], device=self.ctx.device)
-        beta = self.adapter.mim_beta if self.adapter and self.adapter.uses_mim else 0.0
-        start, last_log, samples_since_log = time.time(), time.time(), 0
-        report, loss_value = None, float("nan")
-        stop = runner.global_step >= self.total_steps
+        self.task_weights = torch.tensor(self.aml.weights, device=self.ctx.device)
         self.metrics.on_weights(self.train_datasets, self.aml.weights)
-        while not stop and epoch < config.schedule.epochs:
+        self.interval = IntervalLog(len(self.train_datasets), self.ctx.device)
+        report, start = None, time.time()
+        state.stop = self.runner.global_step >= self.total_steps
+        while not state.stop and state.epoch < self.config.schedule.epochs:
             self.runner.module.train()
-            step_end = time.perf_counter()
-            for batch in self.loader.train_epoch(epoch, skip_batches=batch_in_epoch):
-                batch_ready = time.perf_counter()
-                tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())  # CPU tensors
-                log_now = (runner.global_step + 1) % config.schedule.log_every == 0
-                inputs = {k: v.to(self.ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
-                out = runner.forward(**inputs, record_routing=log_now)
-                dataset_sum, dataset_tokens = per_dataset_token_loss(
-                    out.logits, inputs["labels"], to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
-                    len(self.train_datasets))
-                loss = multi_task_loss(weights, dataset_sum, dataset_tokens)
-                dataset_loss, present = dataset_sum / dataset_tokens.clamp(min=1), dataset_tokens > 0
-                mim = collect_mim_loss(runner.module)
-                if mim is not None:
-                    loss = loss + beta * mim
-                # Sync point (one small all-reduce): every rank must skip or stop together, or the gradient
-                # all-reduce of the ranks that go on waits forever.
-                out_of_time = config.schedule.max_minutes is not None and self.is_main and \
-                    time.time() - start > 60 * config.schedule.max_minutes
-                nonfinite, out_of_time = runner.any_rank(not bool(torch.isfinite(loss)), out_of_time)
-                if nonfinite:
-                    skipped_steps += 1
-                    if config.loss.nonfinite == "stop" or skipped_steps > config.loss.max_skipped_steps:
-                        raise TrainingError(f"non-finite loss at step {runner.global_step} (epoch {epoch}, batch "
-                                            f"{batch_in_epoch}) on some rank; loss.nonfinite={config.loss.nonfinite}")
-                    batch_in_epoch += 1
-                    continue
-                runner.backward(loss)
-                runner.step()
-                batch_in_epoch += 1
-                samples_since_log += len(batch["ids"])
-                now = time.perf_counter()
-                self.metrics.on_step(len(batch["ids"]), tokens, now - batch_ready, batch_ready - step_end,
-                                     batch["skipped"])
-                step_end = now
-                if log_now:  # values reach the host only here, at the logging interval
-                    loss_value = loss.item()
-                    losses_now = {d: float(v) for d, v, p in zip(self.train_datasets, dataset_loss.tolist(),
-                                                                 present.tolist()) if p}
-                    gates = routing_report(routing_stats(runner.module), self.adapter.tasks)["layer_groups"] \
-                        if self.adapter is not None and self.adapter.uses_gate else {}
-                    self.metrics.on_log(losses_now, None if mim is None else mim.item(),
-                                        runner.learning_rates.get("experts", 0.0), epoch, gates)
-                if self.is_main and log_now:
-                    now = time.time()
-                    rate = samples_since_log * self.ctx.world_size / max(now - last_log, 1e-9)
-                    last_log, samples_since_log = now, 0
-                    eta = (self.total_steps - runner.global_step) * (now - start) / max(1, runner.global_step)
-                    print(f"\rstep {runner.global_step}/{self.total_steps} epoch {epoch} loss {loss_value:.4f} "
-                          f"{rate:.1f} samples/s ETA {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
-                    log_json(event="train", step=runner.global_step, epoch=epoch, loss=round(loss_value, 5),
-                             dataset_loss={d: round(v, 5) for d, v in losses_now.items()},
-                             mim_loss=None if mim is None else round(mim.item(), 5), lr=runner.learning_rates,
-                             samples_per_s=round(rate, 2), skipped=batch["skipped"])
-                if runner.global_step >= self.total_steps or out_of_time:
-                    stop = True
+            self.step_end = time.perf_counter()
+            for batch in self.loader.train_epoch(state.epoch, skip_batches=state.batch_in_epoch):
+                self.train_step(batch, state, start)
+                every = self.config.output.save_every_steps
+                if every and self.runner.global_step % every == 0 and not state.stop:
+                    self._checkpoint(state)
+                if state.stop:
                     break
-            epoch_done = batch_in_epoch >= self.loader.batches_per_epoch
-            report = self.evaluate()
-            if epoch_done:
-                # Rank 0 computes the weights from its scores and every rank takes its copy: identical weights
-                # everywhere. They change only at epoch boundaries, so a resumed run follows the same sequence.
-                if self.is_main:
-                    self.aml.update(dataset_f1(report))
-                self.aml.load_state_dict(runner.broadcast_object(self.aml.state_dict() if self.is_main else None))
-                weights = torch.tensor(self.aml.weights, device=self.ctx.device)
-                self.metrics.on_weights(self.train_datasets, self.aml.weights)
-                per_rank = runner.gather_objects(self.aml.weights)  # what each rank will train with
-                if self.is_main:
-                    log_json(event="task_weights", epoch=epoch, datasets=self.train_datasets, per_rank=per_rank,
-                             achievement=self.aml.achievement)
-                epoch, batch_in_epoch = epoch + 1, 0
-            best_all = self._save(report, epoch, batch_in_epoch, best_all, skipped_steps)
-        if report is None:
-            report = self.evaluate()
-        summary = {"event": "summary", "global_step": runner.global_step, "epochs": epoch,
-                   "final_loss": loss_value, "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
+            report = self.end_epoch(state)
+        return self._summary(state, report or self.evaluate(), start)
+
+    def train_step(self, batch: dict, state: "RunState", start: float) -> None:
+        """One optimiser step: forward, L_MT + β·L_MIM, the one host sync every rank agrees on, backward, step."""
+        config, runner = self.config, self.runner
+        batch_ready = time.perf_counter()
+        log_now = (runner.global_step + 1) % config.schedule.log_every == 0
+        inputs = {k: v.to(self.ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        out = runner.forward(**inputs, record_routing=log_now)
+        dataset_sum, dataset_tokens = per_dataset_token_loss(
+            out.logits, inputs["labels"], self.to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
+            len(self.train_datasets))
+        loss = multi_task_loss(self.task_weights, dataset_sum, dataset_tokens)
+        mim = collect_mim_loss(runner.module)
+        if mim is not None:
+            loss = loss + self.mim_beta * mim
+        # Sync point (one small all-reduce, which also reads the loss on the host): every rank must skip or
+        # stop together, or the gradient all-reduce of the ranks that go on waits forever.
+        out_of_time = config.schedule.max_minutes is not None and self.is_main and \
+            time.time() - start > 60 * config.schedule.max_minutes
+        nonfinite, out_of_time = runner.any_rank(not bool(torch.isfinite(loss)), out_of_time)
+        state.batch_in_epoch += 1
+        state.stop = out_of_time
+        if nonfinite:
+            state.skipped_steps += 1
+            if config.loss.nonfinite == "stop" or state.skipped_steps > config.loss.max_skipped_steps:
+                raise TrainingError(f"non-finite loss at step {runner.global_step} (epoch {state.epoch}, batch "
+                                    f"{state.batch_in_epoch - 1}) on some rank; loss.nonfinite={config.loss.nonfinite}")
+            return
+        runner.backward(loss)
+        runner.step()
+        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())  # CPU tensors
+        now = time.perf_counter()
+        self.interval.add(loss, dataset_sum, dataset_tokens, mim, len(batch["ids"]), tokens, batch_ready - self.step_end)
+        self.metrics.on_step(len(batch["ids"]), tokens, now - batch_ready, batch_ready - self.step_end, batch["skipped"])
+        self.step_end = now
+        if log_now:
+            self._log_interval(state, batch["skipped"], start)
+        state.stop = state.stop or runner.global_step >= self.total_steps
+
+    def _log_interval(self, state: "RunState", skipped: dict, start: float) -> None:
+        """Means over the logging interval (values reach the host only here), metrics, the progress line and
+        the `train` JSON event."""
+        runner, means = self.runner, self.interval.take()
+        losses = {d: means["dataset_loss"][i] for i, d in enumerate(self.train_datasets) if means["dataset_present"][i]}
+        gates = routing_report(routing_stats(runner.module), self.adapter.tasks)["layer_groups"] \
+            if self.adapter is not None and self.adapter.uses_gate else {}
+        self.metrics.on_log(losses, means["mim"], runner.learning_rates.get("experts", 0.0), state.epoch, gates)
+        if not self.is_main:
+            return
+        world = self.ctx.world_size
+        eta = (self.total_steps - runner.global_step) * (time.time() - start) / max(1, runner.global_step)
+        PROGRESS.show(f"step {runner.global_step}/{self.total_steps} epoch {state.epoch} loss {means['loss']:.4f} "
+                      f"{means['samples_per_s'] * world:.1f} samples/s ETA {eta / 60:.1f} min")
+        log_json(event="train", step=runner.global_step, epoch=state.epoch, loss=round(means["loss"], 5),
+                 dataset_loss={d: round(v, 5) for d, v in losses.items()},
+                 mim_loss=None if means["mim"] is None else round(means["mim"], 5), lr=runner.learning_rates,
+                 samples_per_s=round(means["samples_per_s"] * world, 2),
+                 tokens_per_s=round(means["tokens_per_s"] * world, 1),
+                 phase_seconds={k: round(v, 4) for k, v in
+                                {"data_wait": means["data_wait"], **runner.take_phase_seconds()}.items()},
+                 skipped=skipped)
+
+    def end_epoch(self, state: "RunState") -> dict:
+        """Evaluate; after a complete epoch, new task weights from rank 0's scores on every rank; save."""
+        report = self.evaluate()
+        if state.batch_in_epoch >= self.loader.batches_per_epoch:
+            # Rank 0 computes the weights from its scores and every rank takes its copy: identical weights
+            # everywhere. They change only at epoch boundaries, so a resumed run follows the same sequence.
+            if self.is_main:
+                self.aml.update(dataset_f1(report))
+            self.aml.load_state_dict(self.runner.broadcast_object(self.aml.state_dict() if self.is_main else None))
+            self.task_weights = torch.tensor(self.aml.weights, device=self.ctx.device)
+            self.metrics.on_weights(self.train_datasets, self.aml.weights)
+            per_rank = self.runner.gather_objects(self.aml.weights)  # what each rank will train with
+            if self.is_main:
+                log_json(event="task_weights", epoch=state.epoch, datasets=self.train_datasets, per_rank=per_rank,
+                         achievement=self.aml.achievement)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        self._save(report, state)
+        return report
+
+    def _summary(self, state: "RunState", report: dict, start: float) -> dict:
+        summary = {"event": "summary", "global_step": self.runner.global_step, "epochs": state.epoch,
+                   "final_loss": self.interval.last_loss, "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
                    "dev_f1": {k: v["f1"] for k, v in report.items() if k != "All"}, "dev_all": report["All"],
                    "adapter": os.path.join(self.out, "adapter"), "best_adapter": os.path.join(self.out, "adapter_best"),
-                   "skipped_steps": skipped_steps, "train_seconds": round(time.time() - start, 1)}
+                   "skipped_steps": state.skipped_steps, "train_seconds": round(time.time() - start, 1)}
+        if self.ctx.device.type == "cuda":
+            summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.ctx.device)
         if self.is_main:
-            print(file=sys.stderr)
             log_json(**summary)
         self.metrics.close()
         return summary
@@ -275,23 +365,31 @@ class Trainer:
         self.metrics.on_eval(report)
         if self.is_main:  # the latest evaluation's rows: what the final dev F1 was computed from
             write_predictions(os.path.join(self.out, "dev_predictions.jsonl"), rows, step=runner.global_step)
-            print(file=sys.stderr)
             log_json(event="eval", step=runner.global_step, samples=len(rows), all=round(report["All"], 3),
                      f1={k: round(v["f1"], 4) for k, v in report.items() if k != "All"})
         return report
 
     # --- checkpoints -----------------------------------------------------------------------------------
-    def _client_state(self, epoch: int, batch_in_epoch: int, best_all: float, skipped_steps: int) -> dict:
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_all": best_all, "skipped_steps": skipped_steps,
-                "aml": self.aml.state_dict(), "adapter_config": self.adapter.to_dict() if self.adapter else None,
-                "datasets": self.train_datasets}
+    def _client_state(self, state: "RunState") -> dict:
+        return {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best_all": state.best_all,
+                "skipped_steps": state.skipped_steps, "aml": self.aml.state_dict(),
+                "adapter_config": self.adapter.to_dict() if self.adapter else None, "datasets": self.train_datasets}
 
-    def _save(self, report: dict, epoch: int, batch_in_epoch: int, best_all: float, skipped_steps: int) -> float:
+    def _checkpoint(self, state: "RunState") -> None:
+        """Trainable weights, optimizer, scheduler, RNG and the run's position (epoch, next batch, task weights):
+        what --resume continues from exactly."""
+        if self.config.output.save:
+            self.runner.save(os.path.join(self.out, "checkpoints"), f"global_step{self.runner.global_step}",
+                             self._client_state(state), self.config.output.keep_last)
+
+    def _save(self, report: dict, state: "RunState") -> None:
+        """After an evaluation: a checkpoint, the adapter, and the best adapter so far."""
         runner = self.runner
-        best = report["All"] > best_all
-        best_all = max(best_all, report["All"])
-        runner.save(os.path.join(self.out, "checkpoints"), f"global_step{runner.global_step}",
-                    self._client_state(epoch, batch_in_epoch, best_all, skipped_steps), self.config.output.keep_last)
+        best = report["All"] > state.best_all
+        state.best_all = max(state.best_all, report["All"])
+        if not self.config.output.save:
+            return
+        self._checkpoint(state)
         tensors = runner.adapter_tensors()  # a collective under ZeRO-3: every rank calls it
         if self.is_main and self.adapter is not None:
             save_adapter(runner.module, os.path.join(self.out, "adapter"), tensors)
@@ -300,10 +398,9 @@ class Trainer:
             with open(os.path.join(self.out, "run_config.json"), "w") as f:
                 json.dump({"run": self.config.to_dict(), "model": asdict(self.model_config)}, f, indent=1, default=str)
         runner.barrier()
-        return best_all
 
-    def _resume(self) -> dict:
-        fresh = {"epoch": 0, "batch_in_epoch": 0, "best_all": -1.0, "skipped_steps": 0}
+    def _resume(self) -> "RunState":
+        fresh = RunState()
         if not self.resume:
             return fresh
         directory = os.path.join(self.out, "checkpoints") if self.resume == "auto" else self.resume
@@ -331,4 +428,4 @@ class Trainer:
         if self.is_main:
             log_json(event="resume", step=self.runner.global_step, epoch=state["epoch"],
                      batch_in_epoch=state["batch_in_epoch"])
-        return {k: state[k] for k in fresh}
+        return RunState(state["epoch"], state["batch_in_epoch"], state["best_all"], state["skipped_steps"])

@@ -1,0 +1,402 @@
+"""The prepared GPU run: the engine at scale and C-LoRAE vs LoRA at convergence, time-boxed to fit one command.
+
+    bash benchmarks/device_run.sh --out DIR            # one H100/H200, about 9 minutes
+    bash benchmarks/device_run.sh --out DIR --smoke    # CPU: tiny models, a few steps, a few minutes
+
+Phases, in order, each given what is left of --budget-s (a phase that cannot fit is recorded as skipped):
+1. sanity: the device, DeepSpeed, one ZeRO-2 bf16 step of launchers/train.py (NCCL on a GPU).
+2. engine: launchers/train.py on T5-XL- and T5-large-shaped models (random weights), ZeRO-2/3, bf16, C-LoRAE vs
+   LoRA (and full fine-tuning of the large shape): tokens/s, MFU, peak memory, the step split into data wait,
+   forward, backward and optimizer step (schedule.time_phases).
+   MFU = model FLOPs per token × tokens/s ÷ the chip's dense bf16 peak, where model FLOPs per token are
+   torch's FLOP count of one forward + backward (launchers/report_cost.py, on the meta device) at 128 input /
+   32 target tokens, divided by those 160 tokens.
+3. quality: the MiniLM encoder-decoder on the FULL train splits (built here from the raw data), C-LoRAE and LoRA
+   trained at the same time on the one device (launchers/run_experiments.py --parallel), an equal number of
+   epochs sized from a measured calibration, dev F1 after each epoch, the paired bootstrap against C-LoRAE, and
+   each arm's best adapter (bf16, in a tar).
+4. adapter: benchmarks/bench_adapter.py in bf16 at a small and a large shape.
+
+Writes OUT/device_run.json, OUT/SUMMARY.md (also printed) and OUT/adapter-ARM.tar per quality arm: few files.
+Scratch work goes to --work (default /tmp/device_run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "launchers"))
+
+import torch  # noqa: E402
+
+# Dense bf16 peak FLOP/s (no sparsity), by the device name's model: H100 SXM and H200 share the compute die.
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+SHAPES = {  # Flan-T5 shapes (gated-GELU feed-forward)
+    "t5-xl": dict(d_model=2048, d_ff=5120, d_kv=64, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu"),
+    "t5-large": dict(d_model=1024, d_ff=2816, d_kv=64, num_layers=24, num_heads=16, feed_forward_proj="gated-gelu"),
+    "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4),
+}
+# (shape, ZeRO stage, method) in priority order: the targets first, then the rest while time lasts.
+ENGINE_RUNS = [("t5-xl", 2, "clorae"), ("t5-xl", 2, "lora"), ("t5-large", 2, "clorae"), ("t5-large", 2, "lora"),
+               ("t5-large", 3, "clorae"), ("t5-large", 3, "lora"), ("t5-large", 2, "full_ft"),
+               ("t5-xl", 3, "clorae"), ("t5-xl", 3, "lora")]
+SMOKE_ENGINE_RUNS = [("tiny", 2, "clorae"), ("tiny", 2, "lora"), ("tiny", 3, "clorae")]
+QUALITY_ARMS = ["clorae", "lora"]
+FLOP_TOKENS = (128, 32)  # input / target tokens of the FLOP count behind MFU
+
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.start, self.budget = time.time(), budget_s
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+
+def events(text: str) -> list[dict]:
+    return [json.loads(line[line.find('{"event"'):]) for line in text.splitlines() if '{"event"' in line]
+
+
+def run(cmd: list[str], timeout: float, log_path: str) -> tuple[int, str]:
+    """Run a command with a hard timeout; (exit code, output). 124 when it ran out of time."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout), env=env, cwd=ROOT)
+        code, out = proc.returncode, proc.stdout + proc.stderr[-20000:]
+    except subprocess.TimeoutExpired as err:
+        code = 124
+        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+    with open(log_path, "w") as f:
+        f.write(out)
+    return code, out
+
+
+def ds_config(work: str, stage: int, micro_batch: int) -> str:
+    with open(os.path.join(ROOT, "ds_configs", f"zero{stage}.json")) as f:
+        config = json.load(f)
+    config.update(train_micro_batch_size_per_gpu=micro_batch, bf16={"enabled": True})
+    path = os.path.join(work, f"zero{stage}-bf16-mb{micro_batch}.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+def data_overrides(patterns: dict) -> list[str]:
+    return [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}"]
+
+
+# --- phase 1 ------------------------------------------------------------------------------------------
+def sanity(args, work: str, patterns: dict, clock: Clock) -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    try:
+        from clorae_ds.train.engine import deepspeed_version
+        info["deepspeed"] = deepspeed_version()
+    except Exception as err:  # noqa: BLE001 - reported, and the run stops here
+        return {**info, "ok": False, "error": f"deepspeed does not import: {err}"}
+    cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, 2, 4), "--max-steps", "1",
+           "--output-dir", os.path.join(work, "sanity"), "model.family=t5", "model.preset=tiny", "model.pretrained=null", "model.adapter={}",
+           "eval.max_samples=2", "eval.max_new_tokens=4", "output.save=false", "schedule.max_minutes=null",
+           "data.num_workers=1", *data_overrides(patterns)]
+    start = time.time()
+    code, out = run(cmd, min(180, clock.left()), os.path.join(work, "sanity.log"))
+    summary = next((e for e in events(out) if e["event"] == "summary"), None)
+    ok = code == 0 and summary is not None and summary["global_step"] == 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return {**info, "ok": ok, "backend": backend, "seconds": round(time.time() - start, 1),
+            "error": None if ok else out[-2000:]}
+
+
+# --- phase 2 ------------------------------------------------------------------------------------------
+def flops_per_token(shape: dict, method: str, rank: int) -> float:
+    import report_cost
+
+    name = {"clorae": "C-LoRAE", "lora": "LoRA", "full_ft": "full fine-tuning"}[method]
+    with torch.device("meta"):
+        model = report_cost.build(shape, name, rank)
+    measured = report_cost.measure(model, *FLOP_TOKENS)
+    return measured["forward_backward_gflops"] * 1e9 / sum(FLOP_TOKENS)
+
+
+def peak_flops(device: str):
+    for name, peak in PEAK_BF16.items():
+        if name in device:
+            return peak
+    return None
+
+
+def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[dict]:
+    runs = SMOKE_ENGINE_RUNS if args.smoke else ENGINE_RUNS
+    steps, micro_batch, rank = (4, 4, 8) if args.smoke else (args.engine_steps, 8, 64)
+    peak = peak_flops(device)
+    rows = []
+    for shape_name, stage, method in runs:
+        row = {"shape": shape_name, "zero": stage, "method": method}
+        rows.append(row)
+        # What one run costs was measured by the previous one; the first gets a fixed allowance.
+        need = rows[-2]["seconds"] * 1.2 if len(rows) > 1 and "seconds" in rows[-2] else 60
+        engine_left = args.engine_share * clock.budget - (time.time() - clock.start)
+        if min(engine_left, clock.left() - args.reserve_s) < need:
+            row["skipped"] = "time"
+            continue
+        adapter = {"full_ft": ["model.full_finetune=true", "model.adapter=null"],
+                   "lora": [f"model.adapter={{rank: {rank}, alpha: {2 * rank}, dropout: 0.1, mode: universal_only}}"],
+                   "clorae": [f"model.adapter={{rank: {rank}, alpha: {2 * rank}, dropout: 0.1}}"]}[method]
+        cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, stage, micro_batch),
+               "--max-steps", str(steps), "--output-dir", os.path.join(work, f"engine-{shape_name}-z{stage}-{method}"),
+               "model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPES[shape_name])}", *adapter,
+               "schedule.log_every=" + str(max(1, steps // 5)), "schedule.time_phases=true",
+               "schedule.max_minutes=null", "eval.max_samples=1", "eval.max_new_tokens=2", "output.save=false",
+               "data.max_input_length=256", "data.max_target_length=48", "data.num_workers=2",
+               *data_overrides(patterns)]
+        start = time.time()
+        code, out = run(cmd, clock.left() - args.reserve_s, os.path.join(work, f"engine-{shape_name}-z{stage}-{method}.log"))
+        row["seconds"] = round(time.time() - start, 1)
+        log = events(out)
+        train = [e for e in log if e["event"] == "train"][1:]  # the first interval holds the warm-up
+        summary = next((e for e in log if e["event"] == "summary"), {})
+        if code != 0 or not train:
+            row["error"] = "timed out" if code == 124 else out[-1500:]
+            continue
+        tokens_per_s = statistics.median(e["tokens_per_s"] for e in train)
+        phases = {k: sum(e["phase_seconds"].get(k, 0.0) for e in train) for k in ("data_wait", "forward", "backward", "step")}
+        total = sum(phases.values()) or 1.0
+        per_token = flops_per_token(SHAPES[shape_name], method, rank)
+        model = next((e for e in log if e["event"] == "model"), {})
+        row.update(tokens_per_s=round(tokens_per_s, 1), samples_per_s=statistics.median(e["samples_per_s"] for e in train),
+                   step_split={k: round(v / total, 3) for k, v in phases.items()},
+                   step_seconds=round(total / (len(train) * max(1, steps // 5)), 4),
+                   model_gflops_per_token=round(per_token / 1e9, 3),
+                   mfu=round(per_token * tokens_per_s / peak, 4) if peak else None,
+                   peak_memory_gib=round(summary["peak_memory_bytes"] / 2**30, 2) if "peak_memory_bytes" in summary else None,
+                   trainable_params=model.get("trainable_params"), total_params=model.get("total_params"))
+    for row in rows:  # C-LoRAE's step time over LoRA's, same shape and stage
+        lora = next((r for r in rows if r["method"] == "lora" and r["shape"] == row["shape"] and r["zero"] == row["zero"]
+                     and "step_seconds" in r), None)
+        if row["method"] == "clorae" and lora and "step_seconds" in row:
+            row["clorae_over_lora_step"] = round(row["step_seconds"] / lora["step_seconds"], 3)
+    return rows
+
+
+# --- phase 3 ------------------------------------------------------------------------------------------
+def experiments_cmd(args, out: str, budget: str, ds: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "launchers/run_experiments.py", "--budget", budget, "--arms", ",".join(QUALITY_ARMS),
+            "--parallel", "--raw", args.raw, "--out", out, "--deepspeed", ds, "--base", args.base,
+            *[f"--set={s}" for s in extra]]
+
+
+def quality(args, work: str, clock: Clock) -> dict:
+    budget = "smoke" if args.smoke else "large"
+    ds = ds_config(work, 2, 4 if args.smoke else 32)
+    evaluation = ["eval.max_samples=8" if args.smoke else "eval.max_samples=300",
+                  "eval.batch_size=16" if args.smoke else "eval.batch_size=256", "schedule.max_minutes=null",
+                  f"optim.lr={args.lr}"]
+    if clock.left() - args.reserve_s < 60:
+        return {"skipped": "time"}
+    # Calibration: both arms side by side for a fixed number of steps (same processes, same data).
+    calibrate = os.path.join(work, "calibrate")
+    shutil.rmtree(calibrate, ignore_errors=True)
+    start = time.time()
+    calibration = [f"schedule.max_steps={args.calibration_steps}", "eval.max_samples=2",
+                   f"schedule.log_every={max(1, args.calibration_steps // 6)}"]
+    code, out = run(experiments_cmd(args, calibrate, budget, ds, evaluation + calibration),
+                    clock.left() - args.reserve_s, os.path.join(work, "calibrate.log"))
+    if code != 0:
+        return {"error": "calibration failed: " + out[-1500:]}
+    calibration_seconds = time.time() - start
+    rates = [json.load(open(os.path.join(calibrate, f"{arm}-seed0", "result.json")))["samples_per_s"]
+             for arm in QUALITY_ARMS]
+    train_samples = sum(json.load(open(os.path.join(calibrate, "shards", f)))["samples"]
+                        for f in os.listdir(os.path.join(calibrate, "shards")) if f.endswith("-train.index.json"))
+    # Both arms run at once, so the slower one's rate (measured side by side) sets the pace; one evaluation
+    # per epoch is budgeted at the calibration's fixed cost (startup + one small evaluation) per epoch / 4.
+    rate = min(r for r in rates if r) if all(rates) else None
+    available = clock.left() - args.reserve_s - calibration_seconds  # startup and shard building again
+    epoch_seconds = train_samples / rate + calibration_seconds / 4 if rate else None
+    epochs = max(1, int(available // epoch_seconds)) if epoch_seconds else 1
+    if args.smoke:
+        epochs = 1
+    result = {"train_samples": train_samples, "calibration_samples_per_s": rates, "epochs": epochs,
+              "planned_seconds_per_epoch": round(epoch_seconds, 1) if epoch_seconds else None}
+    final = os.path.join(work, "quality")
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(os.path.join(calibrate, "shards"), os.path.join(final, "shards"))  # built once
+    cmd = experiments_cmd(args, final, budget, ds, evaluation) + ["--epochs", str(epochs)]
+    code, out = run(cmd, clock.left() - args.reserve_s / 2, os.path.join(work, "quality.log"))
+    if code != 0:
+        result["error"] = "timed out" if code == 124 else out[-1500:]
+        return result
+    with open(os.path.join(final, "results.json")) as f:
+        results = json.load(f)
+    result["results"] = results
+    with open(os.path.join(final, "results.md")) as f:
+        result["table"] = f.read()
+    result["curves"] = {}
+    for arm in QUALITY_ARMS:
+        with open(os.path.join(final, f"{arm}-seed0", "train.log")) as f:
+            result["curves"][arm] = [{"step": e["step"], "all": e["all"], "f1": e["f1"]}
+                                     for e in events(f.read()) if e["event"] == "eval"]
+        best = os.path.join(final, f"{arm}-seed0", "adapter_best")
+        result.setdefault("adapters", {})[arm] = pack_adapter(best, os.path.join(args.out, f"adapter-{arm}.tar"))
+    return result
+
+
+def pack_adapter(directory: str, tar_path: str):
+    """The adapter folder as one tar, weights cast to bf16 (half the size; files coming back are capped)."""
+    from safetensors.torch import load_file, save_file
+
+    if not os.path.isdir(directory):
+        return None
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(os.path.join(directory, "adapter_model.safetensors")).items()}
+    scratch = directory + "-bf16"
+    os.makedirs(scratch, exist_ok=True)
+    save_file(tensors, os.path.join(scratch, "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(directory, "adapter_config.json"), scratch)
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(scratch, arcname=os.path.basename(directory))
+    return {"file": os.path.basename(tar_path), "bytes": os.path.getsize(tar_path)}
+
+
+# --- phase 4 ------------------------------------------------------------------------------------------
+def adapter_bench(args, work: str, clock: Clock) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [["--batch", "8", "--seq", "128"], ["--d-model", "1024", "--d-ff", "4096", "--batch", "32", "--seq", "512"]]
+    if args.smoke:
+        shapes = [["--d-model", "64", "--d-ff", "128", "--layers", "1", "--rank", "8", "--batch", "2", "--seq", "8",
+                   "--rounds", "2"]]
+    rows = []
+    for i, shape in enumerate(shapes):
+        if clock.left() < 20:
+            rows.append({"args": shape, "skipped": "time"})
+            continue
+        code, out = run([sys.executable, "benchmarks/bench_adapter.py", "--device", device, "--dtype", "bf16", *shape],
+                        clock.left() - 5, os.path.join(work, f"bench_adapter-{i}.log"))
+        last = [line for line in out.splitlines() if line.startswith("{")]
+        rows.append({"args": shape, **({k: v for k, v in json.loads(last[-1]).items() if k != "arms"} if code == 0 and last
+                                       else {"error": out[-1000:]})})
+    return rows
+
+
+# --- report -------------------------------------------------------------------------------------------
+def summary_markdown(report: dict) -> str:
+    s = report["sanity"]
+    lines = [f"# Device run {report['date']} — {s.get('device')}", "",
+             f"torch {s.get('torch')}, DeepSpeed {s.get('deepspeed')}, backend {s.get('backend')}; "
+             f"{'smoke (CPU, tiny models)' if report['smoke'] else 'full'}; wall {report['wall_seconds']} s of "
+             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
+    if not s.get("ok"):
+        lines += ["```", str(s.get("error"))[-1500:], "```"]
+    lines += ["", "## 2. Engine (launchers/train.py, bf16, random weights)", "",
+              "MFU = model FLOPs per token (torch FLOP count of one fwd+bwd at 128/32 tokens ÷ 160) × tokens/s ÷ "
+              "dense bf16 peak.", "",
+              "| shape | ZeRO | method | tokens/s | step s | C-LoRAE/LoRA | MFU | peak GiB | data/fwd/bwd/step |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("engine", []):
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {r.get('skipped') or 'error'} | | | | | |")
+            continue
+        split = "/".join(f"{100 * r['step_split'][k]:.0f}%" for k in ("data_wait", "forward", "backward", "step"))
+        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {r['tokens_per_s']:.0f} | {r['step_seconds']} | "
+                     f"{r.get('clorae_over_lora_step', '—')} | {mfu} | {r['peak_memory_gib'] or '—'} | {split} |")
+    q = report.get("quality", {})
+    lines += ["", "## 3. Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
+    if "table" in q:
+        lines += [f"{q['epochs']} epochs of {q['train_samples']} train samples per arm (calibrated at "
+                  f"{q['calibration_samples_per_s']} samples/s).", "", q["table"]]
+        for arm, curve in q.get("curves", {}).items():
+            lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
+    else:
+        lines.append(f"not run: {q.get('skipped') or q.get('error', '')[-800:]}")
+    lines += ["", "## 4. Adapter benchmark (bf16)", "", "| args | C-LoRAE/peft | without MIM | unsorted |", "|---|---|---|---|"]
+    for r in report.get("adapter_bench", []):
+        lines.append(f"| {' '.join(r['args'])} | {r.get('clorae_over_peft_lora', r.get('skipped', 'error'))} | "
+                     f"{r.get('clorae_without_mim_over_peft_lora', '')} | {r.get('clorae_unsorted_over_peft_lora', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="CPU: tiny models, a few steps")
+    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 530; smoke 400)")
+    parser.add_argument("--work", default="/tmp/device_run")
+    parser.add_argument("--raw", default=None, help="raw data folder (default: .whl/raw.tar.gz unpacked, else "
+                                                    "../shared/data/raw)")
+    parser.add_argument("--base", default=None, help="quality recipe (default experiments/base.yaml with the MiniLM "
+                                                     "from .whl/minilm when present; smoke: a tiny T5)")
+    parser.add_argument("--lr", type=float, default=8e-4, help="the quality arms' adapter learning rate")
+    parser.add_argument("--engine-steps", type=int, default=30)
+    parser.add_argument("--engine-share", type=float, default=None,
+                        help="share of the budget the engine phase may use (default 0.3; smoke 0.6)")
+    parser.add_argument("--calibration-steps", type=int, default=60)
+    parser.add_argument("--reserve-s", type=float, default=None, help="kept for the adapter benchmark and the report")
+    args = parser.parse_args(argv)
+    args.budget_s = args.budget_s or (400 if args.smoke else 530)
+    args.reserve_s = args.reserve_s if args.reserve_s is not None else (20 if args.smoke else 50)
+    args.engine_share = args.engine_share or (0.6 if args.smoke else 0.3)
+    if args.smoke:
+        args.calibration_steps = 4
+    clock = Clock(args.budget_s)
+    os.makedirs(args.out, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    args.raw = args.raw or prepare_raw(args.work)
+    args.base = args.base or base_recipe(args, args.work)
+
+    from run_experiments import build_all_shards
+
+    small = build_all_shards(args.raw, os.path.join(args.work, "small-shards"), 64, 16)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke, "budget_s": args.budget_s}
+    report["sanity"] = sanity(args, args.work, small, clock)
+    if report["sanity"]["ok"]:
+        report["engine"] = engine(args, args.work, small, clock, report["sanity"]["device"])
+        report["quality"] = quality(args, args.work, clock)
+    report["adapter_bench"] = adapter_bench(args, args.work, clock)
+    report["wall_seconds"] = round(time.time() - clock.start, 1)
+    with open(os.path.join(args.out, "device_run.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = summary_markdown(report)
+    with open(os.path.join(args.out, "SUMMARY.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0 if report["sanity"]["ok"] else 1
+
+
+def prepare_raw(work: str) -> str:
+    packed = os.path.join(ROOT, ".whl", "raw.tar.gz")
+    if os.path.isfile(packed):
+        with tarfile.open(packed) as tar:
+            tar.extractall(work, filter="data")
+        return os.path.join(work, "raw")
+    return os.path.join(ROOT, "..", "shared", "data", "raw")
+
+
+def base_recipe(args, work: str) -> str:
+    import yaml
+
+    with open(os.path.join(ROOT, "experiments", "base.yaml")) as f:
+        base = yaml.safe_load(f)
+    if args.smoke:
+        base["model"] = {"family": "t5", "preset": "tiny"}
+        base["data"].update(max_input_length=64, max_target_length=24)
+    elif os.path.isdir(os.path.join(ROOT, ".whl", "minilm")):
+        base["model"]["pretrained"] = os.path.join(ROOT, ".whl", "minilm")
+    base["data"]["num_workers"] = 1 if args.smoke else 4
+    path = os.path.join(work, "base.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(base, f)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The prepared GPU run's CPU smoke mode: benchmarks/device_run.sh --smoke runs every phase end to end (tiny
+models, 2-rank-free single-device runs, real DeepSpeed), so the script cannot rot before a GPU comes."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_device_run_smoke_writes_every_phase(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_run.sh"), "--smoke", "--out", str(out),
+                           "--work", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# Device run" in proc.stdout and (out / "SUMMARY.md").read_text() in proc.stdout
+    assert sorted(os.listdir(out)) == ["SUMMARY.md", "adapter-clorae.tar", "adapter-lora.tar", "device_run.json"]
+    report = json.loads((out / "device_run.json").read_text())
+    assert report["sanity"]["ok"] and report["sanity"]["backend"] == "gloo"
+    measured = [r for r in report["engine"] if "tokens_per_s" in r]
+    assert {(r["zero"], r["method"]) for r in measured} == {(2, "clorae"), (2, "lora"), (3, "clorae")}
+    for row in measured:
+        assert row["tokens_per_s"] > 0 and row["model_gflops_per_token"] > 0
+        assert abs(sum(row["step_split"].values()) - 1) < 0.01
+    assert next(r for r in measured if r["method"] == "clorae")["clorae_over_lora_step"] > 0
+    quality = report["quality"]
+    assert {r["arm"] for r in quality["results"]["results"]} == {"clorae", "lora"}
+    assert "lora" in quality["results"]["all_minus_clorae"]
+    assert all(len(curve) == quality["epochs"] for curve in quality["curves"].values())
+    with tarfile.open(out / "adapter-clorae.tar") as tar:
+        tar.extractall(tmp_path / "adapter", filter="data")
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_best" / "adapter_model.safetensors"))
+    assert tensors and {str(t.dtype) for t in tensors.values()} == {"torch.bfloat16"}
+    assert report["adapter_bench"][0]["clorae_over_peft_lora"] > 0
