@@ -138,10 +138,15 @@ def main(argv=None):
     shuffled_ids = task_ids[torch.randperm(args.batch, generator=gen)]
 
     # arm: (task ids, implementation, adapter options). The loop arm has no MIM, so it is compared with
-    # C-LoRAE without MIM; "clorae" is the full training-time cost (MIM on, beta 0.01).
+    # C-LoRAE without MIM; "clorae" is the full training-time cost (MIM on, beta 0.01) on the path this device
+    # takes by default (expert_path auto); the own_task / masked arms force one path each.
     arms = {"peft_lora": (task_ids, "peft_lora", {}),
             "clorae": (task_ids, "clorae", {}),
             "clorae_without_mim": (task_ids, "clorae", {"mim_beta": 0.0}),
+            "clorae_own_task": (task_ids, "clorae", {"expert_path": "own_task"}),
+            "clorae_own_task_without_mim": (task_ids, "clorae", {"expert_path": "own_task", "mim_beta": 0.0}),
+            "clorae_masked": (task_ids, "clorae", {"expert_path": "masked"}),
+            "clorae_masked_without_mim": (task_ids, "clorae", {"expert_path": "masked", "mim_beta": 0.0}),
             "clorae_unsorted_batch": (shuffled_ids, "clorae", {}),
             "universal_only": (task_ids, "clorae", {"mode": "universal_only"}),
             "per_task_loop": (task_ids, "per_task_loop", {"mim_beta": 0.0})}
@@ -184,6 +189,8 @@ def main(argv=None):
         "clorae_without_mim_over_peft_lora": round(reports["clorae_without_mim"]["fwd_bwd_ms"] / base_ms, 4),
         "loop_over_clorae": round(reports["per_task_loop"]["fwd_bwd_ms"] / reports["clorae_without_mim"]["fwd_bwd_ms"], 4),
         "universal_only_over_peft_lora": round(reports["universal_only"]["fwd_bwd_ms"] / base_ms, 4),
+        **{f"{arm}_over_peft_lora": round(reports[arm]["fwd_bwd_ms"] / base_ms, 4)
+           for arm in ("clorae_own_task", "clorae_own_task_without_mim", "clorae_masked", "clorae_masked_without_mim")},
         "clorae_unsorted_over_peft_lora": round(reports["clorae_unsorted_batch"]["fwd_bwd_ms"] / base_ms, 4),
         "device": device_name, "dtype": str(dtype).replace("torch.", ""), "arms": reports,
     }

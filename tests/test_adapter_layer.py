@@ -10,6 +10,9 @@ from clorae_ds.adapters.layer import MIM_EPS
 
 MODES = ["clorae", "universal_only", "task_only", "no_gate"]
 ORDERS = {"sorted": [0, 0, 1, 2, 2], "mixed": [2, 0, 1, 0, 2]}
+# (order, expert path): a sorted batch through the own-task path and the masked one; a mixed batch is always masked
+PATHS = {"sorted-own_task": ("sorted", "own_task"), "sorted-masked": ("sorted", "masked"),
+         "mixed": ("mixed", "own_task")}
 
 
 def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
@@ -39,9 +42,10 @@ def eq8_by_hand(layer, x, task_ids):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("order", ORDERS)
-def test_output_equals_eq8_from_expert_weights(mode, order):
-    layer = make_layer(mode).eval()
+@pytest.mark.parametrize("case", PATHS)
+def test_output_equals_eq8_from_expert_weights(mode, case):
+    order, path = PATHS[case]
+    layer = make_layer(mode, expert_path=path).eval()
     task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x, task_ids), eq8_by_hand(layer, x, task_ids))
@@ -59,9 +63,10 @@ def test_expert_weight_shapes(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("order", ORDERS)
-def test_hand_written_backward_matches_numerical_gradients(mode, order):
-    layer = make_layer(mode, mim_detach_teacher=False).train()
+@pytest.mark.parametrize("case", PATHS)
+def test_hand_written_backward_matches_numerical_gradients(mode, case):
+    order, path = PATHS[case]
+    layer = make_layer(mode, mim_detach_teacher=False, expert_path=path).train()
     task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -115,11 +120,13 @@ def direct_vid(layer, x, task_ids, real):
     return per_channel[real].mean()
 
 
-def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients():
-    layer = make_layer("clorae", mim_detach_teacher=False).train()
+@pytest.mark.parametrize("case", PATHS)
+def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(case):
+    order, path = PATHS[case]
+    layer = make_layer("clorae", mim_detach_teacher=False, expert_path=path).train()
     with torch.no_grad():
         layer.mim_var.normal_()
-    task_ids = torch.tensor(ORDERS["mixed"])
+    task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     real = torch.ones(5, 4, dtype=torch.bool)
     real[1, 2:] = real[3, 1:] = False
@@ -232,10 +239,11 @@ def test_mim_is_recorded_only_in_training_with_grad():
     assert collect_mim_loss(make_layer("universal_only").train()) is None
 
 
-def test_absent_tasks_get_exactly_zero_gradient_and_base_none():
-    layer = make_layer("clorae").train()
+@pytest.mark.parametrize("task_ids", [[2, 0, 2, 0], [0, 0, 2, 2]])
+def test_absent_tasks_get_exactly_zero_gradient_and_base_none(task_ids):
+    layer = make_layer("clorae", expert_path="own_task").train()
     x = torch.randn(4, 3, 6, dtype=torch.float64)
-    layer(x, torch.tensor([2, 0, 2, 0])).pow(2).sum().backward()
+    layer(x, torch.tensor(task_ids)).pow(2).sum().backward()
     grads = layer.split_experts(layer.expert_A.grad, layer.expert_B.grad)
     for tensor in (grads["task_A"], grads["task_B"]):
         assert torch.count_nonzero(tensor[1]) == 0
@@ -244,10 +252,11 @@ def test_absent_tasks_get_exactly_zero_gradient_and_base_none():
     assert not layer.base.weight.requires_grad
 
 
-def test_every_parameter_gets_a_gradient_whatever_the_tasks():
+@pytest.mark.parametrize("path", ["own_task", "masked"])
+def test_every_parameter_gets_a_gradient_whatever_the_tasks(path):
     """ZeRO-3 reduces per parameter: every rank must produce a gradient for every adapter tensor, even when
     its micro-batch holds a single task (the absent tasks' slices are zero)."""
-    layer = make_layer("clorae").train()
+    layer = make_layer("clorae", expert_path=path).train()
     layer(torch.randn(2, 3, 6, dtype=torch.float64), torch.tensor([1, 1])).sum().backward()
     for name, param in layer.named_parameters():
         if param.requires_grad and not name.startswith("mim"):
@@ -323,22 +332,27 @@ def test_no_matching_target_is_an_error():
         apply_clorae(nn.Sequential(nn.Linear(2, 2)), CLoRAEConfig(rank=3, target_modules=["q"]))
 
 
-@pytest.mark.parametrize("mode", ["universal_only", "clorae"])
-def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode):
+@pytest.mark.parametrize("mode,task_ids", [("universal_only", [0, 1, 2]), ("clorae", [0, 0, 2]), ("clorae", [0, 2, 0])])
+def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task_ids):
+    """A batch sorted by task runs each token through its own K = r + r_t columns; an unsorted one through all
+    R = r + N·r_t columns (the masked pass)."""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(
         "report_cost", os.path.join(os.path.dirname(__file__), "..", "launchers", "report_cost.py"))
     report_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_cost)
-    d_in, d_out, tokens = 48, 40, 10
-    layer = make_layer(mode, dtype=torch.float32, d_in=d_in, d_out=d_out, rank=6, mim_beta=0.0).train()
-    x = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    d_in, d_out, tokens = 48, 40, 12
+    layer = make_layer(mode, dtype=torch.float32, d_in=d_in, d_out=d_out, rank=6, mim_beta=0.0,
+                       expert_path="own_task").train()
+    x = torch.randn(3, tokens // 3, d_in, requires_grad=True)
     with report_cost.flop_counter() as counter:
-        layer(x, torch.tensor([0, 2])).square().sum().backward()
-    R = layer.expert_A.shape[0]
+        layer(x, torch.tensor(task_ids)).square().sum().backward()
+    sorted_batch = task_ids == sorted(task_ids)
+    columns = layer.universal_rank + (layer.task_rank if sorted_batch else layer.expert_A.shape[0] - 6)
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
-    adapter = 2 * tokens * R * (d_in + d_out) * 3  # down and up projections: forward, grad of weights, grad of inputs
-    # gate logits (forward, grad of the gate, grad of x) and per-column gate weights (forward, backward)
-    gate = 2 * tokens * 2 * (3 * d_in + 2 * R) if mode == "clorae" else 0
+    adapter = 2 * tokens * columns * (d_in + d_out) * 3  # down and up projections: forward, weight grads, input grads
+    gate = 0
+    if mode == "clorae":  # logits (forward, gate grad, x grad); the masked pass maps gates to columns by matmul
+        gate = 2 * tokens * 2 * 3 * d_in + (0 if sorted_batch else 2 * tokens * 2 * columns * 2)
     assert counter.get_total_flops() == base + adapter + gate

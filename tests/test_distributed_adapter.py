@@ -10,13 +10,15 @@ WORKER = os.path.join(os.path.dirname(__file__), "distributed", "zero_adapter_wo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")])
-def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("stage,precision,path", [(2, "fp32", "masked"), (3, "fp32", "masked"), (2, "bf16", "masked"),
+                                                  (3, "bf16", "masked"), (3, "fp32", "own_task"),
+                                                  (2, "bf16", "own_task")])
+def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, path, tokenizer_dir, tmp_path):
     pytest.importorskip("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
            "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-           tokenizer_dir, str(tmp_path), str(stage), precision]
+           tokenizer_dir, str(tmp_path), str(stage), precision, path]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as err:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 MODES = ("clorae", "universal_only", "task_only", "no_gate")
+EXPERT_PATHS = ("auto", "own_task", "masked")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -41,8 +42,15 @@ class CLoRAEConfig:
     mim_detach_teacher: bool = True
     modules_to_save: list[str] = field(default_factory=list)
     base_model_name: str = ""
+    # How a batch's task experts run. own_task: each token through its own K = r + r_t columns (batches sorted
+    # by task, as the collator delivers them; fewest FLOPs). masked: one pass over all R = r + N·r_t columns
+    # with a per-token column mask (fewest kernels; any order). auto: own_task on CUDA, masked on CPU, where it
+    # measured faster with MIM (benchmarks/bench_adapter.py). Unsorted batches always take the masked pass.
+    expert_path: str = "auto"
 
     def __post_init__(self):
+        if self.expert_path not in EXPERT_PATHS:
+            raise AdapterConfigError(f"unknown expert_path {self.expert_path!r}; expected one of {', '.join(EXPERT_PATHS)}")
         if self.mode not in MODES:
             raise AdapterConfigError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if isinstance(self.tasks, str) or not self.tasks:

@@ -1,15 +1,17 @@
 """The C-LoRAE linear layer: y = W0·x + (α/r)·(g1·U(x) + g2·D_n(x))  (method.md eq. 3-8).
 
 All experts of a layer are stored pre-fused: `expert_A` (R, d_in) and `expert_B` (d_out, R) with R = r + N·r_t
-columns laid out [universal | task 0 | ... | task N-1]. A mixed-task batch runs as one masked low-rank pass:
-z = drop(x)·Aᵀ for every column, then each token's columns are scaled by α/r times its gate weight and zeroed
-outside its own task (a per-token column mask built once per step), and y += (z ⊙ coef)·Bᵀ. That is a fixed
-handful of kernels per layer whatever the task mix — the per-task alternatives (boolean-mask loops, sorted
-segments) launch work per task and copy rows — at the price of computing N·r_t instead of r_t task columns in
-the two thin matmuls. Zeroed columns give exact zero gradients to the experts of absent tasks, and every
-rank touches the same two tensors every step (ZeRO-3 gathers and reduces per parameter; ranks that differ
-hang). The low-rank path is one autograd Function with a hand-written backward: the delta is accumulated
-into the base output in place, and nothing is saved that autograd would not need.
+columns laid out [universal | task 0 | ... | task N-1]. Two paths compute the same delta (config.expert_path):
+- own-task (_OwnTaskDelta): a batch sorted by task runs segment by segment through each task's K = r + r_t
+  columns [universal | own task], the fewest FLOPs;
+- masked (_CLoRAEDelta): any batch runs as one low-rank pass, z = drop(x)·Aᵀ over all R columns, each token's
+  columns scaled by α/r times its gate weight and zeroed outside its own task (a per-token column mask built
+  once per step), y += (z ⊙ coef)·Bᵀ: a fixed handful of kernels whatever the task mix, at the price of N·r_t
+  instead of r_t task columns in the two thin matmuls.
+Either way every rank touches the same two tensors every step, and absent tasks' experts get exact zero
+gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). Each path is one autograd
+Function with a hand-written backward: the delta is accumulated into the base output in place, and nothing is
+saved that autograd would not need.
 """
 from __future__ import annotations
 
@@ -95,6 +97,100 @@ class _CLoRAEDelta(torch.autograd.Function):
             if grad_x is not None:
                 grad_x.addmm_(grad_logits, gate)
         return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
+
+
+class _OwnTaskDelta(torch.autograd.Function):
+    """The delta of _CLoRAEDelta for a batch whose tasks come in contiguous row segments (the collator sorts
+    each batch by task): each segment runs through its own K = r + r_t columns [universal | own task] only,
+    accumulated into the base output in place. Returns (y, z, gates) with z (tokens, K) each row's own
+    columns (for the MIM loss); gates (tokens, 2) are for routing statistics (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, expert_A, expert_B, gate, segments, universal_rank, scaling, dropout):
+        ctx.set_materialize_grads(False)
+        r = universal_rank
+        keep = None
+        xd = x
+        if dropout > 0:
+            keep = torch.empty_like(x).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+            xd = x * keep
+        gates = None
+        if gate is not None:
+            gates = torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1).to(x.dtype)
+        width = r + (segments[0][2] - segments[0][1])
+        z = x.new_empty(x.shape[0], width)
+        for _, (start, stop), columns in _segment_views(segments, expert_A, expert_B, r):
+            torch.mm(xd[start:stop], columns[0].t(), out=z[start:stop])
+        zc = _gated(z, gates, r, scaling)
+        for _, (start, stop), columns in _segment_views(segments, expert_A, expert_B, r):
+            base_out[start:stop].addmm_(zc[start:stop], columns[1].t())
+        ctx.mark_dirty(base_out)
+        if gates is not None:
+            ctx.mark_non_differentiable(gates)
+        ctx.segments, ctx.r, ctx.scaling = segments, r, scaling
+        ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, gates, z)
+        return base_out, z, gates
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_z_extra, _grad_gates):
+        x, xd, keep, expert_A, expert_B, gate, gates, z = ctx.saved_tensors
+        xd = x if xd is None else xd
+        r, scaling = ctx.r, ctx.scaling
+        if grad_y is None:
+            grad_y = x.new_zeros(x.shape[0], expert_B.shape[0])
+        zc = _gated(z, gates, r, scaling)
+        grad_zc = torch.empty_like(z)
+        grad_A, grad_B = torch.zeros_like(expert_A), torch.zeros_like(expert_B)
+        views = list(_segment_views(ctx.segments, expert_A, expert_B, r))
+        for task_columns, (start, stop), (A_seg, B_seg) in views:
+            torch.mm(grad_y[start:stop], B_seg, out=grad_zc[start:stop])
+            grad_B_seg = (zc[start:stop].t() @ grad_y[start:stop]).t()  # (d_out, K)
+            grad_B[:, :r] += grad_B_seg[:, :r]
+            grad_B[:, task_columns] += grad_B_seg[:, r:]
+        grad_z = _gated(grad_zc, gates, r, scaling)
+        if grad_z_extra is not None:
+            grad_z = grad_z + grad_z_extra
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[1] else None
+        for task_columns, (start, stop), (A_seg, _) in views:
+            grad_A_seg = grad_z[start:stop].t() @ xd[start:stop]
+            grad_A[:r] += grad_A_seg[:r]
+            grad_A[task_columns] += grad_A_seg[r:]
+            if grad_x is not None:
+                torch.mm(grad_z[start:stop], A_seg, out=grad_x[start:stop])
+        if grad_x is not None and keep is not None:
+            grad_x.mul_(keep)
+        grad_gate = None
+        if gates is not None:
+            grad_g = torch.stack([(grad_zc[:, :r] * z[:, :r]).sum(1), (grad_zc[:, r:] * z[:, r:]).sum(1)], 1)
+            g, grad_g = _at_least_fp32(gates), _at_least_fp32(grad_g) * scaling
+            grad_logits = (g * (grad_g - (g * grad_g).sum(-1, keepdim=True))).to(x.dtype)
+            grad_gate = grad_logits.t() @ x
+            if grad_x is not None:
+                grad_x.addmm_(grad_logits, gate)
+        return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
+
+
+def _segment_views(segments, expert_A, expert_B, r):
+    """Per segment: its task's columns (a slice), its rows, and (A_seg (K, d_in), B_seg (d_out, K)) over
+    [universal | own task] — views when the two are adjacent (task 0), small copies otherwise."""
+    for start, stop, (first, last) in ((s[3], s[4], (s[1], s[2])) for s in segments):
+        task_columns = slice(first, last)
+        if first == r:
+            yield task_columns, (start, stop), (expert_A[:last], expert_B[:, :last])
+        else:
+            yield task_columns, (start, stop), (torch.cat([expert_A[:r], expert_A[task_columns]]),
+                                                torch.cat([expert_B[:, :r], expert_B[:, task_columns]], 1))
+
+
+def _gated(z: torch.Tensor, gates: Optional[torch.Tensor], r: int, scaling: float) -> torch.Tensor:
+    """Rank-space activations times α/r and each token's gate weight: g1 on the universal columns, g2 on the
+    task's (no gate: α/r alone)."""
+    if gates is None:
+        return z * scaling
+    out = torch.empty_like(z)
+    torch.mul(z[:, :r], gates[:, :1] * scaling, out=out[:, :r])
+    torch.mul(z[:, r:], gates[:, 1:] * scaling, out=out[:, r:])
+    return out
 
 
 class _MIMLoss(torch.autograd.Function):
@@ -267,19 +363,46 @@ class CLoRAELinear(nn.Module):
                 one_hot = routing.one_hot(*shape, x.device, torch.float32)
                 self.gate_token_count += routing.task_token_counts(*shape, x.device)
         dropout = self.config.dropout if self.training else 0.0
-        y, z, gates = _CLoRAEDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
-                                         column_mask,
-                                         getattr(self, "gate_columns", None), self.config.scaling, dropout)
+        path = self.config.expert_path
+        if path == "auto":
+            path = "masked" if x.device.type == "cpu" else "own_task"
+        segments = routing.segments(*shape, self.universal_rank, self.task_rank) \
+            if self.task_rank and path == "own_task" else None
+        with_mim = self.config.uses_mim and self.training and torch.is_grad_enabled()
+        if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
+            y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
+                                              segments, self.universal_rank, self.config.scaling, dropout)
+        else:
+            y, z, gates = _CLoRAEDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
+                                             column_mask, getattr(self, "gate_columns", None), self.config.scaling,
+                                             dropout)
         if one_hot is not None:
             self.gate_task_sum += one_hot.t() @ gates[:, 1].float()
-        if self.config.uses_mim and self.training and torch.is_grad_enabled():
-            # Padding rows are zeroed in the MIM mask and left out of its token count.
-            mim_mask = column_mask if token_mask is None else column_mask * token_mask
-            real_tokens = len(x2) if token_mask is None else token_mask.sum().clamp(min=1).float()
-            self._mim_terms.append(_MIMLoss.apply(z, mim_mask, params["expert_B"], self.mim_scale, self.mim_shift,
-                                                  self.mim_var, self.universal_rank, self.config.mim_detach_teacher,
-                                                  real_tokens))
+        if with_mim:
+            self._mim_terms.append(self._mim(z, params["expert_B"], segments, column_mask, token_mask, len(x2)))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _mim(self, z, expert_B, segments, column_mask, token_mask, tokens):
+        """This layer's MIM term over the real tokens (padding rows zeroed in the mask and left out of the
+        count). Own-task path: one exact term per task segment over its [universal | own task] columns,
+        weighted by the segment's share of the real tokens."""
+        c = self.config
+        if segments is None:
+            mask = column_mask if token_mask is None else column_mask * token_mask
+            real = tokens if token_mask is None else token_mask.sum().clamp(min=1).float()
+            return _MIMLoss.apply(z, mask, expert_B, self.mim_scale, self.mim_shift, self.mim_var,
+                                  self.universal_rank, c.mim_detach_teacher, real)
+        r = self.universal_rank
+        total = tokens if token_mask is None else token_mask.sum().clamp(min=1).float()
+        terms = []
+        for task, first, last, start, stop in segments:
+            mask = z.new_ones(stop - start, 1) if token_mask is None else token_mask[start:stop]
+            real = mask.sum()
+            B_seg = expert_B[:, :last] if first == r else torch.cat([expert_B[:, :r], expert_B[:, first:last]], 1)
+            term = _MIMLoss.apply(z[start:stop], mask, B_seg, self.mim_scale, self.mim_shift, self.mim_var, r,
+                                  c.mim_detach_teacher, real.clamp(min=1).float())
+            terms.append(term * (real / total))
+        return torch.stack(terms).sum()
 
     def pop_mim_terms(self) -> list[torch.Tensor]:
         terms, self._mim_terms = self._mim_terms, []

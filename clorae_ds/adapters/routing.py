@@ -90,3 +90,22 @@ class TaskRouting:
         if key not in self._cache:
             self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
         return self._cache[key]
+
+    def segments(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int) -> Optional[list]:
+        """[(task, first column, last column, first row, last row)] when every task's samples are contiguous
+        (a batch sorted by task, as the collator delivers it), else None. Columns are the task expert's within
+        the fused [universal | task 0 | ...] layout; rows are token rows."""
+        key = ("segments", batch, tokens_per_sample, universal_rank, task_rank)
+        if key not in self._cache:
+            tasks = self.token_tasks(batch, 1).tolist()  # one entry per sample row
+            runs = []
+            for i, task in enumerate(tasks):
+                if runs and runs[-1][0] == task:
+                    runs[-1][2] = i + 1
+                else:
+                    runs.append([task, i, i + 1])
+            contiguous = len({task for task, _, _ in runs}) == len(runs)
+            self._cache[key] = [(task, universal_rank + task * task_rank, universal_rank + (task + 1) * task_rank,
+                                 start * tokens_per_sample, stop * tokens_per_sample)
+                                for task, start, stop in runs] if contiguous else None
+        return self._cache[key]

@@ -2,7 +2,7 @@
 different tasks (rank 0: only mner; rank 1: mre and mee). Under ZeRO-3 a rank that touched other parameters
 than its peer would hang here. Writes one JSON line per rank to OUT/rank{N}.json.
 
-    torchrun --standalone --nproc_per_node 2 zero_adapter_worker.py TOKENIZER_DIR OUT STAGE [bf16]
+    torchrun --standalone --nproc_per_node 2 zero_adapter_worker.py TOKENIZER_DIR OUT STAGE fp32|bf16 EXPERT_PATH
 
 With bf16, DeepSpeed's own bf16 mode: parameters in bf16, buffers kept fp32, fp32 master weights.
 """
@@ -20,11 +20,11 @@ from clorae_ds.models import ModelConfig
 
 def main():
     tokenizer_dir, out_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    bf16 = sys.argv[4:] == ["bf16"]
+    bf16, expert_path = sys.argv[4] == "bf16", sys.argv[5]
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)  # identical initial weights on both ranks
-    built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir, adapter={"rank": 6, "dropout": 0.0}).build()
+    built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir, adapter={"rank": 6, "dropout": 0.0, "expert_path": expert_path}).build()
     model, tokenizer = built.model, built.tokenizer
     before = {name: layer.expert_weights()["task_B"].clone() for name, layer in clorae_layers(model)}
     ds_config = {
