@@ -28,7 +28,7 @@ SHAPES = {  # T5 v1.0 shapes (the paper's T5-base / T5-large rows); random weigh
 }
 
 
-def build(model, method: str, rank: int) -> MIEModel:
+def build(model, method: str, rank: int, expert_path: str = "own_task") -> MIEModel:
     """`model`: a SHAPES name, a dict of T5Config fields, or a local T5 directory. Build it inside
     `torch.device("meta")` to count a large shape's FLOPs without allocating it."""
     from transformers import T5Config, T5ForConditionalGeneration
@@ -46,7 +46,7 @@ def build(model, method: str, rank: int) -> MIEModel:
     if method == "full fine-tuning":
         return wrapped.requires_grad_(True)
     mode = "universal_only" if method == "LoRA" else "clorae"
-    return apply_clorae(wrapped, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=0.0, mode=mode,
+    return apply_clorae(wrapped, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=0.0, mode=mode, expert_path=expert_path,
                                               target_modules=DEFAULT_TARGETS["t5"]))
 
 
@@ -98,13 +98,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=None, help="default: 128 for t5-base, 64 otherwise (the paper's)")
     parser.add_argument("--input-length", type=int, default=256)
     parser.add_argument("--target-length", type=int, default=64)
+    parser.add_argument("--expert-path", choices=["own_task", "masked"], default="own_task",
+                        help="the C-LoRAE path counted (own_task: what a GPU runs, the fewest FLOPs)")
     args = parser.parse_args(argv)
     rank = args.rank or (128 if args.model == "t5-base" else 64 if args.model != "tiny" else 8)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = {}
     for method in ("full fine-tuning", "LoRA", "C-LoRAE"):
-        rows[method] = measure(build(args.model, method, rank), args.input_length, args.target_length)
-    print(f"{args.model}, rank {rank}, batch 1, input {args.input_length}, target {args.target_length} tokens")
+        rows[method] = measure(build(args.model, method, rank, args.expert_path), args.input_length,
+                               args.target_length)
+    print(f"{args.model}, rank {rank}, batch 1, input {args.input_length}, target {args.target_length} tokens, "
+          f"C-LoRAE {args.expert_path} path")
     print("| method | trainable params | fwd GFLOPs | fwd+bwd GFLOPs |\n|---|---|---|---|")
     for method, r in rows.items():
         print(f"| {method} | {r['trainable_params'] / 1e6:.3g}M | {r['forward_gflops']:.3g} | "
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
           f"{rows['C-LoRAE']['mim_params']:,} parameters, make the rest)")
     flops = rows["C-LoRAE"]["forward_backward_gflops"] / rows["LoRA"]["forward_backward_gflops"]
     print(f"C-LoRAE / LoRA fwd+bwd FLOPs: {flops:.3f}")
-    print(json.dumps({"model": args.model, "rank": rank, "clorae_over_lora_flops": round(flops, 4),
+    print(json.dumps({"model": args.model, "rank": rank, "expert_path": args.expert_path,
+                      "clorae_over_lora_flops": round(flops, 4),
                       "clorae_over_lora_trainable": round(ratio, 3),
                       "clorae_over_lora_expert_params": round(experts, 3), "methods": rows}))
     return 0

@@ -155,6 +155,10 @@ def test_paired_bootstrap():
     with pytest.raises(ValueError, match="different dev samples"):
         paired_bootstrap([reference[:-1]], [reference])
 
+    # Rows as a predictions.jsonl gives them back (JSON lists, not tuples) score the same.
+    as_json = json.loads(json.dumps(slightly))
+    assert paired_bootstrap([as_json], [reference], resamples=2000) == result
+
 
 def test_predictions_round_trip(tmp_path):
     from clorae_ds.eval.generate import read_predictions, write_predictions

@@ -67,6 +67,7 @@ def test_performance_report_renders_recorded_results(tmp_path):
     arms["clorae"]["fwd_bwd_ms"] = 12.5
     method = {"trainable_params": 2e6, "forward_gflops": 1.0, "forward_backward_gflops": 3.0}
     cost = {"rank": 8, "clorae_over_lora_trainable": 2.0, "clorae_over_lora_expert_params": 2.0,
+            "clorae_over_lora_flops": 1.3, "expert_path": "own_task",
             "methods": {"full fine-tuning": method, "LoRA": method, "C-LoRAE": method}}
     data = {"date": "2026-11-26", "machine": "test machine", "results": {
         "adapter": {"device": "cpu (2 threads)", "dtype": "float32", "arms": arms, "loop_over_clorae": 1.0,
@@ -84,6 +85,7 @@ def test_performance_report_renders_recorded_results(tmp_path):
     text = out.read_text()
     assert "| C-LoRAE (MIM on) | 12.5 | 1.250 |" in text and "**Target not met**" in text
     assert "ZeRO-2 +5.0 %" in text and "| 2000 | 10.0 | 200x |" in text
+    assert "C-LoRAE / LoRA fwd+bwd FLOPs: 1.30 (own_task path)" in text
     assert "`python benchmarks/bench_adapter.py`" in text and "NVIDIA H200" in text  # benchmarks/results rows
 
     del data["results"]["loader"]

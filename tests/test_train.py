@@ -348,7 +348,8 @@ def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_c
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(launchers, "evaluate.py"), "--adapter", summary["adapter"], "--shards",
                            shards["dev"]["twitter2015"], "--output", str(tmp_path / "eval"), "--batch-size", "3",
-                           "--max-new-tokens", "6"], env=ENV, capture_output=True, text=True, timeout=300)
+                           "--max-new-tokens", "6", "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
     assert sorted(r["id"] for r in rows) == sorted(f"t{i}" for i in range(8))

@@ -1,4 +1,5 @@
-"""Data: the unified record, raw-format converters (and, next, shards and the streaming loader)."""
+"""Data: the unified record and its rendering, raw-format converters (`load_raw`); the shard writer
+(`shards`) and the streaming loader (`loader`) are submodules."""
 from __future__ import annotations
 
 import os

@@ -15,7 +15,9 @@ def score_key(record: Record) -> str:
 
 
 def sample_counts(predicted: list[tuple], gold: list[tuple]) -> tuple[int, int, int]:
-    """(true positives, predicted, gold) of one sample; each predicted tuple consumes at most one gold tuple."""
+    """(true positives, predicted, gold) of one sample; each predicted tuple consumes at most one gold tuple.
+    Tuples may come as lists (rows read back from a predictions JSONL)."""
+    predicted, gold = [tuple(t) for t in predicted], [tuple(t) for t in gold]
     return sum((Counter(predicted) & Counter(gold)).values()), len(predicted), len(gold)
 
 

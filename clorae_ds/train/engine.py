@@ -82,7 +82,7 @@ def init_distributed(timeout_s: int) -> DistContext:
 
 def load_ds_config(path: str, world_size: int) -> dict:
     """Read and check a DeepSpeed JSON: unknown keys, batch sizes against the world size; bf16 falls back to
-    fp32 where the hardware has no bf16 (CPU)."""
+    fp32 where the hardware has no bf16 (a GPU without it, a CPU without AVX512-BF16 / AMX-BF16)."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -99,9 +99,22 @@ def load_ds_config(path: str, world_size: int) -> dict:
             f"{path}: train_batch_size {total} != micro batch {micro} x gradient accumulation {accumulation} x "
             f"world size {world_size}; remove train_batch_size or make them agree")
     config["train_batch_size"] = micro * accumulation * world_size
-    if config.get("bf16", {}).get("enabled") and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        config["bf16"] = {"enabled": False}  # CPU: fp32 (the CPU accelerator's bf16 autocast path is not used)
+    if config.get("bf16", {}).get("enabled") and not bf16_supported():
+        config["bf16"] = {"enabled": False}
     return config
+
+
+def bf16_supported() -> bool:
+    """bf16 matmuls in hardware: a GPU that has them, or a CPU with AVX512-BF16 or AMX-BF16 (elsewhere a CPU
+    emulates bf16, slower than fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def check_ds_config(config: dict, where: str) -> None:
@@ -178,11 +191,16 @@ def shutdown() -> None:
 
 
 def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: int) -> tuple[torch.nn.Module, bool]:
-    """The model wrapped by DeepSpeed for inference (ZeRO-3 partitions it across ranks): (module, zero3)."""
+    """The model for inference under a DeepSpeed config: (module, zero3). ZeRO-3 partitions the parameters across
+    ranks; stages 0-2 shard only optimizer state and gradients, which inference has none of, so the model stays
+    whole on every rank (DeepSpeed would refuse stage 1-2 without an optimizer)."""
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, config=load_ds_config(ds_config_path, world_size))
-    return engine.module, engine.zero_optimization_stage() == 3
+    config = load_ds_config(ds_config_path, world_size)
+    if config.get("zero_optimization", {}).get("stage", 0) < 3:
+        return model, False
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.module, True
 
 
 class DeepSpeedRunner:
