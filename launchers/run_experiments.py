@@ -21,6 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import yaml
 
@@ -43,10 +45,18 @@ SOURCES = {"twitter2015": ("twitter2015/train.txt", "twitter2015/valid.txt"),
            "mnre_v1": ("mnre_v1/ours_train.txt", "mnre_v1/ours_val.txt"),
            "mnre_v2": ("mnre_v2/mnre_train.txt", "mnre_v2/mnre_val.txt"),
            "m2e2": ("m2e2/text_event_train.json", "m2e2/text_event_dev.json")}
-# Samples per dataset (train, dev), epochs, optimiser steps per epoch (None: one pass over the train samples),
-# minutes per arm (None: no limit). Budgets are counted in steps, not minutes, so every arm takes the same
-# number of updates whatever its speed or the machine's load.
-BUDGETS = {"smoke": (64, 32, 1, 8, None), "small": (800, 200, 4, 150, None), "large": (None, None, 20, None, None)}
+@dataclass(frozen=True)
+class Budget:
+    """Budgets are counted in steps, not minutes, so every arm takes the same number of updates whatever its
+    speed or the machine's load."""
+    train_samples: Optional[int]  # per dataset (None: the whole split)
+    dev_samples: Optional[int]
+    epochs: int
+    steps_per_epoch: Optional[int] = None  # None: one pass over the train samples
+    minutes: Optional[float] = None  # per arm (None: no limit)
+
+
+BUDGETS = {"smoke": Budget(64, 32, 1, 8), "small": Budget(800, 200, 4, 150), "large": Budget(None, None, 20)}
 
 
 def build_all_shards(raw: str, out: str, train_n, dev_n) -> dict:
@@ -83,7 +93,7 @@ def run_arms(arms: list, seed: int, patterns: dict, budget, out: str, args) -> l
 
 def start_arm(arm: str, seed: int, patterns: dict, budget, out: str, args):
     """The finished row of an arm run earlier with the same recipe, or (arm_dir, process, log file, start)."""
-    _, _, epochs, steps_per_epoch, minutes = budget
+    epochs, steps_per_epoch, minutes = budget.epochs, budget.steps_per_epoch, budget.minutes
     arm_dir = os.path.join(out, f"{arm}-seed{seed}")
     with open(args.base) as f:
         base = yaml.safe_load(f)
@@ -221,13 +231,13 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(ROOT, "runs", f"experiments-{args.budget}")
     if args.retabulate:
         return retabulate(out)
-    train_n, dev_n, epochs, steps_per_epoch, minutes = BUDGETS[args.budget]
-    budget = (train_n, dev_n, args.epochs or epochs, steps_per_epoch, args.max_minutes or minutes)
-    patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget[0], budget[1])
+    budget = BUDGETS[args.budget]
+    budget = replace(budget, epochs=args.epochs or budget.epochs, minutes=args.max_minutes or budget.minutes)
+    patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget.train_samples, budget.dev_samples)
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
-    train_seen = subsample(train, budget[0], seed=0)  # what the arms train on: the shards' subsample
-    dev = subsample(dev, budget[1], seed=0)
+    train_seen = subsample(train, budget.train_samples, seed=0)  # what the arms train on: the shards' subsample
+    dev = subsample(dev, budget.dev_samples, seed=0)
     baseline = {"any": lookup_baseline(train, dev)["twitter2015"]["f1"],
                 "majority": lookup_baseline(train, dev, 0.5)["twitter2015"]["f1"],
                 "any_subsample": lookup_baseline(train_seen, dev)["twitter2015"]["f1"],
