@@ -117,13 +117,13 @@ class _OwnTaskDelta(torch.autograd.Function):
         gates = None
         if gate is not None:
             gates = torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1).to(x.dtype)
-        width = r + (segments[0][2] - segments[0][1])
-        z = x.new_empty(x.shape[0], width)
-        for _, (start, stop), columns in _segment_views(segments, expert_A, expert_B, r):
-            torch.mm(xd[start:stop], columns[0].t(), out=z[start:stop])
+        views = _segment_views(segments, expert_A, expert_B, r)
+        z = x.new_empty(x.shape[0], views[0][2][0].shape[0])
+        for _, (start, stop), (A_seg, _) in views:
+            torch.mm(xd[start:stop], A_seg.t(), out=z[start:stop])
         zc = _gated(z, gates, r, scaling)
-        for _, (start, stop), columns in _segment_views(segments, expert_A, expert_B, r):
-            base_out[start:stop].addmm_(zc[start:stop], columns[1].t())
+        for _, (start, stop), (_, B_seg) in views:
+            base_out[start:stop].addmm_(zc[start:stop], B_seg.t())
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
@@ -141,7 +141,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         zc = _gated(z, gates, r, scaling)
         grad_zc = torch.empty_like(z)
         grad_A, grad_B = torch.zeros_like(expert_A), torch.zeros_like(expert_B)
-        views = list(_segment_views(ctx.segments, expert_A, expert_B, r))
+        views = _segment_views(ctx.segments, expert_A, expert_B, r)
         for task_columns, (start, stop), (A_seg, B_seg) in views:
             torch.mm(grad_y[start:stop], B_seg, out=grad_zc[start:stop])
             grad_B_seg = (zc[start:stop].t() @ grad_y[start:stop]).t()  # (d_out, K)
@@ -170,16 +170,19 @@ class _OwnTaskDelta(torch.autograd.Function):
         return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
 
 
-def _segment_views(segments, expert_A, expert_B, r):
-    """Per segment: its task's columns (a slice), its rows, and (A_seg (K, d_in), B_seg (d_out, K)) over
-    [universal | own task] — views when the two are adjacent (task 0), small copies otherwise."""
-    for start, stop, (first, last) in ((s[3], s[4], (s[1], s[2])) for s in segments):
-        task_columns = slice(first, last)
-        if first == r:
-            yield task_columns, (start, stop), (expert_A[:last], expert_B[:, :last])
-        else:
-            yield task_columns, (start, stop), (torch.cat([expert_A[:r], expert_A[task_columns]]),
-                                                torch.cat([expert_B[:, :r], expert_B[:, task_columns]], 1))
+def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int) -> torch.Tensor:
+    """[universal | one task's] columns of a fused expert tensor along `dim`: a view when adjacent (task 0),
+    a small copy otherwise."""
+    if first == r:
+        return fused.narrow(dim, 0, last)
+    return torch.cat([fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)], dim)
+
+
+def _segment_views(segments, expert_A, expert_B, r) -> list:
+    """Per segment: its task's columns (a slice), its rows, and (A_seg (K, d_in), B_seg (d_out, K))."""
+    return [(slice(first, last), (start, stop),
+             (_own_columns(expert_A, r, first, last, 0), _own_columns(expert_B, r, first, last, 1)))
+            for _, first, last, start, stop in segments]
 
 
 def _gated(z: torch.Tensor, gates: Optional[torch.Tensor], r: int, scaling: float) -> torch.Tensor:
@@ -337,17 +340,16 @@ class CLoRAELinear(nn.Module):
         return self._forward(x, task_ids, None)
 
     def _forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor], cast) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
         params = {name: getattr(self, name) for name in ("expert_A", "expert_B", "gate")}
         if cast is not None:
             params = {name: p if p is None else p.to(cast) for name, p in params.items()}
-            base_out = F.linear(x.reshape(-1, x.shape[-1]), self.base.weight.to(cast),
-                                None if self.base.bias is None else self.base.bias.to(cast))
+            base_out = F.linear(x2, self.base.weight.to(cast), None if self.base.bias is None else self.base.bias.to(cast))
         else:
-            base_out = self.base(x.reshape(-1, x.shape[-1]))
-        x2 = x.reshape(-1, x.shape[-1])
+            base_out = self.base(x2)
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
-        column_mask = one_hot = token_mask = None
+        column_mask = one_hot = token_mask = segments = None
         if self.task_rank:
             if task_ids is not None:
                 routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
@@ -357,18 +359,18 @@ class CLoRAELinear(nn.Module):
                 raise RoutingError("this C-LoRAE layer needs task ids: call it with task_ids= or inside "
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
             shape = (x.shape[0], x2.shape[0] // x.shape[0])
-            column_mask = routing.column_mask(*shape, self.universal_rank, self.task_rank, x.device, x.dtype)
+            path = self.config.expert_path
+            if path == "auto":
+                path = "masked" if x.device.type == "cpu" else "own_task"
+            if path == "own_task":
+                segments = routing.segments(*shape, self.universal_rank, self.task_rank)
+            if segments is None:
+                column_mask = routing.column_mask(*shape, self.universal_rank, self.task_rank, x.device, x.dtype)
             token_mask = routing.token_mask(*shape, x.device, x.dtype)
             if self.gate is not None and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, torch.float32)
                 self.gate_token_count += routing.task_token_counts(*shape, x.device)
         dropout = self.config.dropout if self.training else 0.0
-        path = self.config.expert_path
-        if path == "auto":
-            path = "masked" if x.device.type == "cpu" else "own_task"
-        segments = routing.segments(*shape, self.universal_rank, self.task_rank) \
-            if self.task_rank and path == "own_task" else None
-        with_mim = self.config.uses_mim and self.training and torch.is_grad_enabled()
         if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
             y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
                                               segments, self.universal_rank, self.config.scaling, dropout)
@@ -378,7 +380,7 @@ class CLoRAELinear(nn.Module):
                                              dropout)
         if one_hot is not None:
             self.gate_task_sum += one_hot.t() @ gates[:, 1].float()
-        if with_mim:
+        if self.config.uses_mim and self.training and torch.is_grad_enabled():
             self._mim_terms.append(self._mim(z, params["expert_B"], segments, column_mask, token_mask, len(x2)))
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -395,12 +397,11 @@ class CLoRAELinear(nn.Module):
         r = self.universal_rank
         total = tokens if token_mask is None else token_mask.sum().clamp(min=1).float()
         terms = []
-        for task, first, last, start, stop in segments:
+        for _, first, last, start, stop in segments:
             mask = z.new_ones(stop - start, 1) if token_mask is None else token_mask[start:stop]
             real = mask.sum()
-            B_seg = expert_B[:, :last] if first == r else torch.cat([expert_B[:, :r], expert_B[:, first:last]], 1)
-            term = _MIMLoss.apply(z[start:stop], mask, B_seg, self.mim_scale, self.mim_shift, self.mim_var, r,
-                                  c.mim_detach_teacher, real.clamp(min=1).float())
+            term = _MIMLoss.apply(z[start:stop], mask, _own_columns(expert_B, r, first, last, 1), self.mim_scale,
+                                  self.mim_shift, self.mim_var, r, c.mim_detach_teacher, real.clamp(min=1).float())
             terms.append(term * (real / total))
         return torch.stack(terms).sum()
 

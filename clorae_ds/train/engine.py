@@ -252,7 +252,7 @@ class DeepSpeedRunner:
 
     def take_phase_seconds(self) -> dict:
         """Seconds spent in forward / backward / step since the last call (empty unless time_phases)."""
-        seconds, self.phase_seconds = getattr(self, "phase_seconds", {}), {}
+        seconds, self.phase_seconds = self.phase_seconds, {}
         return seconds
 
     def forward(self, **inputs):

@@ -246,7 +246,7 @@ class Trainer:
             report = self.end_epoch(state)
         return self._summary(state, report or self.evaluate(), start)
 
-    def train_step(self, batch: dict, state: "RunState", start: float) -> None:
+    def train_step(self, batch: dict, state: RunState, start: float) -> None:
         """One optimiser step: forward, L_MT + β·L_MIM, the one host sync every rank agrees on, backward, step."""
         config, runner = self.config, self.runner
         batch_ready = time.perf_counter()
@@ -284,7 +284,7 @@ class Trainer:
             self._log_interval(state, batch["skipped"], start)
         state.stop = state.stop or runner.global_step >= self.total_steps
 
-    def _log_interval(self, state: "RunState", skipped: dict, start: float) -> None:
+    def _log_interval(self, state: RunState, skipped: dict, start: float) -> None:
         """Means over the logging interval (values reach the host only here), metrics, the progress line and
         the `train` JSON event."""
         runner, means = self.runner, self.interval.take()
@@ -307,7 +307,7 @@ class Trainer:
                                 {"data_wait": means["data_wait"], **runner.take_phase_seconds()}.items()},
                  skipped=skipped)
 
-    def end_epoch(self, state: "RunState") -> dict:
+    def end_epoch(self, state: RunState) -> dict:
         """Evaluate; after a complete epoch, new task weights from rank 0's scores on every rank; save."""
         report = self.evaluate()
         if state.batch_in_epoch >= self.loader.batches_per_epoch:
@@ -326,7 +326,7 @@ class Trainer:
         self._save(report, state)
         return report
 
-    def _summary(self, state: "RunState", report: dict, start: float) -> dict:
+    def _summary(self, state: RunState, report: dict, start: float) -> dict:
         summary = {"event": "summary", "global_step": self.runner.global_step, "epochs": state.epoch,
                    "final_loss": self.interval.last_loss, "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
                    "dev_f1": {k: v["f1"] for k, v in report.items() if k != "All"}, "dev_all": report["All"],
@@ -370,19 +370,19 @@ class Trainer:
         return report
 
     # --- checkpoints -----------------------------------------------------------------------------------
-    def _client_state(self, state: "RunState") -> dict:
+    def _client_state(self, state: RunState) -> dict:
         return {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best_all": state.best_all,
                 "skipped_steps": state.skipped_steps, "aml": self.aml.state_dict(),
                 "adapter_config": self.adapter.to_dict() if self.adapter else None, "datasets": self.train_datasets}
 
-    def _checkpoint(self, state: "RunState") -> None:
+    def _checkpoint(self, state: RunState) -> None:
         """Trainable weights, optimizer, scheduler, RNG and the run's position (epoch, next batch, task weights):
         what --resume continues from exactly."""
         if self.config.output.save:
             self.runner.save(os.path.join(self.out, "checkpoints"), f"global_step{self.runner.global_step}",
                              self._client_state(state), self.config.output.keep_last)
 
-    def _save(self, report: dict, state: "RunState") -> None:
+    def _save(self, report: dict, state: RunState) -> None:
         """After an evaluation: a checkpoint, the adapter, and the best adapter so far."""
         runner = self.runner
         best = report["All"] > state.best_all
@@ -399,7 +399,7 @@ class Trainer:
                 json.dump({"run": self.config.to_dict(), "model": asdict(self.model_config)}, f, indent=1, default=str)
         runner.barrier()
 
-    def _resume(self) -> "RunState":
+    def _resume(self) -> RunState:
         fresh = RunState()
         if not self.resume:
             return fresh
