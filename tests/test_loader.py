@@ -90,6 +90,33 @@ def test_training_is_deterministic_and_mixes_by_ratio(tmp_path, tokenizer):
     assert all(i.startswith("mnre_v1") for b in only_relations.train_epoch(0) for i in b["ids"])
 
 
+def varied_tweets(n):
+    return [Record(f"twitter2015-{i}", "twitter2015", "mner", "entity",
+                   ("Kyrie", "Irving") + tuple(f"w{j}" for j in range(i % 13)), entities=(Entity("PER", 0, 2),))
+            for i in range(n)]
+
+
+def test_length_grouping_cuts_padding_keeps_samples_mix_and_resume(tmp_path, tokenizer):
+    train = {"twitter2015": shards(tmp_path, varied_tweets(40), "twitter2015", "train"),
+             "mnre_v1": shards(tmp_path, relations(20), "mnre_v1", "train")}
+    plain = MIELoader.Config(train=train, batch_size=4, num_workers=2, batches_per_epoch=30)
+    grouped = MIELoader.Config(**{**plain.__dict__, "length_group": 6})
+
+    def padding(batches):
+        masks = [b["attention_mask"] for b in batches]
+        return sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    loader, grouped_loader = plain.build(tokenizer, Encoding()), grouped.build(tokenizer, Encoding())
+    before, after = list(loader.train_epoch(0)), list(grouped_loader.train_epoch(0))
+    assert len(before) == len(after) == 30 and all(len(b["ids"]) == 4 for b in after)
+    assert padding(after) < 0.5 * padding(before)
+    # the same draws from the mix, only regrouped: every worker's pool of 6 batches holds the same samples
+    assert Counter(i for b in before for i in b["ids"]) == Counter(i for b in after for i in b["ids"])
+    first = [b["ids"] for b in after]
+    assert first == [b["ids"] for b in grouped_loader.train_epoch(0)]
+    assert [b["ids"] for b in grouped_loader.train_epoch(0, skip_batches=7)] == first[7:]
+
+
 def test_labels_inputs_and_causal_encoding(tmp_path, tokenizer):
     loader = config(tmp_path).build(tokenizer, Encoding())
     batch = next(iter(loader.eval_batches("twitter2015")))

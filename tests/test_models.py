@@ -186,6 +186,31 @@ def test_visual_side_leaves_imageless_samples_unchanged(tokenizer_dir):
     assert torch.isfinite(fused).all()
 
 
+@pytest.mark.parametrize("family, visual", [("t5", {"feature_dim": 8}), ("t5", {"feature_dim": 8, "vision_tower": "tiny"}),
+                                            ("llava", None)])
+def test_always_run_image_modules_runs_them_on_text_only_batches_without_changing_outputs(
+        family, visual, tokenizer_dir, llava_tokenizer_dir):
+    built = tiny(family, tokenizer=llava_tokenizer_dir if family == "llava" else tokenizer_dir, adapter={"rank": 6},
+                 **({"visual": visual} if visual else {}))
+    model = built.model.eval()
+    randomize_adapter(model)
+    image_modules = model.visual if visual else model.lm.model.vision_tower
+    calls = []
+    image_modules.register_forward_hook(lambda *_: calls.append(1))
+    ids, mask, labels = batch(built.tokenizer)
+    labels = ids if family == "llava" else labels
+    task_ids = torch.tensor([0, 1, 2])
+    outputs = []
+    for always in (False, True):
+        model.always_run_image_modules = always
+        with torch.no_grad():
+            outputs.append((model(ids, mask, labels=labels, task_ids=task_ids).logits,
+                            model.generate(ids, mask, task_ids=task_ids, max_new_tokens=3)))
+        assert len(calls) == (2 if always else 0)  # forward and generate each ran the visual side once
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    assert torch.equal(outputs[1][1], outputs[0][1])
+
+
 def test_visual_side_is_new_and_trains_fully_or_is_adapted(tokenizer_dir):
     trained = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}, visual={"feature_dim": 8, "vision_tower": "tiny"})
     params = dict(trained.model.named_parameters())

@@ -203,11 +203,12 @@ def _worker() -> tuple[int, int]:
 
 class _TrainStream(IterableDataset):
     def __init__(self, urls: dict[str, list[str]], weights: dict[str, float], encoder: SampleEncoder,
-                 batch_size: int, batches: int, shuffle_buffer: int, seed: int, rank: int, epoch: int):
+                 batch_size: int, batches: int, shuffle_buffer: int, seed: int, rank: int, epoch: int,
+                 length_group: int = 1):
         super().__init__()
         self.urls, self.weights, self.encoder = urls, weights, encoder
         self.batch_size, self.batches, self.shuffle_buffer = batch_size, batches, shuffle_buffer
-        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self.seed, self.rank, self.epoch, self.length_group = seed, rank, epoch, length_group
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
@@ -225,17 +226,28 @@ class _TrainStream(IterableDataset):
         names = list(streams)
         weights = [self.weights[n] for n in names]
         mixer = random.Random(f"{base}/mix")
-        for _ in range(quota):
+        batch_order = random.Random(f"{base}/batch_order")
+        produced = 0
+        while produced < quota:
+            # length_group batches' worth of samples drawn from the mix, sorted by length, cut into batches
+            # and yielded in random order: similar lengths share a batch, so less padding is computed.
+            batches = min(self.length_group, quota - produced)
             items = []
-            while len(items) < self.batch_size:
+            while len(items) < batches * self.batch_size:
                 sample = next(streams[mixer.choices(names, weights)[0]])
                 try:
                     items.append(self.encoder.encode(*self.encoder.decode(sample)))
                 except SampleError as err:
                     skips.sample(err)
-            batch = self.encoder.collate(items)
-            batch["skipped"] = skips.take()
-            yield batch
+            if batches > 1:
+                items.sort(key=lambda item: (len(item["input_ids"]), len(item["labels"])))
+            groups = [items[i * self.batch_size:(i + 1) * self.batch_size] for i in range(batches)]
+            batch_order.shuffle(groups)
+            for group in groups:
+                batch = self.encoder.collate(group)
+                batch["skipped"] = skips.take()
+                yield batch
+            produced += batches
 
 
 class _EvalStream(IterableDataset):
@@ -329,6 +341,7 @@ class MIELoader:
         eval_batch_size: int = 16
         num_workers: int = 2
         shuffle_buffer: int = 500
+        length_group: int = 1  # batches drawn together and sorted by input length (1: no length grouping)
         seed: int = 0
         batches_per_epoch: Optional[int] = None  # default: ceil(train samples / (world × batch size))
 
@@ -366,7 +379,8 @@ class MIELoader:
         if not self.train_urls:
             raise LoaderError("no train shards configured")
         stream = _TrainStream(self.train_urls, self.mix, self.encoder, self.config.batch_size,
-                              self.batches_per_epoch, self.config.shuffle_buffer, self.config.seed, self.rank, epoch)
+                              self.batches_per_epoch, self.config.shuffle_buffer, self.config.seed, self.rank, epoch,
+                              self.config.length_group)
         for index, batch in enumerate(self._loader(stream)):
             if index >= skip_batches:
                 yield batch

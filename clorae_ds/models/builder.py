@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..adapters import CLoRAEConfig, apply_clorae
@@ -16,6 +17,7 @@ from .visual import VisualConfig, VisualSide
 
 FAMILIES = ("t5", "encoder_decoder", "llava")
 IMAGE_TOKEN = "<image>"
+PRESET_SEED = 0
 
 # Linears adapted by default, per family (all attention and feed-forward projections of the language model).
 DEFAULT_TARGETS = {
@@ -87,7 +89,14 @@ class ModelConfig:
         """`tokenizer_texts` train the preset's tokenizer when `self.tokenizer` is unset; it is saved to
         `tokenizer_dir` (required then)."""
         tokenizer = self._tokenizer(tokenizer_texts, tokenizer_dir)
-        lm = _build_lm(self, tokenizer)
+        if self.preset is not None:
+            # A preset's random base weights are not saved with an adapter: drawn from a fixed seed, they are the
+            # same on every rank and in every process that reloads the adapter.
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                torch.manual_seed(PRESET_SEED)
+                lm = _build_lm(self, tokenizer)
+        else:
+            lm = _build_lm(self, tokenizer)
         visual = None
         if self.visual is not None:
             visual = VisualSide(VisualConfig(**self.visual), _hidden_size(lm))

@@ -27,6 +27,39 @@ class MIEModel(nn.Module):
     def is_seq2seq(self) -> bool:
         return self.family != "llava"
 
+    # Run the visual side for batches without images too (on a blank image with no image marked present, its
+    # output unused for LLaVA): every call then runs the same modules in the same order whatever the batch holds.
+    # Set by the engine under ZeRO-3, where a module's parameters are gathered by all ranks when it runs.
+    always_run_image_modules = False
+
+    def _blank_visual(self, input_ids, pixel_values, visual: dict) -> tuple:
+        """(pixel_values, visual) for encode(): a text-only batch gets blank images marked absent (or one zero
+        feature token, masked, when the visual side reads precomputed features)."""
+        if not self.always_run_image_modules or self.visual is None or pixel_values is not None \
+                or visual.get("visual_features") is not None:
+            return pixel_values, visual
+        batch, device = input_ids.shape[0], input_ids.device
+        absent = torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.visual.tower is not None:
+            size = self.visual.tower.config.image_size
+            return torch.zeros(batch, 3, size, size, device=device), {**visual, "image_present": absent}
+        features = torch.zeros(batch, 1, self.visual.config.feature_dim, device=device)
+        return None, {**visual, "visual_features": features, "visual_boxes": torch.zeros(batch, 1, 5, device=device),
+                      "visual_mask": absent[:, None]}
+
+    def _llava_images(self, pixel_values) -> dict:
+        """LLaVA's images encoded before the language model runs, passed as `mm_encoder_outputs` (transformers 5
+        runs the vision tower whenever `pixel_values` is passed, even as None)."""
+        if pixel_values is not None:
+            return {"mm_encoder_outputs": {"image": self.lm.get_image_features(pixel_values=pixel_values,
+                                                                               return_dict=True)}}
+        if self.always_run_image_modules:
+            size = self.lm.config.vision_config.image_size
+            dtype = next(self.lm.model.multi_modal_projector.parameters()).dtype  # no ZeRO-3 gather on access
+            self.lm.get_image_features(pixel_values=torch.zeros(1, 3, size, size, dtype=dtype,
+                                                                device=self.lm.device), return_dict=True)
+        return {}
+
     def _routing(self, task_ids, record_stats=False, token_masks=None):
         if task_ids is None:
             return contextlib.nullcontext()
@@ -63,7 +96,8 @@ class MIEModel(nn.Module):
         with self._routing(task_ids, record_routing, token_masks):
             if not self.is_seq2seq:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               **_images(pixel_values))
+                               **self._llava_images(pixel_values))
+            pixel_values, visual = self._blank_visual(input_ids, pixel_values, visual)
             encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
             return self.lm(encoder_outputs=encoded, attention_mask=attention_mask, labels=labels)
 
@@ -75,13 +109,9 @@ class MIEModel(nn.Module):
         with self._routing(task_ids, record_stats=True):
             if not self.is_seq2seq:
                 out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       **_images(pixel_values), **kwargs)
+                                       **self._llava_images(pixel_values), **kwargs)
                 return out[:, input_ids.shape[1]:]
+            pixel_values, visual = self._blank_visual(input_ids, pixel_values, visual)
             encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
             return self.lm.generate(encoder_outputs=encoded, attention_mask=attention_mask, **kwargs)
 
-
-def _images(pixel_values) -> dict:
-    """LLaVA's keyword for a batch's images, absent for a text-only batch: transformers 5 runs the vision
-    tower whenever `pixel_values` is passed, even as None."""
-    return {} if pixel_values is None else {"pixel_values": pixel_values}

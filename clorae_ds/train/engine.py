@@ -199,6 +199,7 @@ def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: in
     config = load_ds_config(ds_config_path, world_size)
     if config.get("zero_optimization", {}).get("stage", 0) < 3:
         return model, False
+    model.always_run_image_modules = True  # every rank gathers the visual side's parameters at every call
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine.module, True
 
@@ -212,6 +213,9 @@ class DeepSpeedRunner:
         self.phase_seconds: dict[str, float] = {}
         optimizer = torch.optim.AdamW(groups, betas=tuple(betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, decay))
+        # Under ZeRO-3 a module's parameters are gathered by all ranks when it runs: the visual side runs at
+        # every step, also on ranks whose micro-batch has no image, so the ranks' collectives match.
+        model.always_run_image_modules = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         # DeepSpeed unpickles its checkpoint files (weights_only=False); read them with the weights-only loader.

@@ -182,7 +182,8 @@ class Trainer:
             train=dict(config.data.train), dev=dict(config.data.dev), mix=config.data.mix,
             tasks=self.adapter.tasks if self.adapter else ["mner", "mre", "mee"],
             batch_size=self.ds_config["train_micro_batch_size_per_gpu"], eval_batch_size=config.eval.batch_size,
-            num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer, seed=config.seed,
+            num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
+            length_group=config.data.length_group, seed=config.seed,
             batches_per_epoch=config.data.batches_per_epoch)
         self.loader = loader_config.build(self.tokenizer, encoding, self.ctx.rank, self.ctx.world_size)
         self.datasets = self.loader.datasets
