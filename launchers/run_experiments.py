@@ -54,14 +54,23 @@ class Budget:
     epochs: int
     steps_per_epoch: Optional[int] = None  # None: one pass over the train samples
     minutes: Optional[float] = None  # per arm (None: no limit)
+    datasets: Optional[tuple] = None  # None: every dataset in SOURCES
+    equal_mix: bool = False  # sample the datasets equally (default: in proportion to their sizes)
+    batch_size: Optional[int] = None  # micro-batch per rank (None: the --deepspeed config's)
 
 
-BUDGETS = {"smoke": Budget(64, 32, 1, 8), "small": Budget(800, 200, 4, 150), "large": Budget(None, None, 20)}
+BUDGETS = {"smoke": Budget(64, 32, 1, 8), "small": Budget(800, 200, 4, 150),
+           # Long enough for the arms to learn the tasks on 2 CPU cores (both arms at once, one thread each, about
+           # 70 minutes): the full Twitter-2015 and MNRE-v2 train splits sampled equally, 4 x 150 steps of 32.
+           "medium": Budget(None, 400, 4, 150, datasets=("twitter2015", "mnre_v2"), equal_mix=True, batch_size=32),
+           "large": Budget(None, None, 20)}
 
 
-def build_all_shards(raw: str, out: str, train_n, dev_n) -> dict:
+def build_all_shards(raw: str, out: str, train_n, dev_n, datasets=None) -> dict:
     patterns = {"train": {}, "dev": {}}
     for dataset, files in SOURCES.items():
+        if datasets and dataset not in datasets:
+            continue
         for split, file, n in (("train", files[0], train_n), ("dev", files[1], dev_n)):
             index = os.path.join(out, f"{dataset}-{split}.index.json")
             if not os.path.isfile(index):
@@ -72,6 +81,19 @@ def build_all_shards(raw: str, out: str, train_n, dev_n) -> dict:
             count = len(json.load(open(index))["shards"])
             patterns[split][dataset] = os.path.join(out, f"{dataset}-{split}-{{000000..{count - 1:06d}}}.tar")
     return patterns
+
+
+def with_batch_size(ds_config: str, batch_size: int, out: str) -> str:
+    """A copy of the DeepSpeed config in OUT with the budget's micro-batch size."""
+    with open(ds_config) as f:
+        config = json.load(f)
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config.pop("train_batch_size", None)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"ds_config_batch{batch_size}.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return path
 
 
 def run_arms(arms: list, seed: int, patterns: dict, budget, out: str, args) -> list:
@@ -91,21 +113,30 @@ def run_arms(arms: list, seed: int, patterns: dict, budget, out: str, args) -> l
     return [rows[arm] for arm in arms]
 
 
+def arm_recipe(arm: str, seed: int, patterns: dict, budget: Budget, arm_dir: str, base: dict, extra=()) -> str:
+    """The arm's full recipe (YAML) under this budget: base, the arm's file, the budget, then `extra` overrides;
+    validated before any work."""
+    overrides = [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}",
+                 f"schedule.epochs={budget.epochs}", f"seed={seed}", f"output.dir={arm_dir}", "schedule.log_every=10"]
+    if budget.steps_per_epoch:  # micro-batches per rank; the runner's DeepSpeed configs accumulate 1
+        overrides.append(f"data.batches_per_epoch={budget.steps_per_epoch}")
+    if budget.minutes:
+        overrides.append(f"schedule.max_minutes={budget.minutes}")
+    if budget.datasets:  # the achievement weights' references of the trained datasets only
+        references = {d: f for d, f in (base.get("loss", {}).get("reference_f1") or {}).items() if d in budget.datasets}
+        overrides.append(f"loss.reference_f1={json.dumps(references)}")
+    if budget.equal_mix:
+        overrides.append(f"data.mix={json.dumps({dataset: 1.0 for dataset in patterns['train']})}")
+    recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
+    return yaml.safe_dump(load_config(recipe, overrides + list(extra), base=base).to_dict())
+
+
 def start_arm(arm: str, seed: int, patterns: dict, budget, out: str, args):
     """The finished row of an arm run earlier with the same recipe, or (arm_dir, process, log file, start)."""
-    epochs, steps_per_epoch, minutes = budget.epochs, budget.steps_per_epoch, budget.minutes
     arm_dir = os.path.join(out, f"{arm}-seed{seed}")
     with open(args.base) as f:
         base = yaml.safe_load(f)
-    overrides = [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}",
-                 f"schedule.epochs={epochs}", f"seed={seed}", f"output.dir={arm_dir}", "schedule.log_every=10"]
-    if steps_per_epoch:  # micro-batches per rank; the runner's DeepSpeed configs accumulate 1
-        overrides.append(f"data.batches_per_epoch={steps_per_epoch}")
-    if minutes:
-        overrides.append(f"schedule.max_minutes={minutes}")
-    overrides += args.set or []
-    recipe = os.path.join(ROOT, "experiments", f"{arm}.yaml")
-    merged = yaml.safe_dump(load_config(recipe, overrides, base=base).to_dict())  # validates before any work
+    merged = arm_recipe(arm, seed, patterns, budget, arm_dir, base, args.set or [])
     recipe_path, result_path = os.path.join(arm_dir, "recipe.yaml"), os.path.join(arm_dir, "result.json")
     if os.path.isfile(result_path):  # finished by an earlier, interrupted invocation: reuse if the recipe matches
         with open(recipe_path) as f:
@@ -233,7 +264,10 @@ def main(argv=None) -> int:
         return retabulate(out)
     budget = BUDGETS[args.budget]
     budget = replace(budget, epochs=args.epochs or budget.epochs, minutes=args.max_minutes or budget.minutes)
-    patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget.train_samples, budget.dev_samples)
+    patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget.train_samples, budget.dev_samples,
+                                budget.datasets)
+    if budget.batch_size:
+        args.deepspeed = with_batch_size(args.deepspeed, budget.batch_size, out)
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
     train_seen = subsample(train, budget.train_samples, seed=0)  # what the arms train on: the shards' subsample

@@ -54,6 +54,23 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
     assert json.loads((out / "results.json").read_text()) == results and (out / "results.md").read_text() == table
 
 
+def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import yaml
+    from run_experiments import BUDGETS, arm_recipe, with_batch_size
+
+    budget = BUDGETS["medium"]
+    patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in budget.datasets} for split in ("train", "dev")}
+    base = yaml.safe_load(open(os.path.join(ROOT, "experiments", "base.yaml")))
+    recipe = yaml.safe_load(arm_recipe("clorae", 1, patterns, budget, str(tmp_path / "arm"), base))
+    assert recipe["data"]["mix"] == {"twitter2015": 1.0, "mnre_v2": 1.0}
+    assert set(recipe["loss"]["reference_f1"]) == {"twitter2015", "mnre_v2"}  # only the trained datasets
+    assert recipe["data"]["batches_per_epoch"] == 150 and recipe["schedule"]["epochs"] == 4 and recipe["seed"] == 1
+    config = json.loads(open(with_batch_size(os.path.join(ROOT, "ds_configs", "zero0.json"), 32, str(tmp_path))).read())
+    assert config["train_micro_batch_size_per_gpu"] == 32
+    assert config["zero_optimization"] == json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))["zero_optimization"]
+
+
 def test_run_experiments_rejects_unknown_arms():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"),
                            "--arms", "clorae,dora"], capture_output=True, text=True, timeout=120)

@@ -275,6 +275,9 @@ def test_achievement_weights():
     ("schedule.epochs=2.5", "schedule.epochs: expected int, got 2.5"),
     ("model.family=llama", "model: unknown model family 'llama'"),
     ("model.adapter.rank=0", "model: rank must be a positive integer"),
+    ("loss.reference_f1={swig: 0.5}", "loss.reference_f1 names datasets that data.train does not train: ['swig']"),
+    ("loss.reference_f1={twitter2015: 75.9}", "loss.reference_f1 values must be F1 in (0, 1]"),
+    ("loss.margin=1", "loss.margin must be > 1"),
 ])
 def test_recipe_errors_name_the_key_before_any_work(override, message):
     from clorae_ds.train.config import ConfigError, load_config

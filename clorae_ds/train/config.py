@@ -204,6 +204,16 @@ def build_config(data: dict) -> RunConfig:
     config = RunConfig(**kwargs)
     if config.loss.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"loss.nonfinite must be stop or skip, got {config.loss.nonfinite!r}")
+    loss = config.loss
+    if loss.margin <= 1.0:
+        raise ConfigError(f"loss.margin must be > 1, got {loss.margin}")
+    untrained = sorted(set(loss.reference_f1) - set(config.data.train)) if config.data.train else []
+    if untrained:
+        raise ConfigError(f"loss.reference_f1 names datasets that data.train does not train: {untrained}")
+    bad = {name: value for name, value in loss.reference_f1.items()
+           if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1}
+    if bad:
+        raise ConfigError(f"loss.reference_f1 values must be F1 in (0, 1], got {bad}")
     if config.optim.decay not in ("linear", "cosine", "constant"):
         raise ConfigError(f"optim.decay must be linear, cosine or constant, got {config.optim.decay!r}")
     return config
