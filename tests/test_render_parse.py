@@ -48,25 +48,35 @@ def test_render_formats():
 
 
 @pytest.mark.parametrize("output, expected, counts", [
-    ("person : Kyrie Irving", [("entity", "PER", "kyrie irving")], (1, 0, 0)),
+    ("person : Kyrie Irving", [("entity", "PER", "kyrie irving")], (1, 0, 0, 0)),
     ("  PERSON:kyrie   irving ;location : new york;", [("entity", "PER", "kyrie irving"),
-                                                       ("entity", "LOC", "new york")], (2, 0, 0)),
-    ("person : o ' neil ; location : zurich", [("entity", "PER", "o ' neil"), ("entity", "LOC", "zurich")], (2, 0, 0)),
-    ("person : a : b", [("entity", "PER", "a : b")], (1, 0, 0)),  # the format's own ':' inside a span
-    ("person : (Kyrie", [("entity", "PER", "( kyrie")], (1, 0, 0)),  # unbalanced bracket: just text
-    ("animal : dog ; person : Kyrie", [("entity", "PER", "kyrie")], (1, 1, 0)),  # unknown label dropped, counted
-    ("person : Kyrie ; person :", [("entity", "PER", "kyrie")], (1, 0, 1)),  # truncated
-    ("person : Kyrie ; pers", [("entity", "PER", "kyrie")], (1, 0, 1)),
-    ("", [], (0, 0, 0)),
-    ("none", [], (0, 0, 0)),
-    ("NONE .", [], (0, 0, 0)),
-    (";;; : ;", [], (0, 0, 1)),
-    ("person : Kyrie ; person : Kyrie", [("entity", "PER", "kyrie")] * 2, (2, 0, 0)),  # duplicates kept
+                                                       ("entity", "LOC", "new york")], (2, 0, 0, 0)),
+    ("person : o ' neil ; location : zurich", [("entity", "PER", "o ' neil"), ("entity", "LOC", "zurich")], (2, 0, 0, 0)),
+    ("person : a : b", [("entity", "PER", "a : b")], (1, 0, 0, 0)),  # the format's own ':' inside a span
+    ("person : (Kyrie", [("entity", "PER", "( kyrie")], (1, 0, 0, 0)),  # unbalanced bracket: just text
+    ("animal : dog ; person : Kyrie", [("entity", "PER", "kyrie")], (1, 1, 0, 0)),  # unknown label dropped, counted
+    ("person : Kyrie ; person :", [("entity", "PER", "kyrie")], (1, 0, 1, 0)),  # truncated
+    ("person : Kyrie ; pers", [("entity", "PER", "kyrie")], (1, 0, 1, 0)),
+    ("", [], (0, 0, 0, 0)),
+    ("none", [], (0, 0, 0, 0)),
+    ("NONE .", [], (0, 0, 0, 0)),
+    (";;; : ;", [], (0, 0, 1, 0)),
+    ("person : Kyrie ; person : Kyrie ; person : Kyrie", [("entity", "PER", "kyrie")], (1, 0, 0, 2)),  # repeats
+    ("person : Bob ; person : Bob", [("entity", "PER", "bob")], (1, 0, 0, 1)),  # not in the input: once
+    ("person : Kyrie ; location : Kyrie", [("entity", "PER", "kyrie"), ("entity", "LOC", "kyrie")], (2, 0, 0, 0)),
 ])
 def test_parse_entities_robustly(output, expected, counts):
     stats = ParseStats()
     assert parse(output, tweet(), stats) == expected
-    assert (stats.items, stats.unknown_labels, stats.malformed) == counts
+    assert (stats.items, stats.unknown_labels, stats.malformed, stats.repeats) == counts
+
+
+def test_an_item_counts_as_often_as_its_span_occurs_in_the_input():
+    record = tweet(tokens=("Obama", "met", "Obama", "fans", "and", "Kyrie"))
+    stats = ParseStats()
+    output = "person : obama ; person : obama ; person : obama ; person : kyrie ; person : kyrie"
+    assert parse(output, record, stats) == [("entity", "PER", "obama")] * 2 + [("entity", "PER", "kyrie")]
+    assert stats.repeats == 2 and stats.items == 3
 
 
 def test_parse_relations_events_and_arguments():
@@ -117,7 +127,10 @@ def records(draw):
     spans = spans.filter(lambda p: p[1] <= n)
     kind = draw(st.sampled_from(["entity", "relation", "trigger", "argument"]))
     if kind == "entity":
-        entities = draw(st.lists(st.tuples(st.sampled_from(["PER", "LOC", "ORG", "MISC"]), spans), max_size=4))
+        # gold items at distinct positions (as in the real data: the parser counts an item at most as often as its
+        # span occurs in the input)
+        entities = draw(st.lists(st.tuples(st.sampled_from(["PER", "LOC", "ORG", "MISC"]), spans), max_size=4,
+                                 unique_by=lambda e: e[1]))
         return Record("h", "twitter2017", "mner", "entity", tokens, entities=tuple(Entity(t, *s) for t, s in entities))
     if kind == "relation":
         label = draw(st.one_of(st.none(), st.sampled_from(MNRE_LABELS)))
@@ -125,9 +138,11 @@ def records(draw):
                       relation=Relation(label, Span(*draw(spans)), Span(*draw(spans))))
     event_type = draw(st.sampled_from(sorted(ACE_ROLES)))
     if kind == "trigger":
-        events = draw(st.lists(st.tuples(st.sampled_from(sorted(ACE_ROLES)), spans), max_size=3))
+        events = draw(st.lists(st.tuples(st.sampled_from(sorted(ACE_ROLES)), spans), max_size=3,
+                               unique_by=lambda e: e[1]))
         return Record("h", "ace05", "mee", "trigger", tokens, events=tuple(Event(t, Span(*s)) for t, s in events))
-    arguments = draw(st.lists(st.tuples(st.sampled_from(ACE_ROLES[event_type]), spans), max_size=4))
+    arguments = draw(st.lists(st.tuples(st.sampled_from(ACE_ROLES[event_type]), spans), max_size=4,
+                              unique_by=lambda a: a[1]))
     return Record("h", "ace05", "mee", "argument", tokens, events=(
         Event(event_type, Span(*draw(spans)), tuple(Argument(r, *s) for r, s in arguments)),))
 

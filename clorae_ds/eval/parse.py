@@ -4,12 +4,14 @@ Tuples: ("entity", type, span), ("relation", label, head, tail), ("trigger", eve
 ("argument", event_type, role, span), labels as in the source data. Spans are normalised the same way on
 both sides — NFKC, accents stripped, case-folded, words and punctuation split by single spaces — because an
 uncased WordPiece decoder returns "o ' neil" for the token "O'Neil" and "zurich" for "Zürich".
-`parse` never raises on model output: unknown labels and malformed items are dropped and counted.
+`parse` never raises on model output: unknown labels and malformed items are dropped and counted, and so are
+repeats (an item listed more often than its span occurs in the input).
 """
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -23,6 +25,7 @@ class ParseStats:
     items: int = 0  # items kept
     unknown_labels: int = 0  # "words : span" whose words name no label of the schema
     malformed: int = 0  # items without a label, or with an empty span
+    repeats: int = 0  # items dropped as repeats: an item listed more often than its span occurs in the input
 
 
 def normalize_span(text: str) -> str:
@@ -81,7 +84,8 @@ def parse(text: str, record: Record, stats: ParseStats | None = None) -> list[tu
     all_labels, valid = _item_labels(record)
     words, pattern = _reader(all_labels)
     event_type = record.events[0].type if record.subtask == "argument" and record.events else None
-    tuples = []
+    text = normalize_span(" ".join(record.tokens))
+    tuples, kept, occurrences = [], Counter(), {}
     for segment in flat.split(";"):
         segment = segment.strip()
         if not segment:
@@ -98,11 +102,20 @@ def parse(text: str, record: Record, stats: ParseStats | None = None) -> list[tu
         if label not in valid:
             stats.unknown_labels += 1
             continue
-        stats.items += 1
         if record.subtask == "entity":
-            tuples.append(("entity", label, span))
+            item = ("entity", label, span)
         elif record.subtask == "trigger":
-            tuples.append(("trigger", label, span))
+            item = ("trigger", label, span)
         else:
-            tuples.append(("argument", event_type, label, span))
+            item = ("argument", event_type, label, span)
+        # Greedy decoding repeats items ("person : obama ; person : obama"): an item counts at most as often as
+        # its span occurs in the input (at least once), so a repeat is not a false positive of its own.
+        if span not in occurrences:  # word-aligned, overlapping ("0" occurs twice in "0 0")
+            occurrences[span] = len(re.findall(rf"(?<![^ ])(?={re.escape(span)}(?![^ ]))", text))
+        if kept[item] >= max(1, occurrences[span]):
+            stats.repeats += 1
+            continue
+        kept[item] += 1
+        stats.items += 1
+        tuples.append(item)
     return tuples
