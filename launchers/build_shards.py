@@ -12,20 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from clorae_ds.data import DATASETS, RecordError, load_raw  # noqa: E402
-from clorae_ds.data.shards import BuildStats, ShardWriterConfig, write_shards  # noqa: E402
-
-
-def subsample(records: list, n, seed: int) -> list:
-    """A seeded random subset of n records, in file order (all of them when n is None or not smaller)."""
-    if n is None or n >= len(records):
-        return records
-    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
+from clorae_ds.data.shards import BuildStats, ShardWriterConfig, subsample, write_shards  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -28,12 +29,13 @@ import torch  # noqa: E402
 
 from clorae_ds.adapters import AdapterConfigError, routing_stats  # noqa: E402
 from clorae_ds.data import Event, Record, Span  # noqa: E402
-from clorae_ds.data.loader import LoaderError, MIELoader  # noqa: E402
+from clorae_ds.data.loader import LoaderError, MIELoader, read_index  # noqa: E402
 from clorae_ds.eval import ParseStats, normalize_span, parse, score  # noqa: E402
 from clorae_ds.eval.generate import generate_rows, write_predictions  # noqa: E402
 from clorae_ds.eval.inference import InferenceError, encoding_for, load_trained  # noqa: E402
 from clorae_ds.eval.report import routing_report, table2_markdown, write_routing  # noqa: E402
 from clorae_ds.models import ModelBuildError  # noqa: E402
+from clorae_ds.progress import PROGRESS  # noqa: E402
 from clorae_ds.train.engine import (EngineConfigError, gather_objects, inference_engine, init_distributed,  # noqa: E402
                                    max_across_ranks, shutdown)
 
@@ -90,6 +92,19 @@ def second_stage(model, tokenizer, encoder, rows, device, batch_size, max_new_to
     return predicted
 
 
+def progress_line(dataset: str, pattern: str, ctx):
+    """Rank 0's progress on stderr: samples of this dataset generated (its own times the world size, the ranks
+    share the samples evenly), samples/s and the time left."""
+    total, start = read_index(pattern)["samples"], time.perf_counter()
+
+    def show(done: int) -> None:
+        done = min(total, done * ctx.world_size)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        PROGRESS.show(f"evaluate {dataset}: {done}/{total} samples, {rate:.1f} samples/s, "
+                      f"{(total - done) / max(rate, 1e-9):.0f} s left")
+    return show
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True)
@@ -126,7 +141,9 @@ def main(argv=None) -> int:
         stats, rows = ParseStats(), []
         for dataset in sorted(patterns):
             rows += generate_rows(model, built.tokenizer, loader.eval_batches(dataset), ctx.device, args.max_new_tokens,
-                                  args.num_beams, synced_gpus=zero3, stats=stats)
+                                  args.num_beams, synced_gpus=zero3, stats=stats,
+                                  progress=progress_line(dataset, patterns[dataset], ctx) if ctx.rank == 0 else None)
+        PROGRESS.clear()
         stage_two = {}
         if not args.gold_triggers:
             stage_two = second_stage(model, built.tokenizer, loader.encoder, rows, ctx.device, args.batch_size,

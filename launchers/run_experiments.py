@@ -30,13 +30,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from clorae_ds.data import load_raw  # noqa: E402
+from clorae_ds.data.shards import subsample  # noqa: E402
 from clorae_ds.eval.baselines import lookup_baseline  # noqa: E402
 from clorae_ds.eval.bootstrap import paired_bootstrap  # noqa: E402
 from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
-
-sys.path.insert(0, os.path.join(ROOT, "launchers"))
-from build_shards import main as build_shards_main, subsample  # noqa: E402
 
 REFERENCE_ARM = "clorae"  # the arm every other one is compared with
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
@@ -76,7 +74,7 @@ def build_all_shards(raw: str, out: str, train_n, dev_n, datasets=None) -> dict:
             if not os.path.isfile(index):
                 argv = ["--quiet", "--dataset", dataset, "--input", os.path.join(raw, file), "--split", split,
                         "--out", out, "--seed", "0"] + (["--sample", str(n)] if n else [])
-                if build_shards_main(argv) != 0:
+                if subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "build_shards.py"), *argv]).returncode:
                     raise SystemExit(f"building the {dataset} {split} shards from {raw}/{file} failed (see above)")
             count = len(json.load(open(index))["shards"])
             patterns[split][dataset] = os.path.join(out, f"{dataset}-{split}-{{000000..{count - 1:06d}}}.tar")

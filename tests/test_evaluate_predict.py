@@ -53,6 +53,8 @@ def test_evaluate_on_two_ranks_scores_every_sample_once(trained):
                            "--output", str(out), "--batch-size", "3", "--max-new-tokens", "8"],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0's progress line: 16 samples per dataset, 2 ranks of batches of 3 (not a terminal: one line each)
+    assert "evaluate twitter2015: 6/16 samples" in proc.stderr and "evaluate mnre_v1: 16/16 samples" in proc.stderr
     rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
     assert sorted(r["id"] for r in rows) == sorted([f"t{i}" for i in range(16)] + [f"r{i}" for i in range(16)])
     assert {"id", "input", "output", "predicted", "gold"} <= set(rows[0])

@@ -181,9 +181,16 @@ class _SkipCounter:
 
     def __init__(self):
         self.counts = Counter()
+        self.failed_shards: set[str] = set()
 
     def tar_handler(self, err: Exception) -> bool:
-        self.counts["corrupt_shard"] += 1
+        # webdataset reports one truncated shard twice: from the member read ("... @ <stream>") and again from
+        # the shard's iteration (the stream and url appended to the arguments). Each shard counts once a pass.
+        args = getattr(err, "args", ())
+        shard = str(args[-2]) if len(args) >= 3 else str(args[0] if args else err).rpartition(" @ ")[2]
+        if shard not in self.failed_shards:
+            self.failed_shards.add(shard)
+            self.counts["corrupt_shard"] += 1
         log.warning("skipping unreadable shard data: %s", err)
         return True
 

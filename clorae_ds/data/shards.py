@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import sys
 import tarfile
@@ -152,3 +153,10 @@ def write_shards(records: list[Record], out_dir: str, dataset: str, split: str, 
         return index
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def subsample(records: list, n, seed: int) -> list:
+    """A seeded random subset of n records, in file order (all of them when n is None or not smaller)."""
+    if n is None or n >= len(records):
+        return records
+    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -19,10 +19,10 @@ GENERATE_INPUTS = ("input_ids", "attention_mask", "task_ids", "pixel_values", "i
 @torch.no_grad()
 def generate_rows(model, tokenizer, batches: Iterable[dict], device, max_new_tokens: int, num_beams: int = 1,
                   synced_gpus: bool = False, limit_batches: Optional[int] = None,
-                  stats: Optional[ParseStats] = None) -> list[dict]:
+                  stats: Optional[ParseStats] = None, progress: Optional[Callable[[int], None]] = None) -> list[dict]:
     """One row per valid sample: id, score key, input, generated text, predicted and gold tuples, and the record
     itself. Every rank must call this with the same number of batches when `synced_gpus` (ZeRO-3): the loader
-    guarantees it."""
+    guarantees it. `progress` is called after each batch with the number of samples generated so far."""
     rows = []
     for index, batch in enumerate(batches):
         if limit_batches is not None and index >= limit_batches:
@@ -36,6 +36,8 @@ def generate_rows(model, tokenizer, batches: Iterable[dict], device, max_new_tok
                 rows.append({"id": record.id, "key": score_key(record), "input": render(record)[0],
                              "output": text, "predicted": parse(text, record, stats), "gold": gold_tuples(record),
                              "record": record})
+        if progress is not None:
+            progress(len(rows))
     return rows
 
 

@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from ..adapters import collect_mim_loss, save_adapter
 from ..adapters.config import CLoRAEConfig
 from ..data.loader import MIELoader
+from ..progress import PROGRESS
 from ..data.render import render
 from ..data.record import Record
 from ..eval import dataset_f1, score
@@ -40,29 +40,6 @@ class TrainingError(RuntimeError):
     pass
 
 
-class Progress:
-    """Rank 0's progress line on stderr: redrawn in place on a terminal (and wiped before each JSON log line,
-    so those stay whole lines of their own), one plain line per update otherwise."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.shown = stream, False
-
-    def show(self, text: str) -> None:
-        if self.stream.isatty():
-            self.stream.write(f"\r{text}\x1b[K")
-            self.shown = True
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
-
-
-PROGRESS = Progress()
 
 
 def log_json(**fields) -> None:
