@@ -5,6 +5,7 @@ results table (Markdown + JSON) with per-dataset dev F1, All, trainable paramete
 
     python launchers/run_experiments.py --budget small            # about 70 minutes on 2 CPU cores
     python launchers/run_experiments.py --budget smoke --arms clorae,lora
+    python launchers/run_experiments.py --budget medium --arms clorae,lora --lrs 4e-4,8e-4,1.6e-3 --seeds 0,1
     python launchers/run_experiments.py --budget large --seeds 0,1,2 --launcher "deepspeed --num_gpus 8" \
         --deepspeed ds_configs/zero2.json                                 # a GPU node: full splits, 20 epochs
 
@@ -94,21 +95,27 @@ def with_batch_size(ds_config: str, batch_size: int, out: str) -> str:
     return path
 
 
-def run_arms(arms: list, seed: int, patterns: dict, budget, out: str, args) -> list:
-    """Train each arm (reusing finished ones); with --parallel all of this seed's arms at once (one GPU holds
-    several small runs), else one after another."""
+def run_name(arm: str, lr: Optional[float]) -> str:
+    """A run of the matrix: the arm, and its learning rate when a grid is searched (`clorae-lr0.0008`)."""
+    return arm if lr is None else f"{arm}-lr{lr:g}"
+
+
+def run_arms(arms: list, lrs: list, seed: int, patterns: dict, budget, out: str, args) -> list:
+    """Train each arm at each learning rate (reusing finished runs); with --parallel all of this seed's runs at
+    once (one GPU holds several small runs), else one after another."""
     rows, pending = {}, []
     for arm in arms:
-        started = start_arm(arm, seed, patterns, budget, out, args)
-        if isinstance(started, dict):
-            rows[arm] = started
-        else:
-            pending.append((arm, *started))
-            if not args.parallel:
-                rows[arm] = finish_arm(*pending.pop(), seed)
-    for arm, arm_dir, proc, log, start in pending:
-        rows[arm] = finish_arm(arm, arm_dir, proc, log, start, seed)
-    return [rows[arm] for arm in arms]
+        for lr in lrs:
+            started = start_arm(arm, lr, seed, patterns, budget, out, args)
+            if isinstance(started, dict):
+                rows[run_name(arm, lr)] = started
+            else:
+                pending.append((arm, lr, *started))
+                if not args.parallel:
+                    rows[run_name(arm, lr)] = finish_arm(*pending.pop(), seed)
+    for arm, lr, arm_dir, proc, log, start in pending:
+        rows[run_name(arm, lr)] = finish_arm(arm, lr, arm_dir, proc, log, start, seed)
+    return [rows[run_name(arm, lr)] for arm in arms for lr in lrs]
 
 
 def arm_recipe(arm: str, seed: int, patterns: dict, budget: Budget, arm_dir: str, base: dict, extra=()) -> str:
@@ -129,12 +136,13 @@ def arm_recipe(arm: str, seed: int, patterns: dict, budget: Budget, arm_dir: str
     return yaml.safe_dump(load_config(recipe, overrides + list(extra), base=base).to_dict())
 
 
-def start_arm(arm: str, seed: int, patterns: dict, budget, out: str, args):
-    """The finished row of an arm run earlier with the same recipe, or (arm_dir, process, log file, start)."""
-    arm_dir = os.path.join(out, f"{arm}-seed{seed}")
+def start_arm(arm: str, lr: Optional[float], seed: int, patterns: dict, budget, out: str, args):
+    """The finished row of a run made earlier with the same recipe, or (run dir, process, log file, start)."""
+    arm_dir = os.path.join(out, f"{run_name(arm, lr)}-seed{seed}")
     with open(args.base) as f:
         base = yaml.safe_load(f)
-    merged = arm_recipe(arm, seed, patterns, budget, arm_dir, base, args.set or [])
+    merged = arm_recipe(arm, seed, patterns, budget, arm_dir, base,
+                        (args.set or []) + ([] if lr is None else [f"optim.lr={lr}"]))
     recipe_path, result_path = os.path.join(arm_dir, "recipe.yaml"), os.path.join(arm_dir, "result.json")
     if os.path.isfile(result_path):  # finished by an earlier, interrupted invocation: reuse if the recipe matches
         with open(recipe_path) as f:
@@ -142,7 +150,7 @@ def start_arm(arm: str, seed: int, patterns: dict, budget, out: str, args):
                 raise SystemExit(f"{arm_dir} holds a finished run of another recipe: remove it or choose another --out")
         print(f"reusing the finished {arm} (seed {seed}) in {arm_dir}", file=sys.stderr, flush=True)
         with open(result_path) as f:
-            return json.load(f)
+            return {"run": run_name(arm, lr), "lr": lr, **json.load(f)}
     os.makedirs(arm_dir, exist_ok=True)
     with open(recipe_path, "w") as f:
         f.write(merged)
@@ -155,27 +163,28 @@ def start_arm(arm: str, seed: int, patterns: dict, budget, out: str, args):
     return arm_dir, proc, log, time.time()
 
 
-def finish_arm(arm: str, arm_dir: str, proc, log, start: float, seed: int) -> dict:
+def finish_arm(arm: str, lr: Optional[float], arm_dir: str, proc, log, start: float, seed: int) -> dict:
     code = proc.wait()
     wall = time.time() - start
     log.close()
     if code != 0:
         raise SystemExit(f"arm {arm} seed {seed} failed; see {arm_dir}/train.log")
     with open(os.path.join(arm_dir, "train.log")) as f:
-        row = arm_row(arm, seed, f.read(), wall)
+        row = arm_row(arm, seed, f.read(), wall, lr)
     with open(os.path.join(arm_dir, "result.json"), "w") as f:
         json.dump(row, f, indent=1)
     print(json.dumps(row), flush=True)
     return row
 
 
-def arm_row(arm: str, seed: int, log: str, wall: float) -> dict:
+def arm_row(arm: str, seed: int, log: str, wall: float, lr: Optional[float] = None) -> dict:
     events = [json.loads(line[line.find('{"event"'):]) for line in log.splitlines() if '{"event"' in line]
     summary = next(e for e in events if e["event"] == "summary")
     model = next(e for e in events if e["event"] == "model")
     # the median over logging intervals: an interval slowed by another job on the machine does not skew it
     rates = [e["samples_per_s"] for e in events if e["event"] == "train"]
-    return {"arm": arm, "seed": seed, "dev_f1": summary["dev_f1"], "all": summary["dev_all"],
+    return {"arm": arm, "run": run_name(arm, lr), "lr": lr, "seed": seed, "dev_f1": summary["dev_f1"],
+            "all": summary["dev_all"],
             "trainable_params": model["trainable_params"], "world_size": model["world_size"],
             "samples_per_s": statistics.median(rates) if rates else None,
             "steps": summary["global_step"], "wall_seconds": round(wall, 1)}
@@ -188,25 +197,42 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def best_runs(results: list) -> dict:
+    """Each arm's run with the highest mean dev All over seeds (its best learning rate when a grid was searched)."""
+    best = {}
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        means = {}
+        for r in results:
+            if r["arm"] == arm:
+                means.setdefault(r["run"], []).append(r["all"])
+        best[arm] = max(means, key=lambda run: statistics.mean(means[run]))
+    return best
+
+
 def compare_with_reference(out: str, results: list) -> dict:
-    """Each arm's All minus the reference arm's (C-LoRAE), with a paired bootstrap interval over the dev samples,
-    from the arms' dev_predictions.jsonl; {} when the reference arm is not in the matrix."""
+    """Each arm's All minus the reference arm's (C-LoRAE), each at its best run, with a paired bootstrap interval
+    over the dev samples, from the runs' dev_predictions.jsonl; {} when the reference arm is not in the matrix."""
     if not any(r["arm"] == REFERENCE_ARM for r in results):
         return {}
+    best = best_runs(results)
     runs = {}
     for r in results:
-        path = os.path.join(out, f"{r['arm']}-seed{r['seed']}", "dev_predictions.jsonl")
-        runs.setdefault(r["arm"], []).append(read_predictions(path))
+        if r["run"] == best[r["arm"]]:
+            path = os.path.join(out, f"{r['run']}-seed{r['seed']}", "dev_predictions.jsonl")
+            runs.setdefault(r["arm"], []).append(read_predictions(path))
     return {arm: paired_bootstrap(rows, runs[REFERENCE_ARM]) for arm, rows in runs.items() if arm != REFERENCE_ARM}
 
 
 def table(results: list, baseline: dict, budget_name: str, comparison: dict) -> str:
     keys = sorted({k for r in results for k in r["dev_f1"]})
+    best = best_runs(results)
+    grid = len({r["run"] for r in results}) > len(best)
     lines = [f"## Results ({budget_name} budget)", "",
-             "| arm | " + " | ".join(keys) + " | All | All − C-LoRAE [95 % CI] | trainable | samples/s | wall s |",
-             "|---|" + "---|" * (len(keys) + 5)]
-    for arm in dict.fromkeys(r["arm"] for r in results):
-        rows = [r for r in results if r["arm"] == arm]
+             "| arm | " + ("lr | " if grid else "") + " | ".join(keys) +
+             " | All | All − C-LoRAE [95 % CI] | trainable | samples/s | wall s |",
+             "|---|" + "---|" * (len(keys) + 5 + grid)]
+    for arm, run in best.items():
+        rows = [r for r in results if r["run"] == run]
         cells = []
         for key in keys:
             m, s = mean_std([100 * r["dev_f1"].get(key, 0.0) for r in rows])
@@ -218,8 +244,21 @@ def table(results: list, baseline: dict, budget_name: str, comparison: dict) -> 
         versus = comparison.get(arm)
         versus_text = "—" if versus is None else \
             f"{versus['difference']:+.1f} [{versus['low']:+.1f}, {versus['high']:+.1f}]"
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {versus_text} | "
+        lr_cell = f"{rows[0]['lr']:g} | " if grid else ""
+        lines.append(f"| {arm} | {lr_cell}" + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {versus_text} | "
                      f"{rows[0]['trainable_params'] / 1e6:.2f}M | {rate_text} | {wall:.0f} |")
+    if grid:
+        lrs = sorted({r["lr"] for r in results})
+        lines += ["", "Learning-rate grid (adapter learning rate `optim.lr`; All, mean ± std over seeds); each arm "
+                  "is reported above at the learning rate with its best mean All on dev — chosen on the dev samples "
+                  "it is scored on, the same selection for every arm.", "",
+                  "| arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for arm in best:
+            cells = []
+            for lr in lrs:
+                m, s = mean_std([r["all"] for r in results if r["arm"] == arm and r["lr"] == lr])
+                cells.append("—" if m is None else f"{m:.1f} ± {s:.1f}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"Train-set lookup baseline, Twitter-2015 dev (the arms' dev subsample), from all "
               f"{baseline['train_samples']} train tweets: F1 {100 * baseline['any']:.1f} (any phrase tagged in train), "
               f"{100 * baseline['majority']:.1f} (phrases tagged in at least half of their train occurrences); from "
@@ -236,6 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--lrs", default=None,
+                        help="a learning-rate grid for optim.lr, e.g. 4e-4,8e-4,1.6e-3: every arm runs at each, and "
+                             "is reported at its best (default: the recipe's learning rate)")
     parser.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "raw"))
     parser.add_argument("--out", default=None, help="default runs/experiments-BUDGET")
     parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"))
@@ -257,6 +299,10 @@ def main(argv=None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {ARMS}")
+    try:
+        lrs = [float(lr) for lr in args.lrs.split(",") if lr] if args.lrs else [None]
+    except ValueError:
+        parser.error(f"--lrs {args.lrs!r}: give comma-separated numbers, e.g. 4e-4,8e-4,1.6e-3")
     out = args.out or os.path.join(ROOT, "runs", f"experiments-{args.budget}")
     if args.retabulate:
         return retabulate(out)
@@ -276,7 +322,7 @@ def main(argv=None) -> int:
                 "train_samples": len(train), "train_subsample": len(train_seen)}
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        results += run_arms(arms, seed, patterns, budget, out, args)
+        results += run_arms(arms, lrs, seed, patterns, budget, out, args)
     write_results(out, args.budget, results, baseline)
     return 0
 
@@ -296,8 +342,9 @@ def retabulate(out: str) -> int:
         previous = json.load(f)
     results = []
     for row in previous["results"]:
-        with open(os.path.join(out, f"{row['arm']}-seed{row['seed']}", "train.log")) as f:
-            results.append(arm_row(row["arm"], row["seed"], f.read(), row["wall_seconds"]))
+        run = row.get("run", row["arm"])
+        with open(os.path.join(out, f"{run}-seed{row['seed']}", "train.log")) as f:
+            results.append(arm_row(row["arm"], row["seed"], f.read(), row["wall_seconds"], row.get("lr")))
     write_results(out, previous["budget"], results, previous["lookup_baseline_twitter2015"])
     return 0
 

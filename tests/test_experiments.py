@@ -2,6 +2,7 @@
 rendering from recorded benchmark output."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -69,6 +70,36 @@ def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_
     config = json.loads(open(with_batch_size(os.path.join(ROOT, "ds_configs", "zero0.json"), 32, str(tmp_path))).read())
     assert config["train_micro_batch_size_per_gpu"] == 32
     assert config["zero_optimization"] == json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))["zero_optimization"]
+
+
+def test_learning_rate_grid_reports_each_arm_at_its_best_rate(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    from run_experiments import best_runs, compare_with_reference, run_name, table
+
+    from clorae_ds.eval.generate import write_predictions
+
+    gold = [("entity", "PER", f"name{i}") for i in range(20)]
+    results = []
+    # (arm, lr, seed) -> how many of the 20 dev samples it gets right; lora is best at 1e-3, clorae at 2e-3
+    correct = {("lora", 1e-3, 0): 12, ("lora", 1e-3, 1): 14, ("lora", 2e-3, 0): 9, ("lora", 2e-3, 1): 11,
+               ("clorae", 1e-3, 0): 8, ("clorae", 1e-3, 1): 10, ("clorae", 2e-3, 0): 15, ("clorae", 2e-3, 1): 13}
+    for (arm, lr, seed), n in correct.items():
+        run_dir = tmp_path / f"{run_name(arm, lr)}-seed{seed}"
+        run_dir.mkdir()
+        rows = [{"id": f"t{i}", "key": "twitter2015", "input": "", "output": "",
+                 "predicted": [gold[i]] if i < n else [], "gold": [gold[i]]} for i in range(20)]
+        write_predictions(str(run_dir / "dev_predictions.jsonl"), rows)
+        f1 = n / (n + 20) * 2
+        results.append({"arm": arm, "run": run_name(arm, lr), "lr": lr, "seed": seed, "dev_f1": {"twitter2015": f1},
+                        "all": 100 * f1, "trainable_params": 1e6, "samples_per_s": 1.0, "wall_seconds": 1.0})
+    assert best_runs(results) == {"lora": "lora-lr0.001", "clorae": "clorae-lr0.002"}
+    comparison = compare_with_reference(str(tmp_path), results)
+    lora_mean = statistics.mean(r["all"] for r in results if r["run"] == "lora-lr0.001")
+    clorae_mean = statistics.mean(r["all"] for r in results if r["run"] == "clorae-lr0.002")
+    assert comparison["lora"]["difference"] == pytest.approx(lora_mean - clorae_mean)
+    text = table(results, {"train_samples": 9, "train_subsample": 4, "any": 0.3, "majority": 0.4, "any_subsample": 0.2}, "test", comparison)
+    assert "| lora | 0.001 |" in text and "| clorae | 0.002 |" in text  # each arm at its best rate
+    assert "| arm | 0.001 | 0.002 |" in text  # and the whole grid
 
 
 def test_run_experiments_rejects_unknown_arms():
