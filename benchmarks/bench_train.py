@@ -1,6 +1,8 @@
 """Training throughput of the embedded default (MiniLM encoder-decoder + C-LoRAE r16, batch 8) under the
 DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch loop on the same model and the
-same batches, measured one after the other in one run.
+same batches, and LoRA r16 (the universal expert alone, no MIM) under ZeRO-0 beside C-LoRAE: what a user pays
+per step for C-LoRAE (`clorae_over_lora_step`, seconds per step, C-LoRAE over LoRA). Measured one after the
+other in one run.
 
     python benchmarks/bench_train.py [--steps 15] [--rounds 3]
 
@@ -22,12 +24,14 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-ARMS = [("plain loop", "plain", None, 1), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 1),
-        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 1), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2),
-        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2)]
+# (label, loop, DeepSpeed config, ranks, adapter mode)
+ARMS = [("plain loop", "plain", None, 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 1, "clorae"),
+        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2, "clorae"),
+        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae"),
+        ("ZeRO-0, LoRA", "deepspeed", "zero0.json", 1, "universal_only")]
 
 
-def worker(mode: str, ds_config: str, steps: int) -> None:
+def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     import torch
     import transformers
 
@@ -40,7 +44,8 @@ def worker(mode: str, ds_config: str, steps: int) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(2 if world == 1 else 1)
     torch.manual_seed(0)
-    built = ModelConfig(family="encoder_decoder", pretrained="minilm", adapter={"rank": 16, "alpha": 32}).build()
+    built = ModelConfig(family="encoder_decoder", pretrained="minilm",
+                        adapter={"rank": 16, "alpha": 32, "mode": adapter_mode}).build()
     model = built.model.train()
     loader = MIELoader.Config(train=embedded_train_shards(), batch_size=8, num_workers=0,
                               batches_per_epoch=steps + 3).build(built.tokenizer, Encoding(drop_target_bos=True),
@@ -54,7 +59,7 @@ def worker(mode: str, ds_config: str, steps: int) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
 
         def step(batch):
-            loss = model(**batch).loss + 0.01 * collect_mim_loss(model)
+            loss = with_mim(model(**batch).loss, model)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -69,9 +74,13 @@ def worker(mode: str, ds_config: str, steps: int) -> None:
                                  steps + 3, "constant", ctx)
 
         def step(batch):
-            loss = runner.forward(**batch).loss + 0.01 * collect_mim_loss(runner.module)
+            loss = with_mim(runner.forward(**batch).loss, runner.module)
             runner.backward(loss)
             runner.step()
+
+    def with_mim(loss, module):
+        mim = collect_mim_loss(module)  # None for LoRA
+        return loss if mim is None else loss + 0.01 * mim
 
     for batch in batches[:3]:
         step(batch)
@@ -97,16 +106,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", choices=["plain", "deepspeed"], help=argparse.SUPPRESS)
     parser.add_argument("--ds", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--adapter-mode", default="clorae", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.ds, args.steps)
+        worker(args.worker, args.ds, args.steps, args.adapter_mode)
         return 0
     env = {**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     runs = {i: [] for i in range(len(ARMS))}
     for _ in range(args.rounds):
-        for i, (label, mode, ds_config, ranks) in enumerate(ARMS):
-            cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps)] + \
-                (["--ds", ds_config] if ds_config else [])
+        for i, (label, mode, ds_config, ranks, adapter_mode) in enumerate(ARMS):
+            cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(args.steps),
+                   "--adapter-mode", adapter_mode] + (["--ds", ds_config] if ds_config else [])
             if ranks > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] + cmd[1:]
             proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1" if ranks > 1 else "2"}, capture_output=True,
@@ -117,7 +127,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"arm {label} x{ranks} failed")
             runs[i].append(json.loads(line[len("RESULT "):]))
     results = []
-    for i, (label, _, _, ranks) in enumerate(ARMS):
+    for i, (label, _, _, ranks, _) in enumerate(ARMS):
         rates = sorted(r["tokens_per_s"] for r in runs[i])
         results.append({"arm": label, "ranks": ranks, "tokens_per_s": statistics.median(rates),
                         "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs[i]),
@@ -128,8 +138,11 @@ def main(argv=None) -> int:
         print(f"{r['arm']:20s} {r['ranks']:5d} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:8.3f} "
               f"{r['tokens_per_s'] / plain:9.3f}")
     overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
-                for r in results if r["ranks"] == 1 and r["arm"] != "plain loop"}
+                for r in results if r["ranks"] == 1 and r["arm"].startswith("DeepSpeed")}
+    clorae = next(r for r in results if r["arm"] == "DeepSpeed ZeRO-0" and r["ranks"] == 1)
+    lora = next(r for r in results if r["arm"] == "ZeRO-0, LoRA")
     print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds,
+                      "clorae_over_lora_step": round(clorae["seconds_per_step"] / lora["seconds_per_step"], 4),
                       "arms": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
     return 0
 
