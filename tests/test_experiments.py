@@ -86,7 +86,7 @@ def test_learning_rate_grid_reports_each_arm_at_its_best_rate(tmp_path):
     for (arm, lr, seed), n in correct.items():
         run_dir = tmp_path / f"{run_name(arm, lr)}-seed{seed}"
         run_dir.mkdir()
-        rows = [{"id": f"t{i}", "key": "twitter2015", "input": "", "output": "",
+        rows = [{"id": f"t{i}", "key": "twitter2015", "input": f"Give the text: name{i} Please extract", "output": "",
                  "predicted": [gold[i]] if i < n else [], "gold": [gold[i]]} for i in range(20)]
         write_predictions(str(run_dir / "dev_predictions.jsonl"), rows)
         f1 = n / (n + 20) * 2

@@ -19,6 +19,16 @@ LABEL_SEPARATOR = " : "
 EMPTY = "none"
 
 
+INPUT_PREFIX, INPUT_TEXT_END = "Give the text: ", " Please extract"
+
+
+def text_of_input(source: str) -> str:
+    """The sample's text inside a rendered input (what `render` put between its prefix and the instruction)."""
+    if not source.startswith(INPUT_PREFIX) or INPUT_TEXT_END not in source:
+        raise ValueError(f"not a rendered input: {source[:80]!r}")
+    return source[len(INPUT_PREFIX):source.rindex(INPUT_TEXT_END)]
+
+
 def span_for_target(record: Record, start: int, end: int) -> str:
     return " ".join(record.tokens[start:end]).replace(";", "；")
 
@@ -35,20 +45,20 @@ def render(record: Record) -> tuple[str, str]:
         types = ", ".join(dict.fromkeys(words[t] for t in schema.entity_types))
         target = _items((words.get(e.type, e.type.lower()), span_for_target(record, e.start, e.end))
                         for e in record.entities)
-        return f"Give the text: {text} Please extract the following entity types: {types}", target
+        return f"{INPUT_PREFIX}{text}{INPUT_TEXT_END} the following entity types: {types}", target
     if record.subtask == "relation":
         relation = record.relation
         words = verbalizer(schema.relation_labels)
         head = record.span_text(relation.head.start, relation.head.end)
         tail = record.span_text(relation.tail.start, relation.tail.end)
         target = EMPTY if relation.label is None else words.get(relation.label, relation.label)
-        return f"Give the text: {text} Please extract the relation between: {head} and {tail}", target
+        return f"{INPUT_PREFIX}{text}{INPUT_TEXT_END} the relation between: {head} and {tail}", target
     type_words = verbalizer(schema.event_types)
     if record.subtask == "trigger":
         types = ", ".join(type_words[t] for t in schema.event_types)
         target = _items((type_words.get(e.type, e.type.lower()), span_for_target(record, e.trigger.start, e.trigger.end))
                         for e in record.events)
-        return f"Give the text: {text} Please extract the following event types: {types}", target
+        return f"{INPUT_PREFIX}{text}{INPUT_TEXT_END} the following event types: {types}", target
     if len(record.events) != 1:
         raise ValueError(f"record {record.id!r}: an argument record holds exactly one event, not {len(record.events)}")
     event = record.events[0]
@@ -57,5 +67,5 @@ def render(record: Record) -> tuple[str, str]:
     trigger = record.span_text(event.trigger.start, event.trigger.end)
     target = _items((role_words.get(a.role, a.role.lower()), span_for_target(record, a.start, a.end))
                     for a in event.arguments)
-    return (f"Give the text: {text} Please extract the arguments of the "
+    return (f"{INPUT_PREFIX}{text}{INPUT_TEXT_END} the arguments of the "
             f"{type_words.get(event.type, event.type.lower())} event triggered by: {trigger} with the roles: {roles}"), target

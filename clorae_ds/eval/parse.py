@@ -84,8 +84,7 @@ def parse(text: str, record: Record, stats: ParseStats | None = None) -> list[tu
     all_labels, valid = _item_labels(record)
     words, pattern = _reader(all_labels)
     event_type = record.events[0].type if record.subtask == "argument" and record.events else None
-    text = normalize_span(" ".join(record.tokens))
-    tuples, kept, occurrences = [], Counter(), {}
+    tuples = []
     for segment in flat.split(";"):
         segment = segment.strip()
         if not segment:
@@ -103,19 +102,32 @@ def parse(text: str, record: Record, stats: ParseStats | None = None) -> list[tu
             stats.unknown_labels += 1
             continue
         if record.subtask == "entity":
-            item = ("entity", label, span)
+            tuples.append(("entity", label, span))
         elif record.subtask == "trigger":
-            item = ("trigger", label, span)
+            tuples.append(("trigger", label, span))
         else:
-            item = ("argument", event_type, label, span)
-        # Greedy decoding repeats items ("person : obama ; person : obama"): an item counts at most as often as
-        # its span occurs in the input (at least once), so a repeat is not a false positive of its own.
-        if span not in occurrences:  # word-aligned, overlapping ("0" occurs twice in "0 0")
-            occurrences[span] = len(re.findall(rf"(?<![^ ])(?={re.escape(span)}(?![^ ]))", text))
-        if kept[item] >= max(1, occurrences[span]):
-            stats.repeats += 1
-            continue
+            tuples.append(("argument", event_type, label, span))
+    kept = cap_repeats(tuples, " ".join(record.tokens), stats)
+    stats.items += len(kept)
+    return kept
+
+
+def cap_repeats(items: list, text: str, stats: ParseStats | None = None) -> list:
+    """Greedy decoding repeats items ("person : obama ; person : obama"): each item is kept at most as often as
+    its span occurs in the input `text` (at least once), so a repeat is not a false positive of its own.
+    Relations (one per sample, spans from the input) pass unchanged."""
+    words = normalize_span(text)
+    occurrences, kept, out = {}, Counter(), []
+    for item in items:
+        item = tuple(item)
+        span = item[-1]
+        if item[0] != "relation":
+            if span not in occurrences:  # word-aligned, overlapping ("0" occurs twice in "0 0")
+                occurrences[span] = len(re.findall(rf"(?<![^ ])(?={re.escape(span)}(?![^ ]))", words))
+            if kept[item] >= max(1, occurrences[span]):
+                if stats is not None:
+                    stats.repeats += 1
+                continue
         kept[item] += 1
-        stats.items += 1
-        tuples.append(item)
-    return tuples
+        out.append(item)
+    return out
