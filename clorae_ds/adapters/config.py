@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..data.record import TASKS
+
 MODES = ("clorae", "universal_only", "task_only", "no_gate")
 EXPERT_PATHS = ("auto", "own_task", "masked")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -28,7 +30,7 @@ class CLoRAEConfig:
     """
 
     rank: int = 8
-    tasks: list[str] = field(default_factory=lambda: ["mner", "mre", "mee"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     alpha: float = 16.0
     dropout: float = 0.1
     target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "wi", "wo"])

@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 from .converters import ace05, conll, m2e2, mnre, swig
-from .record import DATASETS, Argument, Entity, Event, Record, RecordError, Relation, Span
+from .record import DATASETS, TASKS, Argument, Entity, Event, Record, RecordError, Relation, Span
 from .render import render
 
 READERS = {"twitter2015": conll.read, "twitter2017": conll.read, "snap": conll.read, "mnre_v1": mnre.read,
@@ -35,5 +35,5 @@ def load_raw(dataset: str, path: str, on_error: str = "fail", skipped: Optional[
     return records
 
 
-__all__ = ["DATASETS", "Argument", "Entity", "Event", "Record", "RecordError", "Relation", "Span", "load_raw",
+__all__ = ["DATASETS", "TASKS", "Argument", "Entity", "Event", "Record", "RecordError", "Relation", "Span", "load_raw",
            "render"]

@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .record import Record, RecordError
+from .record import TASKS, Record, RecordError
 from .render import render
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class MIELoader:
         train: dict = field(default_factory=dict)  # dataset → shard pattern (brace notation)
         dev: dict = field(default_factory=dict)
         mix: Optional[dict] = None  # dataset → weight; default: proportional to the datasets' sizes
-        tasks: list = field(default_factory=lambda: ["mner", "mre", "mee"])
+        tasks: list = field(default_factory=lambda: list(TASKS))
         batch_size: int = 8
         eval_batch_size: int = 16
         num_workers: int = 2

@@ -11,6 +11,7 @@ from typing import Optional
 
 DATASETS = ("twitter2015", "twitter2017", "snap", "mnre_v1", "mnre_v2", "m2e2", "ace05", "swig")
 SUBTASKS = {"mner": ("entity",), "mre": ("relation",), "mee": ("trigger", "argument")}
+TASKS = tuple(SUBTASKS)  # the task experts' default order
 
 
 class RecordError(ValueError):

@@ -39,7 +39,7 @@ def load_trained(adapter_dir: str, model_config: Optional[str] = None) -> tuple[
     return built, run
 
 
-def encoding_for(built: BuiltModel, max_input_length: int = 256, max_target_length: int = 64,
+def encoding_for(built: BuiltModel, max_input_length: Optional[int] = None, max_target_length: Optional[int] = None,
                  image_size: int = 224) -> Encoding:
     """How this model wants its inputs: seq2seq or causal, BERT-style labels, the vision tower's image size."""
     family = built.config.family
@@ -48,6 +48,8 @@ def encoding_for(built: BuiltModel, max_input_length: int = 256, max_target_leng
         image_size = visual.tower.config.image_size
     elif family == "llava":
         image_size = built.model.lm.config.vision_config.image_size
-    return Encoding(max_input_length=max_input_length, max_target_length=max_target_length,
+    lengths = {k: v for k, v in (("max_input_length", max_input_length), ("max_target_length", max_target_length))
+               if v is not None}  # unset: Encoding's defaults, the one source of them
+    return Encoding(**lengths,
                     causal=family == "llava", drop_target_bos=family == "encoder_decoder", image_size=image_size,
                     image_tokens=getattr(built.model.lm.config, "image_seq_length", 0) if family == "llava" else 0)

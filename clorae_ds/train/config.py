@@ -25,8 +25,8 @@ class DataConfig:
     # (yielded in random order): less padding computed. 1: each batch drawn on its own.
     length_group: int = 16
     batches_per_epoch: Optional[int] = None
-    max_input_length: int = 192
-    max_target_length: int = 48
+    max_input_length: Optional[int] = None  # tokens; None: the encoding's default (data.loader.Encoding)
+    max_target_length: Optional[int] = None
     image_size: int = 224
 
 

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from ..adapters import collect_mim_loss, save_adapter
 from ..adapters.config import CLoRAEConfig
 from ..data.loader import MIELoader
-from ..progress import PROGRESS
+from ..data.record import TASKS, Record
 from ..data.render import render
-from ..data.record import Record
 from ..eval import dataset_f1, score
 from ..eval.generate import GENERATE_INPUTS, generate_rows, write_predictions
 from ..eval.inference import encoding_for
 from ..models import ModelConfig
+from ..progress import PROGRESS
 from ..adapters import parameter_report, routing_stats
 from ..adapters.model import parameter_groups
 from ..eval.report import routing_report
@@ -157,7 +157,7 @@ class Trainer:
                                 config.data.image_size)
         loader_config = MIELoader.Config(
             train=dict(config.data.train), dev=dict(config.data.dev), mix=config.data.mix,
-            tasks=self.adapter.tasks if self.adapter else ["mner", "mre", "mee"],
+            tasks=self.adapter.tasks if self.adapter else list(TASKS),
             batch_size=self.ds_config["train_micro_batch_size_per_gpu"], eval_batch_size=config.eval.batch_size,
             num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
             length_group=config.data.length_group, seed=config.seed,
