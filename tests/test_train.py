@@ -382,6 +382,20 @@ def test_offload_config_trains_on_two_ranks(tmp_path, tokenizer_dir):
     assert len(steps(log)) == 4 and summary_of(log)["global_step"] == 4
 
 
+def test_final_loss_covers_a_run_shorter_than_one_logging_interval():
+    import torch
+    from clorae_ds.train.trainer import IntervalLog
+
+    log = IntervalLog(2, "cpu")
+    assert log.final_loss() is None  # no step yet
+    zeros = torch.zeros(2)
+    for value in (2.0, 4.0):
+        log.add(torch.tensor(value), zeros, zeros, None, samples=1, tokens=1, data_wait=0.0)
+    assert log.final_loss() == 3.0  # the steps since the last logged interval
+    log.take()
+    assert log.final_loss() == 3.0  # right after a log: that interval's mean
+
+
 def test_multi_task_loss_does_not_depend_on_the_batch_mix():
     import torch
     from clorae_ds.train.trainer import multi_task_loss, per_dataset_token_loss

@@ -79,6 +79,11 @@ class IntervalLog:
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + samples, self.tokens + tokens
         self.data_wait += data_wait
 
+    def final_loss(self) -> Optional[float]:
+        """The mean loss of the steps since the last logged interval, else of that interval (None: no step)."""
+        loss = float(self.loss) / self.steps if self.steps else self.last_loss
+        return None if math.isnan(loss) else loss
+
     def take(self) -> dict:
         """Interval means (loss, per-dataset token loss, MIM), this rank's samples/s and tokens/s, data wait."""
         elapsed, steps = max(time.perf_counter() - self.since, 1e-9), max(1, self.steps)
@@ -306,7 +311,7 @@ class Trainer:
 
     def _summary(self, state: RunState, report: dict, start: float) -> dict:
         summary = {"event": "summary", "global_step": self.runner.global_step, "epochs": state.epoch,
-                   "final_loss": self.interval.last_loss, "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
+                   "final_loss": self.interval.final_loss(), "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
                    "dev_f1": {k: v["f1"] for k, v in report.items() if k != "All"}, "dev_all": report["All"],
                    "adapter": os.path.join(self.out, "adapter"), "best_adapter": os.path.join(self.out, "adapter_best"),
                    "skipped_steps": state.skipped_steps, "train_seconds": round(time.time() - start, 1)}
