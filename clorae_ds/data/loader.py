@@ -211,7 +211,7 @@ def _worker() -> tuple[int, int]:
 class _TrainStream(IterableDataset):
     def __init__(self, urls: dict[str, list[str]], weights: dict[str, float], encoder: SampleEncoder,
                  batch_size: int, batches: int, shuffle_buffer: int, seed: int, rank: int, epoch: int,
-                 length_group: int = 1):
+                 length_group: int):
         super().__init__()
         self.urls, self.weights, self.encoder = urls, weights, encoder
         self.batch_size, self.batches, self.shuffle_buffer = batch_size, batches, shuffle_buffer

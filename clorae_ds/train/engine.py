@@ -190,6 +190,10 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: int) -> tuple[torch.nn.Module, bool]:
     """The model for inference under a DeepSpeed config: (module, zero3). ZeRO-3 partitions the parameters across
     ranks; stages 0-2 shard only optimizer state and gradients, which inference has none of, so the model stays
@@ -197,7 +201,7 @@ def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: in
     import deepspeed
 
     config = load_ds_config(ds_config_path, world_size)
-    if config.get("zero_optimization", {}).get("stage", 0) < 3:
+    if zero_stage(config) < 3:
         return model, False
     model.always_run_image_modules = True  # every rank gathers the visual side's parameters at every call
     engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -215,7 +219,7 @@ class DeepSpeedRunner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, decay))
         # Under ZeRO-3 a module's parameters are gathered by all ranks when it runs: the visual side runs at
         # every step, also on ranks whose micro-batch has no image, so the ranks' collectives match.
-        model.always_run_image_modules = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        model.always_run_image_modules = zero_stage(ds_config) == 3
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         # DeepSpeed unpickles its checkpoint files (weights_only=False); read them with the weights-only loader.
