@@ -153,7 +153,7 @@ def start_arm(arm: str, lr: Optional[float], seed: int, patterns: dict, budget, 
                 raise SystemExit(f"{arm_dir} holds a finished run of another recipe: remove it or choose another --out")
         print(f"reusing the finished {arm} (seed {seed}) in {arm_dir}", file=sys.stderr, flush=True)
         with open(result_path) as f:
-            return {"run": run_name(arm, lr), "lr": lr, **json.load(f)}
+            return {**json.load(f), "run": run_name(arm, lr), "lr": lr}  # named by where it lies now
     os.makedirs(arm_dir, exist_ok=True)
     with open(recipe_path, "w") as f:
         f.write(merged)

@@ -1,5 +1,6 @@
 """The training job end to end: real DeepSpeed (deepspeed launcher and torchrun, 2 ranks, gloo on CPU),
 a tiny T5 with C-LoRAE on shards the test writes, checked through the job's JSON log lines."""
+import glob
 import json
 import os
 import signal
@@ -106,7 +107,10 @@ def steps(log):
 @pytest.mark.parametrize("launcher, ds_config", [("deepspeed", "zero2.json"), ("deepspeed", "zero3.json"),
                                                  ("torchrun", "zero0.json")])
 def test_two_ranks_train_evaluate_broadcast_and_export(launcher, ds_config, tmp_path, tokenizer_dir):
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     log = train(launcher, ds_config, recipe(tmp_path, tokenizer_dir, schedule={"epochs": 3}))
+    # DeepSpeed's CPU shared-memory allreduce segments (~70 MB per rank) do not outlive the run
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
     losses = steps(log)
     assert len(losses) == 24  # 3 epochs x 8 micro-batches per rank, one optimiser step each
     first, last = sum(list(losses.values())[:3]), sum(list(losses.values())[-3:])

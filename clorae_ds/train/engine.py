@@ -54,6 +54,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce (used when the launcher says every rank is on this machine) creates a
+    /dev/shm segment of ~70 MB per rank and never unlinks it: every run would leave its segments in memory until
+    reboot. Once every rank has mapped every segment (init_distributed returned on all of them: the barrier),
+    unlinking our name lets the memory go when the last rank exits, however it exits."""
+    torch.distributed.barrier()
+    env = os.environ
+    path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                                    f"{env.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def init_distributed(timeout_s: int) -> DistContext:
     """Join (or, for a plain single process, create) the process group. Works under the deepspeed launcher,
     torchrun and srun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID when the launcher set nothing else)."""
@@ -73,6 +88,8 @@ def init_distributed(timeout_s: int) -> DistContext:
         env["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    if not cuda:
+        _unlink_shm_allreduce_buffer(torch.distributed.get_rank())
     local_rank = int(env.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
