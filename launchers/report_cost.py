@@ -1,6 +1,6 @@
 """Trainable parameters and forward / forward+backward FLOPs per method — full fine-tuning, vanilla LoRA (rank
 r) and C-LoRAE (rank r, MIM on) — in the layout of the paper's Table 5, counted by torch.utils.flop_counter on
-a batch of 1 with an input of 256 tokens and a target of 64 tokens.
+a batch of 1 (--batch) with an input of 256 tokens and a target of 64 tokens.
 
     python launchers/report_cost.py --model t5-base [--rank 128]     # shapes only: t5-base, t5-large, tiny
     python launchers/report_cost.py --model models/flan-t5-base      # a local T5 directory
@@ -64,16 +64,17 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=IN_PLACE_MATMULS)
 
 
-def measure(model: MIEModel, input_len: int, target_len: int) -> dict:
+def measure(model: MIEModel, input_len: int, target_len: int, batch: int = 1) -> dict:
     vocab, device = model.lm.config.vocab_size, next(model.parameters()).device
-    ids = torch.randint(1, vocab, (1, input_len), device=device)
-    labels = torch.randint(1, vocab, (1, target_len), device=device)
+    ids = torch.randint(1, vocab, (batch, input_len), device=device)
+    labels = torch.randint(1, vocab, (batch, target_len), device=device)
+    task_ids = torch.arange(batch) * 3 // batch  # the three tasks in equal shares, sorted as the collator sorts them
 
     def run():
         if device.type == "meta":  # transformers inspects masks on the host (.item()): none on meta, all tokens real
-            with task_routing(model, torch.tensor([0])):
+            with task_routing(model, task_ids):
                 return model.lm(input_ids=ids, labels=labels)
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=torch.tensor([0]))
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=task_ids)
 
     model.train()
     with flop_counter() as forward_counter:
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=None, help="default: 128 for t5-base, 64 otherwise (the paper's)")
     parser.add_argument("--input-length", type=int, default=256)
     parser.add_argument("--target-length", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="samples per step, the three tasks in equal shares (MIM's d_out·K² terms are per step)")
     parser.add_argument("--expert-path", choices=["own_task", "masked"], default="own_task",
                         help="the C-LoRAE path counted (own_task: what a GPU runs, the fewest FLOPs)")
     args = parser.parse_args(argv)
@@ -106,8 +109,8 @@ def main(argv=None) -> int:
     rows = {}
     for method in ("full fine-tuning", "LoRA", "C-LoRAE"):
         rows[method] = measure(build(args.model, method, rank, args.expert_path), args.input_length,
-                               args.target_length)
-    print(f"{args.model}, rank {rank}, batch 1, input {args.input_length}, target {args.target_length} tokens, "
+                               args.target_length, args.batch)
+    print(f"{args.model}, rank {rank}, batch {args.batch}, input {args.input_length}, target {args.target_length} tokens, "
           f"C-LoRAE {args.expert_path} path")
     print("| method | trainable params | fwd GFLOPs | fwd+bwd GFLOPs |\n|---|---|---|---|")
     for method, r in rows.items():
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
           f"{rows['C-LoRAE']['mim_params']:,} parameters, make the rest)")
     flops = rows["C-LoRAE"]["forward_backward_gflops"] / rows["LoRA"]["forward_backward_gflops"]
     print(f"C-LoRAE / LoRA fwd+bwd FLOPs: {flops:.3f}")
-    print(json.dumps({"model": args.model, "rank": rank, "expert_path": args.expert_path,
+    print(json.dumps({"model": args.model, "rank": rank, "batch": args.batch, "expert_path": args.expert_path,
                       "clorae_over_lora_flops": round(flops, 4),
                       "clorae_over_lora_trainable": round(ratio, 3),
                       "clorae_over_lora_expert_params": round(experts, 3), "methods": rows}))

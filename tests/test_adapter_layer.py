@@ -210,8 +210,9 @@ def test_bf16_parameters_with_an_fp32_buffer_train():
     assert torch.isfinite(layer.expert_B.grad.float()).all()
 
 
-def test_mim_teacher_detached_by_default():
-    layer = make_layer("clorae").train()
+@pytest.mark.parametrize("path", ["own_task", "masked"])
+def test_mim_teacher_detached_by_default(path):
+    layer = make_layer("clorae", expert_path=path).train()
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     layer(x, torch.tensor(ORDERS["sorted"]))
     collect_mim_loss(layer).backward()

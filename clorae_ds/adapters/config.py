@@ -46,8 +46,8 @@ class CLoRAEConfig:
     base_model_name: str = ""
     # How a batch's task experts run. own_task: each token through its own K = r + r_t columns (batches sorted
     # by task, as the collator delivers them; fewest FLOPs). masked: one pass over all R = r + N·r_t columns
-    # with a per-token column mask (fewest kernels; any order). auto: own_task on CUDA, masked on CPU, where it
-    # measured faster with MIM (benchmarks/bench_adapter.py). Unsorted batches always take the masked pass.
+    # with a per-token column mask (fewest kernels; any order). auto: the path measured fastest on the device, today
+    # own_task on CPU and CUDA (benchmarks/bench_adapter.py). Unsorted batches always take the masked pass.
     expert_path: str = "auto"
 
     def __post_init__(self):

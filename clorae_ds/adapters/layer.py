@@ -12,6 +12,14 @@ Either way every rank touches the same two tensors every step, and absent tasks'
 gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). Each path is one autograd
 Function with a hand-written backward: the delta is accumulated into the base output in place, and nothing is
 saved that autograd would not need.
+
+The MIM term (_MIMLoss, _OwnTaskMIMLoss) is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²)
+matmul work per layer call. Computing it elementwise from the universal and task outputs U and D instead (no
+extra matmul, ~27 passes over a (tokens, d_out) tensor in forward + backward) was implemented and measured slower
+at training shapes — 1.33× peft LoRA's step against 1.17× for the Gram form then, 1.09× once the own-task
+Gram blocks were shared (bench_adapter's shapes, 1 thread) — and on a GPU those
+passes are memory-bound where the Gram matmuls are not; it wins only on FLOP counts at a few hundred tokens per
+step, where the d_out·K² terms do not amortise.
 """
 from __future__ import annotations
 
@@ -218,13 +226,13 @@ class _MIMLoss(torch.autograd.Function):
         C = Z.t() @ Z
         column_sum = Z.sum(0)
         tokens, d_out = real_tokens, M.shape[0]
-        total = (WM.t() @ M).mul_(C).sum() + 2.0 * (WM.t() @ shift32).dot(column_sum) \
-            + tokens * (shift32 * shift32 * inv_var).sum()
+        G, lin = WM.t() @ M, WM.t() @ shift32  # kept for the backward: recomputing G would cost d_out·R² again
+        total = (G * C).sum() + 2.0 * lin.dot(column_sum) + tokens * (shift32 * shift32 * inv_var).sum()
         loss = 0.5 * (total / (tokens * d_out) + torch.log(variance).mean())
         # Only fresh tensors are saved, never a parameter: this backward runs early (the loss adds the MIM terms
         # last), before ZeRO-3 gathers the layer's partitioned parameters again for its own backward.
         ctx.save_for_backward(Z, column_mask, B[:, r:].clone(), scale32.clone(), shift32.clone(),
-                              torch.sigmoid(_at_least_fp32(var)), variance, M, C, column_sum,
+                              torch.sigmoid(_at_least_fp32(var)), variance, M, C, column_sum, G, lin,
                               torch.as_tensor(real_tokens, dtype=torch.float32, device=Z.device))
         ctx.param_dtype = expert_B.dtype
         ctx.universal_rank, ctx.detach_teacher, ctx.z_dtype = r, detach_teacher, z.dtype
@@ -232,13 +240,11 @@ class _MIMLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        Z, column_mask, task_B, scale, shift, var_slope, variance, M, C, column_sum, tokens = ctx.saved_tensors
+        Z, column_mask, task_B, scale, shift, var_slope, variance, M, C, column_sum, G, lin, tokens = ctx.saved_tensors
         r = ctx.universal_rank
         d_out = M.shape[0]
         inv_var = 1.0 / variance
         k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
-        WM = M * inv_var[:, None]
-        G, lin = WM.t() @ M, WM.t() @ shift
         grad_z = (Z @ G + lin) * k * _at_least_fp32(column_mask)  # d/dZ of ½·k·Σ vᵀWv, through the mask
         MC = M @ C
         Ms = M @ column_sum
@@ -257,6 +263,93 @@ class _MIMLoss(torch.autograd.Function):
         dtype = ctx.param_dtype
         return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype),
                 grad_scale.to(dtype), grad_shift.to(dtype), grad_var.to(dtype), None, None, None)
+
+
+class _OwnTaskMIMLoss(torch.autograd.Function):
+    """_MIMLoss for the own-task path's z (tokens, K = r + r_t), rows in task segments, summed over every segment
+    and normalised by all real tokens. Its Gram matrix is block-structured — a token's columns are the universal
+    ones and its own task's — so the blocks are computed once each: the universal block G_UU (shared by every
+    segment) once per layer, each task's [universal, task] and [task, task] blocks once for its segment. Against
+    a Gram per segment over all K columns this saves (N − 1)·d_out·r² in each direction."""
+
+    @staticmethod
+    def forward(ctx, z, token_mask, expert_B, scale, shift, var, segments, universal_rank, detach_teacher,
+                real_tokens):
+        r = universal_rank
+        Z = _at_least_fp32(z) if token_mask is None else _at_least_fp32(z) * _at_least_fp32(token_mask)
+        B = _at_least_fp32(expert_B)
+        scale32, shift32 = _at_least_fp32(scale), _at_least_fp32(shift)
+        variance = F.softplus(_at_least_fp32(var)) + MIM_EPS
+        inv_var = 1.0 / variance
+        M_U = -B[:, :r]
+        WM_U = M_U * inv_var[:, None]
+        G_UU, lin_U = WM_U.t() @ M_U, WM_U.t() @ shift32
+        Z_U = Z[:, :r]
+        C_UU, column_sum_U = Z_U.t() @ Z_U, Z_U.sum(0)
+        total = (G_UU * C_UU).sum() + 2.0 * lin_U.dot(column_sum_U) + real_tokens * (shift32 * shift32 * inv_var).sum()
+        blocks = []  # per segment: rows, task columns, B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t
+        for _, first, last, start, stop in segments:
+            B_t = B[:, first:last].clone()
+            M_t = B_t * scale32[:, None]
+            WM_t = M_t * inv_var[:, None]
+            G_Ut, G_tt, lin_t = WM_U.t() @ M_t, WM_t.t() @ M_t, WM_t.t() @ shift32
+            Z_sU, Z_sT = Z[start:stop, :r], Z[start:stop, r:]
+            C_Ut, C_tt, column_sum_t = Z_sU.t() @ Z_sT, Z_sT.t() @ Z_sT, Z_sT.sum(0)
+            total = total + 2.0 * (G_Ut * C_Ut).sum() + (G_tt * C_tt).sum() + 2.0 * lin_t.dot(column_sum_t)
+            blocks.append(((start, stop), (first, last), B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t))
+        d_out = B.shape[0]
+        loss = 0.5 * (total / (real_tokens * d_out) + torch.log(variance).mean())
+        # Fresh tensors only, never a parameter (see _MIMLoss); the per-segment blocks ride on ctx.
+        ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(_at_least_fp32(var)),
+                              variance, M_U, G_UU, lin_U, C_UU, column_sum_U, real_tokens)
+        ctx.blocks, ctx.B_shape = blocks, B.shape
+        ctx.param_dtype, ctx.z_dtype = expert_B.dtype, z.dtype
+        ctx.universal_rank, ctx.detach_teacher = r, detach_teacher
+        return loss.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        Z, token_mask, scale, shift, var_slope, variance, M_U, G_UU, lin_U, C_UU, column_sum_U, tokens = ctx.saved_tensors
+        r, d_out = ctx.universal_rank, M_U.shape[0]
+        inv_var = 1.0 / variance
+        k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
+        grad_z = torch.empty_like(Z)
+        grad_z[:, :r] = torch.addmm(lin_U, Z[:, :r], G_UU)
+        MC_U = M_U @ C_UU  # (M·C) on the universal columns, summed over the segments below
+        M_column_sum = M_U @ column_sum_U
+        grad_B = Z.new_zeros(ctx.B_shape)
+        grad_scale = torch.zeros_like(scale)
+        residual_sq = torch.zeros_like(shift)
+        task_grads = []
+        for (start, stop), (first, last), B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t in ctx.blocks:
+            Z_sU, Z_sT = Z[start:stop, :r], Z[start:stop, r:]
+            grad_z[start:stop, :r] += Z_sT @ G_Ut.t()
+            grad_z[start:stop, r:] = torch.addmm(lin_t, Z_sU, G_Ut).add_(Z_sT @ G_tt)
+            MC_U += M_t @ C_Ut.t()
+            MC_t = M_U @ C_Ut + M_t @ C_tt
+            M_column_sum += M_t @ column_sum_t
+            residual_sq += (MC_t * M_t).sum(1)
+            task_grads.append(((first, last), B_t, MC_t, column_sum_t))
+        grad_z = grad_z * k
+        if token_mask is not None:
+            grad_z = grad_z * _at_least_fp32(token_mask)
+        residual_sq += (MC_U * M_U).sum(1) + 2.0 * shift * M_column_sum + tokens * shift * shift  # Σ_t v_c²
+        weight = inv_var * k
+        grad_B[:, :r] = -(MC_U + shift[:, None] * column_sum_U[None, :]) * weight[:, None]
+        for (first, last), B_t, MC_t, column_sum_t in task_grads:
+            grad_M_t = (MC_t + shift[:, None] * column_sum_t[None, :]) * weight[:, None]
+            grad_B[:, first:last] = grad_M_t * scale[:, None]
+            grad_scale += (grad_M_t * B_t).sum(1)
+        grad_shift = (M_column_sum + tokens * shift) * weight
+        grad_inv_var = 0.5 * k * residual_sq
+        grad_variance = -grad_inv_var * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
+        grad_var = grad_variance * var_slope
+        if ctx.detach_teacher:
+            grad_z[:, :r] = 0
+            grad_B[:, :r] = 0
+        dtype = ctx.param_dtype
+        return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype), grad_scale.to(dtype), grad_shift.to(dtype),
+                grad_var.to(dtype), None, None, None, None)
 
 
 class CLoRAELinear(nn.Module):
@@ -360,8 +453,8 @@ class CLoRAELinear(nn.Module):
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
             shape = (x.shape[0], x2.shape[0] // x.shape[0])
             path = self.config.expert_path
-            if path == "auto":
-                path = "masked" if x.device.type == "cpu" else "own_task"
+            if path == "auto":  # own-task measured faster on CPU and CUDA alike (benchmarks/bench_adapter.py)
+                path = "own_task"
             if path == "own_task":
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:
@@ -386,24 +479,16 @@ class CLoRAELinear(nn.Module):
 
     def _mim(self, z, expert_B, segments, column_mask, token_mask, tokens):
         """This layer's MIM term over the real tokens (padding rows zeroed in the mask and left out of the
-        count). Own-task path: one exact term per task segment over its [universal | own task] columns,
-        weighted by the segment's share of the real tokens."""
+        count). Own-task path: the same sum over the task segments, with the Gram blocks each computed once."""
         c = self.config
         if segments is None:
             mask = column_mask if token_mask is None else column_mask * token_mask
             real = tokens if token_mask is None else token_mask.sum().clamp(min=1).float()
             return _MIMLoss.apply(z, mask, expert_B, self.mim_scale, self.mim_shift, self.mim_var,
                                   self.universal_rank, c.mim_detach_teacher, real)
-        r = self.universal_rank
-        total = tokens if token_mask is None else token_mask.sum().clamp(min=1).float()
-        terms = []
-        for _, first, last, start, stop in segments:
-            mask = z.new_ones(stop - start, 1) if token_mask is None else token_mask[start:stop]
-            real = mask.sum()
-            term = _MIMLoss.apply(z[start:stop], mask, _own_columns(expert_B, r, first, last, 1), self.mim_scale,
-                                  self.mim_shift, self.mim_var, r, c.mim_detach_teacher, real.clamp(min=1).float())
-            terms.append(term * (real / total))
-        return torch.stack(terms).sum()
+        real = z.new_tensor(float(tokens)) if token_mask is None else token_mask.sum().clamp(min=1).float()
+        return _OwnTaskMIMLoss.apply(z, token_mask, expert_B, self.mim_scale, self.mim_shift, self.mim_var, segments,
+                                     self.universal_rank, c.mim_detach_teacher, real.float())
 
     def pop_mim_terms(self) -> list[torch.Tensor]:
         terms, self._mim_terms = self._mim_terms, []
