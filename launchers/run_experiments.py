@@ -217,14 +217,17 @@ def mean_std(values):
 
 
 def best_runs(results: list) -> dict:
-    """Each arm's run with the highest mean dev All over seeds (its best learning rate when a grid was searched)."""
+    """Each arm's run with the highest mean dev All (its best learning rate when a grid was searched), compared on
+    the seeds every one of the arm's runs has: a rate run with more seeds is not judged on seeds the others lack."""
     best = {}
     for arm in dict.fromkeys(r["arm"] for r in results):
-        means = {}
+        by_run = {}
         for r in results:
             if r["arm"] == arm:
-                means.setdefault(r["run"], []).append(r["all"])
-        best[arm] = max(means, key=lambda run: statistics.mean(means[run]))
+                by_run.setdefault(r["run"], {})[r["seed"]] = r["all"]
+        shared = set.intersection(*(set(seeds) for seeds in by_run.values()))
+        best[arm] = max(by_run, key=lambda run: statistics.mean(
+            [all_ for seed, all_ in by_run[run].items() if seed in shared] or list(by_run[run].values())))
     return best
 
 
@@ -268,7 +271,8 @@ def table(results: list, baseline: dict, budget_name: str, comparison: dict) -> 
     if grid:
         lrs = sorted({r["lr"] for r in results})
         lines += ["", "Learning-rate grid (adapter learning rate `optim.lr`; All, mean ± std over seeds); each arm "
-                  "is reported above at the learning rate with its best mean All on dev — chosen on the dev samples "
+                  "is reported above at the learning rate with its best mean All on dev over the seeds all its rates share "
+                  "— chosen on the dev samples "
                   "it is scored on, the same selection for every arm.", "",
                   "| arm | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
         for arm in best:

@@ -93,6 +93,13 @@ def test_learning_rate_grid_reports_each_arm_at_its_best_rate(tmp_path):
         results.append({"arm": arm, "run": run_name(arm, lr), "lr": lr, "seed": seed, "dev_f1": {"twitter2015": f1},
                         "all": 100 * f1, "trainable_params": 1e6, "samples_per_s": 1.0, "wall_seconds": 1.0})
     assert best_runs(results) == {"lora": "lora-lr0.001", "clorae": "clorae-lr0.002"}
+    # A rate run on seed 0 only is compared with the others on seed 0, not with their mean over more seeds.
+    seed0, seed1 = results[0], results[1]  # lora at 1e-3, seed 0 and seed 1 (its better seed)
+    assert (seed0["seed"], seed1["seed"], seed0["run"], seed1["run"]) == (0, 1, "lora-lr0.001", "lora-lr0.001")
+    between = seed0["all"] + (seed1["all"] - seed0["all"]) / 4  # above 1e-3's seed 0, below its two-seed mean
+    assert best_runs(results + [{**seed0, "run": "lora-lr0.0005", "lr": 5e-4, "all": between}])["lora"] == "lora-lr0.0005"
+    below = seed0["all"] - 1
+    assert best_runs(results + [{**seed0, "run": "lora-lr0.0005", "lr": 5e-4, "all": below}])["lora"] == "lora-lr0.001"
     comparison = compare_with_reference(str(tmp_path), results)
     lora_mean = statistics.mean(r["all"] for r in results if r["run"] == "lora-lr0.001")
     clorae_mean = statistics.mean(r["all"] for r in results if r["run"] == "clorae-lr0.002")
