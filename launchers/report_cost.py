@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, parameter_report, task_routing  # noqa: E402
+from clorae_ds.data.record import TASKS  # noqa: E402
 from clorae_ds.models import DEFAULT_TARGETS, MIEModel  # noqa: E402
 
 SHAPES = {  # T5 v1.0 shapes (the paper's T5-base / T5-large rows); random weights: FLOPs do not depend on them
@@ -68,7 +69,7 @@ def measure(model: MIEModel, input_len: int, target_len: int, batch: int = 1) ->
     vocab, device = model.lm.config.vocab_size, next(model.parameters()).device
     ids = torch.randint(1, vocab, (batch, input_len), device=device)
     labels = torch.randint(1, vocab, (batch, target_len), device=device)
-    task_ids = torch.arange(batch) * 3 // batch  # the three tasks in equal shares, sorted as the collator sorts them
+    task_ids = torch.arange(batch) * len(TASKS) // batch  # the tasks in equal shares, sorted as the collator sorts them
 
     def run():
         if device.type == "meta":  # transformers inspects masks on the host (.item()): none on meta, all tokens real
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input-length", type=int, default=256)
     parser.add_argument("--target-length", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1,
-                        help="samples per step, the three tasks in equal shares (MIM's d_out·K² terms are per step)")
+                        help="samples per step, the tasks in equal shares (MIM's d_out·K² terms are per step)")
     parser.add_argument("--expert-path", choices=["own_task", "masked"], default="own_task",
                         help="the C-LoRAE path counted (own_task: what a GPU runs, the fewest FLOPs)")
     args = parser.parse_args(argv)
