@@ -2,24 +2,25 @@
 
 All experts of a layer are stored pre-fused: `expert_A` (R, d_in) and `expert_B` (d_out, R) with R = r + N·r_t
 columns laid out [universal | task 0 | ... | task N-1]. Two paths compute the same delta (config.expert_path):
-- own-task (_OwnTaskDelta): a batch sorted by task runs segment by segment through each task's K = r + r_t
-  columns [universal | own task], the fewest FLOPs;
-- masked (_CLoRAEDelta): any batch runs as one low-rank pass, z = drop(x)·Aᵀ over all R columns, each token's
+- own-task (_OwnTaskDelta + _OwnTaskMIMLoss): a batch sorted by task runs segment by segment through each
+  task's K = r + r_t columns [universal | own task], the fewest FLOPs;
+- masked (_MaskedDelta): any batch runs as one low-rank pass, z = drop(x)·Aᵀ over all R columns, each token's
   columns scaled by α/r times its gate weight and zeroed outside its own task (a per-token column mask built
-  once per step), y += (z ⊙ coef)·Bᵀ: a fixed handful of kernels whatever the task mix, at the price of N·r_t
-  instead of r_t task columns in the two thin matmuls.
+  once per step), y += (z ⊙ coef)·Bᵀ, and the MIM term in the same autograd node: a fixed handful of kernels
+  whatever the task mix, at the price of N·r_t instead of r_t task columns in the two thin matmuls. On CPU,
+  where per-kernel overhead dominates at small ranks, this is the faster path (`auto` takes it there).
 Either way every rank touches the same two tensors every step, and absent tasks' experts get exact zero
-gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). Each path is one autograd
-Function with a hand-written backward: the delta is accumulated into the base output in place, and nothing is
-saved that autograd would not need.
+gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). The low-rank work is written as
+autograd Functions with hand-written backwards: the delta is accumulated into the base output in place, and
+nothing is saved that autograd would not need. Products whose output is R (or K) wide pad the rank to a
+multiple of 8 on CPU (_thin_mm).
 
-The MIM term (_MIMLoss, _OwnTaskMIMLoss) is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²)
-matmul work per layer call. Computing it elementwise from the universal and task outputs U and D instead (no
-extra matmul, ~27 passes over a (tokens, d_out) tensor in forward + backward) was implemented and measured slower
-at training shapes — 1.33× peft LoRA's step against 1.17× for the Gram form then, 1.09× once the own-task
-Gram blocks were shared (bench_adapter's shapes, 1 thread) — and on a GPU those
-passes are memory-bound where the Gram matmuls are not; it wins only on FLOP counts at a few hundred tokens per
-step, where the d_out·K² terms do not amortise.
+The MIM term is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²) matmul work per layer
+call. Computing it elementwise from the universal and task outputs U and D instead (no extra matmul, ~27 passes
+over a (tokens, d_out) tensor in forward + backward) was implemented and measured slower at training shapes —
+1.33× peft LoRA's step against 1.17× for the Gram form then, 1.09× once the own-task Gram blocks were shared
+(bench_adapter's shapes, 1 thread) — and on a GPU those passes are memory-bound where the Gram matmuls are not;
+it wins only on FLOP counts at a few hundred tokens per step, where the d_out·K² terms do not amortise.
 """
 from __future__ import annotations
 
@@ -41,13 +42,37 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-class _CLoRAEDelta(torch.autograd.Function):
-    """y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and coef = column_mask ⊙ (α/r)·gate-per-column.
-    Returns (y, z, gates): z (tokens, R) is ungated (for the MIM loss); gates (tokens, 2) are for routing
-    statistics (not differentiable)."""
+def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """x·weightᵀ (rank_dim 0: weight is (R, d)) or x·weight (rank_dim 1: weight is (d, R)), a (tokens, R) result.
+    A rank R that is not a multiple of 8 is padded with zeros for the product and the pad sliced off: MKL runs
+    an output width of 31 or 85 up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide down-projection at
+    700 × 384 tokens: 461 µs against 229 µs padded, copy included). CPU only: not measured on other devices."""
+    rank = weight.shape[rank_dim]
+    pad = -rank % 8 if weight.device.type == "cpu" else 0
+    if pad:
+        zeros = weight.new_zeros((pad, weight.shape[1]) if rank_dim == 0 else (weight.shape[0], pad))
+        weight = torch.cat([weight, zeros], rank_dim)
+    out = x @ (weight.t() if rank_dim == 0 else weight)
+    return out[:, :rank] if pad else out
+
+
+class _MaskedDelta(torch.autograd.Function):
+    """The masked path, MIM included: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and
+    coef = column_mask ⊙ (α/r)·gate-per-column, and this layer's MIM term (method.md §2) when its regressor is
+    given — one autograd node, so the MIM gradient joins the delta's in one backward and no second node re-reads
+    the rank-space activations. Returns (y, gates, mim): gates (tokens, 2) for routing statistics (not
+    differentiable), mim a scalar or None.
+
+    MIM is the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²] with mu(D) = scale⊙D + shift and
+    σ² = softplus(var) + eps, computed exactly without a (tokens × d_out) tensor. With Z̃ = [z masked to each
+    token's own task columns | 1], both zero on padding (mim_mask), and M̃ = [−B_U, scale⊙B_task, shift], a real
+    token's residual is v = M̃·Z̃_t, so Σ_t vᵀWv = ⟨M̃ᵀWM̃, Z̃ᵀZ̃⟩ with W = diag(1/σ²): two (R+1)-square Gram
+    matrices, the shift and the token count riding in the extra column. Computed in fp32 at least: the expansion
+    cancels terms."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, gate, column_mask, gate_columns, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_scale, mim_shift, mim_var, column_mask, gate_columns,
+                mim_mask, real_tokens, scaling, dropout, universal_rank, detach_teacher):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
@@ -55,7 +80,7 @@ class _CLoRAEDelta(torch.autograd.Function):
             # A float mask, pre-scaled, as F.dropout builds it (CPU kernels multiply by a bool mask slowly).
             keep = torch.empty_like(x).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
             xd = x * keep
-        z = xd @ expert_A.t()
+        z = _thin_mm(xd, expert_A, 0)
         gates = None
         if gate is not None:
             gates = torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1).to(x.dtype)
@@ -66,29 +91,48 @@ class _CLoRAEDelta(torch.autograd.Function):
             coef = column_mask * scaling
         else:
             coef = None
-        base_out.addmm_(z * coef if coef is not None else z, expert_B.t(),
-                        alpha=1.0 if coef is not None else scaling)
+        zc = z * coef if coef is not None else z
+        base_out.addmm_(zc, expert_B.t(), alpha=1.0 if coef is not None else scaling)
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.mim_state = scaling, None
         ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, column_mask,
                               gate_columns, gates, coef, z)
-        return base_out, z, gates
+        mim = None
+        if mim_var is not None:
+            r, R = universal_rank, expert_A.shape[0]
+            Z = torch.cat([_at_least_fp32(z) * mim_mask[:, :R], mim_mask[:, R:]], 1)
+            B = _at_least_fp32(expert_B)
+            scale, shift = _at_least_fp32(mim_scale), _at_least_fp32(mim_shift)
+            M = torch.cat([-B[:, :r], B[:, r:] * scale[:, None], shift[:, None]], 1)
+            variance = F.softplus(_at_least_fp32(mim_var)) + MIM_EPS
+            WM = M * variance.reciprocal()[:, None]
+            C = Z.t() @ Z
+            G = WM.t() @ M  # kept for the backward: recomputing it would cost d_out·R² again
+            d_out = M.shape[0]
+            mim = (0.5 * ((G * C).sum() / (real_tokens * d_out) + torch.log(variance).mean())).to(z.dtype)
+            # Held on ctx, not saved tensors: all fresh; B_task is a copy, as ZeRO-3 may repartition B's storage.
+            ctx.mim_state = (Z, M, C, G, variance, torch.sigmoid(_at_least_fp32(mim_var)), B[:, r:].clone(),
+                             scale.clone(), mim_mask, real_tokens, r, detach_teacher, expert_B.dtype)
+        return base_out, gates, mim
 
     @staticmethod
-    def backward(ctx, grad_y, grad_z_extra, _grad_gates):
+    def backward(ctx, grad_y, _grad_gates, grad_mim):
         x, xd, keep, expert_A, expert_B, gate, column_mask, gate_columns, gates, coef, z = ctx.saved_tensors
         if xd is None:
             xd = x
         if grad_y is None:
             grad_y = x.new_zeros(x.shape[0], expert_B.shape[0])
-        grad_coefd = grad_y @ expert_B  # d loss / d (z ⊙ coef), (tokens, R)
+        grad_coefd = _thin_mm(grad_y, expert_B, 1)  # d loss / d (z ⊙ coef), (tokens, R)
         scaled = z * coef if coef is not None else z * ctx.scaling
         grad_B = (scaled.t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
         grad_z = grad_coefd * coef if coef is not None else grad_coefd * ctx.scaling
-        if grad_z_extra is not None:
-            grad_z = grad_z + grad_z_extra
+        grad_mim_params = (None, None, None)
+        if ctx.mim_state is not None and grad_mim is not None:
+            grad_z_mim, grad_B_mim, grad_mim_params = _masked_mim_backward(ctx.mim_state, grad_mim)
+            grad_z = grad_z + grad_z_mim.to(grad_z.dtype)
+            grad_B = grad_B + grad_B_mim.to(grad_B.dtype)
         grad_A = grad_z.t() @ xd
         grad_x = grad_gate = None
         if ctx.needs_input_grad[1]:
@@ -104,11 +148,32 @@ class _CLoRAEDelta(torch.autograd.Function):
             grad_gate = grad_logits.t() @ x
             if grad_x is not None:
                 grad_x.addmm_(grad_logits, gate)
-        return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
+        return (grad_y, grad_x, grad_A, grad_B, grad_gate, *grad_mim_params) + (None,) * 8
+
+
+def _masked_mim_backward(state, grad_mim):
+    """Gradients of the masked path's MIM term: (grad_z, grad_B, (grad_scale, grad_shift, grad_var))."""
+    Z, M, C, G, variance, var_slope, task_B, scale, mim_mask, tokens, r, detach_teacher, param_dtype = state
+    R, d_out = Z.shape[1] - 1, M.shape[0]
+    inv_var = variance.reciprocal()
+    k = _at_least_fp32(grad_mim) / (tokens * d_out)  # d mim / d Σ_t vᵀWv is k/2
+    grad_z = (Z @ (G[:, :R] * k)) * mim_mask[:, :R]  # d/dZ of ½·k·⟨G, ZᵀZ⟩, through the mask
+    MC = M @ C
+    grad_M = MC * (inv_var * k)[:, None]
+    residual_sq = (MC * M).sum(1)  # Σ_t v_c², per channel
+    grad_variance = (-0.5 * k) * residual_sq * inv_var * inv_var + _at_least_fp32(grad_mim) * 0.5 / (d_out * variance)
+    grad_task = grad_M[:, r:R]
+    grad_B = torch.cat([-grad_M[:, :r], grad_task * scale[:, None]], 1)
+    grad_scale = (grad_task * task_B).sum(1)
+    if detach_teacher:
+        grad_z[:, :r] = 0
+        grad_B[:, :r] = 0
+    return grad_z, grad_B, (grad_scale.to(param_dtype), grad_M[:, R].to(param_dtype),
+                            (grad_variance * var_slope).to(param_dtype))
 
 
 class _OwnTaskDelta(torch.autograd.Function):
-    """The delta of _CLoRAEDelta for a batch whose tasks come in contiguous row segments (the collator sorts
+    """The delta of _MaskedDelta for a batch whose tasks come in contiguous row segments (the collator sorts
     each batch by task): each segment runs through its own K = r + r_t columns [universal | own task] only,
     accumulated into the base output in place. Returns (y, z, gates) with z (tokens, K) each row's own
     columns (for the MIM loss); gates (tokens, 2) are for routing statistics (not differentiable)."""
@@ -126,12 +191,14 @@ class _OwnTaskDelta(torch.autograd.Function):
         if gate is not None:
             gates = torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1).to(x.dtype)
         views = _segment_views(segments, expert_A, expert_B, r)
-        z = x.new_empty(x.shape[0], views[0][2][0].shape[0])
+        K = r + segments[0][2] - segments[0][1]
+        z = x.new_empty(x.shape[0], views[0][2][0].shape[0])  # padded; the pad columns sliced off below
         for _, (start, stop), (A_seg, _) in views:
             torch.mm(xd[start:stop], A_seg.t(), out=z[start:stop])
+        z = z[:, :K]
         zc = _gated(z, gates, r, scaling)
         for _, (start, stop), (_, B_seg) in views:
-            base_out[start:stop].addmm_(zc[start:stop], B_seg.t())
+            base_out[start:stop].addmm_(zc[start:stop], B_seg[:, :K].t())
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
@@ -147,11 +214,14 @@ class _OwnTaskDelta(torch.autograd.Function):
         if grad_y is None:
             grad_y = x.new_zeros(x.shape[0], expert_B.shape[0])
         zc = _gated(z, gates, r, scaling)
-        grad_zc = torch.empty_like(z)
         grad_A, grad_B = torch.zeros_like(expert_A), torch.zeros_like(expert_B)
         views = _segment_views(ctx.segments, expert_A, expert_B, r)
-        for task_columns, (start, stop), (A_seg, B_seg) in views:
+        K = z.shape[1]
+        grad_zc = z.new_empty(z.shape[0], views[0][2][1].shape[1])
+        for _, (start, stop), (_, B_seg) in views:
             torch.mm(grad_y[start:stop], B_seg, out=grad_zc[start:stop])
+        grad_zc = grad_zc[:, :K]
+        for task_columns, (start, stop), (A_seg, B_seg) in views:
             grad_B_seg = (zc[start:stop].t() @ grad_y[start:stop]).t()  # (d_out, K)
             grad_B[:, :r] += grad_B_seg[:, :r]
             grad_B[:, task_columns] += grad_B_seg[:, r:]
@@ -164,7 +234,7 @@ class _OwnTaskDelta(torch.autograd.Function):
             grad_A[:r] += grad_A_seg[:r]
             grad_A[task_columns] += grad_A_seg[r:]
             if grad_x is not None:
-                torch.mm(grad_z[start:stop], A_seg, out=grad_x[start:stop])
+                torch.mm(grad_z[start:stop], A_seg[:K], out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
             grad_x.mul_(keep)
         grad_gate = None
@@ -179,15 +249,23 @@ class _OwnTaskDelta(torch.autograd.Function):
 
 
 def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int) -> torch.Tensor:
-    """[universal | one task's] columns of a fused expert tensor along `dim`: a view when adjacent (task 0),
-    a small copy otherwise."""
-    if first == r:
+    """[universal | one task's] columns of a fused expert tensor along `dim`, zero-padded to a multiple of 8 (see
+    _thin_mm): a view when adjacent (task 0) and already a multiple of 8, a small copy otherwise."""
+    width = r + last - first
+    pad = -width % 8 if fused.device.type == "cpu" else 0
+    if first == r and not pad:
         return fused.narrow(dim, 0, last)
-    return torch.cat([fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)], dim)
+    parts = [fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)]
+    if pad:
+        shape = list(fused.shape)
+        shape[dim] = pad
+        parts.append(fused.new_zeros(shape))
+    return torch.cat(parts, dim)
 
 
 def _segment_views(segments, expert_A, expert_B, r) -> list:
-    """Per segment: its task's columns (a slice), its rows, and (A_seg (K, d_in), B_seg (d_out, K))."""
+    """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')), K' the
+    segment's K = r + r_t columns padded to a multiple of 8 with zeros."""
     return [(slice(first, last), (start, stop),
              (_own_columns(expert_A, r, first, last, 0), _own_columns(expert_B, r, first, last, 1)))
             for _, first, last, start, stop in segments]
@@ -204,69 +282,8 @@ def _gated(z: torch.Tensor, gates: Optional[torch.Tensor], r: int, scaling: floa
     return out
 
 
-class _MIMLoss(torch.autograd.Function):
-    """The MIM term of one layer (method.md §2): mean over real tokens and channels of
-    ½[(mu(D) − U)²/σ² + log σ²] with mu(D) = scale⊙D + shift and σ² = softplus(var) + eps, computed exactly
-    without a (tokens × d_out) tensor. With Z = z masked to each token's own task columns (and to zero on
-    padding), M = [−B_U, scale⊙B_task] and W = diag(1/σ²), a real token's residual is v = M·Z_t + shift, so
-        Σ_t vᵀWv = ⟨MᵀWM, ZᵀZ⟩ + 2⟨MᵀW·shift, Σ_t Z_t⟩ + T·shiftᵀW·shift    (T real tokens).
-    The backward is written out (a few rank-space matmuls) rather than left to autograd, which would launch
-    several times more kernels. Computed in fp32 at least: the expansion cancels terms."""
-
-    @staticmethod
-    def forward(ctx, z, column_mask, expert_B, scale, shift, var, universal_rank, detach_teacher, real_tokens):
-        r = universal_rank
-        Z = _at_least_fp32(z) * _at_least_fp32(column_mask)
-        B = _at_least_fp32(expert_B)
-        scale32, shift32 = _at_least_fp32(scale), _at_least_fp32(shift)
-        M = torch.cat([-B[:, :r], B[:, r:] * scale32[:, None]], dim=1)
-        variance = F.softplus(_at_least_fp32(var)) + MIM_EPS
-        inv_var = 1.0 / variance
-        WM = M * inv_var[:, None]
-        C = Z.t() @ Z
-        column_sum = Z.sum(0)
-        tokens, d_out = real_tokens, M.shape[0]
-        G, lin = WM.t() @ M, WM.t() @ shift32  # kept for the backward: recomputing G would cost d_out·R² again
-        total = (G * C).sum() + 2.0 * lin.dot(column_sum) + tokens * (shift32 * shift32 * inv_var).sum()
-        loss = 0.5 * (total / (tokens * d_out) + torch.log(variance).mean())
-        # Only fresh tensors are saved, never a parameter: this backward runs early (the loss adds the MIM terms
-        # last), before ZeRO-3 gathers the layer's partitioned parameters again for its own backward.
-        ctx.save_for_backward(Z, column_mask, B[:, r:].clone(), scale32.clone(), shift32.clone(),
-                              torch.sigmoid(_at_least_fp32(var)), variance, M, C, column_sum, G, lin,
-                              torch.as_tensor(real_tokens, dtype=torch.float32, device=Z.device))
-        ctx.param_dtype = expert_B.dtype
-        ctx.universal_rank, ctx.detach_teacher, ctx.z_dtype = r, detach_teacher, z.dtype
-        return loss.to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        Z, column_mask, task_B, scale, shift, var_slope, variance, M, C, column_sum, G, lin, tokens = ctx.saved_tensors
-        r = ctx.universal_rank
-        d_out = M.shape[0]
-        inv_var = 1.0 / variance
-        k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
-        grad_z = (Z @ G + lin) * k * _at_least_fp32(column_mask)  # d/dZ of ½·k·Σ vᵀWv, through the mask
-        MC = M @ C
-        Ms = M @ column_sum
-        grad_M = (MC + shift[:, None] * column_sum[None, :]) * (inv_var * k)[:, None]
-        grad_shift = (Ms + tokens * shift) * inv_var * k
-        residual_sq = (MC * M).sum(1) + 2.0 * shift * Ms + tokens * shift * shift  # Σ_t v_c², per channel
-        grad_inv_var = 0.5 * k * residual_sq
-        grad_variance = -grad_inv_var * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
-        grad_var = grad_variance * var_slope  # d softplus(a) / da = sigmoid(a)
-        grad_S = grad_M[:, r:]
-        grad_B = torch.cat([-grad_M[:, :r], grad_S * scale[:, None]], dim=1)
-        grad_scale = (grad_S * task_B).sum(1)
-        if ctx.detach_teacher:
-            grad_z[:, :r] = 0
-            grad_B[:, :r] = 0
-        dtype = ctx.param_dtype
-        return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype),
-                grad_scale.to(dtype), grad_shift.to(dtype), grad_var.to(dtype), None, None, None)
-
-
 class _OwnTaskMIMLoss(torch.autograd.Function):
-    """_MIMLoss for the own-task path's z (tokens, K = r + r_t), rows in task segments, summed over every segment
+    """The MIM term (as in _MaskedDelta) for the own-task path's z (tokens, K = r + r_t), rows in task segments, summed over every segment
     and normalised by all real tokens. Its Gram matrix is block-structured — a token's columns are the universal
     ones and its own task's — so the blocks are computed once each: the universal block G_UU (shared by every
     segment) once per layer, each task's [universal, task] and [task, task] blocks once for its segment. Against
@@ -299,7 +316,8 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
             blocks.append(((start, stop), (first, last), B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t))
         d_out = B.shape[0]
         loss = 0.5 * (total / (real_tokens * d_out) + torch.log(variance).mean())
-        # Fresh tensors only, never a parameter (see _MIMLoss); the per-segment blocks ride on ctx.
+        # Fresh tensors only, never a parameter: this node's backward runs early (the loss adds the MIM terms
+        # last), before ZeRO-3 gathers the layer's partitioned parameters again. The per-segment blocks ride on ctx.
         ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(_at_least_fp32(var)),
                               variance, M_U, G_UU, lin_U, C_UU, column_sum_U, real_tokens)
         ctx.blocks, ctx.B_shape = blocks, B.shape
@@ -453,8 +471,8 @@ class CLoRAELinear(nn.Module):
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
             shape = (x.shape[0], x2.shape[0] // x.shape[0])
             path = self.config.expert_path
-            if path == "auto":  # own-task measured faster on CPU and CUDA alike (benchmarks/bench_adapter.py)
-                path = "own_task"
+            if path == "auto":  # what measured fastest per device (benchmarks/bench_adapter.py, bench_train.py)
+                path = "masked" if x.device.type == "cpu" else "own_task"
             if path == "own_task":
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:
@@ -464,31 +482,29 @@ class CLoRAELinear(nn.Module):
                 one_hot = routing.one_hot(*shape, x.device, torch.float32)
                 self.gate_token_count += routing.task_token_counts(*shape, x.device)
         dropout = self.config.dropout if self.training else 0.0
+        mim = self.config.uses_mim and self.training and torch.is_grad_enabled()
         if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
             y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
                                               segments, self.universal_rank, self.config.scaling, dropout)
+            if mim:
+                self._mim_terms.append(_OwnTaskMIMLoss.apply(
+                    z, token_mask, params["expert_B"], self.mim_scale, self.mim_shift, self.mim_var, segments,
+                    self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
-            y, z, gates = _CLoRAEDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
-                                             column_mask, getattr(self, "gate_columns", None), self.config.scaling,
-                                             dropout)
+            mim_mask = real_tokens = None
+            if mim:
+                mim_mask = routing.mim_mask(*shape, self.universal_rank, self.task_rank, x.device)
+                real_tokens = routing.real_token_count(*shape, x.device)
+            mim_params = [getattr(self, name) if mim else None for name in ("mim_scale", "mim_shift", "mim_var")]
+            y, gates, mim_term = _MaskedDelta.apply(
+                base_out, x2, params["expert_A"], params["expert_B"], params["gate"], *mim_params, column_mask,
+                getattr(self, "gate_columns", None), mim_mask, real_tokens, self.config.scaling, dropout,
+                self.universal_rank, self.config.mim_detach_teacher)
+            if mim:
+                self._mim_terms.append(mim_term)
         if one_hot is not None:
             self.gate_task_sum += one_hot.t() @ gates[:, 1].float()
-        if self.config.uses_mim and self.training and torch.is_grad_enabled():
-            self._mim_terms.append(self._mim(z, params["expert_B"], segments, column_mask, token_mask, len(x2)))
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _mim(self, z, expert_B, segments, column_mask, token_mask, tokens):
-        """This layer's MIM term over the real tokens (padding rows zeroed in the mask and left out of the
-        count). Own-task path: the same sum over the task segments, with the Gram blocks each computed once."""
-        c = self.config
-        if segments is None:
-            mask = column_mask if token_mask is None else column_mask * token_mask
-            real = tokens if token_mask is None else token_mask.sum().clamp(min=1).float()
-            return _MIMLoss.apply(z, mask, expert_B, self.mim_scale, self.mim_shift, self.mim_var,
-                                  self.universal_rank, c.mim_detach_teacher, real)
-        real = z.new_tensor(float(tokens)) if token_mask is None else token_mask.sum().clamp(min=1).float()
-        return _OwnTaskMIMLoss.apply(z, token_mask, expert_B, self.mim_scale, self.mim_shift, self.mim_var, segments,
-                                     self.universal_rank, c.mim_detach_teacher, real.float())
 
     def pop_mim_terms(self) -> list[torch.Tensor]:
         terms, self._mim_terms = self._mim_terms, []

@@ -91,6 +91,26 @@ class TaskRouting:
             self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
         return self._cache[key]
 
+    def mim_mask(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device) -> torch.Tensor:
+        """(tokens, r + N·r_t + 1) fp32 mask of the masked path's MIM: the column mask, then a column of ones, all
+        zero on padding rows."""
+        key = ("mim_mask", batch, tokens_per_sample, universal_rank, task_rank, str(device))
+        if key not in self._cache:
+            columns = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
+            mask = torch.cat([columns, columns.new_ones(len(columns), 1)], 1)
+            real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
+            self._cache[key] = mask if real is None else mask * real
+        return self._cache[key]
+
+    def real_token_count(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:
+        """How many token rows are real (not padding), as an fp32 scalar, at least 1."""
+        key = ("real_tokens", batch, tokens_per_sample, str(device))
+        if key not in self._cache:
+            real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
+            count = real.sum().clamp(min=1) if real is not None else torch.tensor(float(batch * tokens_per_sample))
+            self._cache[key] = count.to(device=device, dtype=torch.float32)
+        return self._cache[key]
+
     def segments(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int) -> Optional[list]:
         """[(task, first column, last column, first row, last row)] when every task's samples are contiguous
         (a batch sorted by task, as the collator delivers it), else None. Columns are the task expert's within
