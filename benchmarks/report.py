@@ -86,10 +86,13 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
     ratio = result["clorae_over_peft_lora"]
     lines += [f"**Target (1.10x with MIM, 1.08x without) {'met' if ratio <= 1.10 else 'not met'}** here: "
               f"{ratio:.2f}x with MIM, {result['clorae_without_mim_over_peft_lora']:.2f}x without (the path "
-              "`expert_path: auto` takes: own-task). At r 64 and d_model 512 LoRA's own adapter is about a quarter of "
+              f"`expert_path: auto` takes on this device: {'masked' if result['device'].startswith('cpu') else 'own-task'}). "
+              "At r 64 and d_model 512 LoRA's own adapter is about a quarter of "
               "the step, so the own-task path's r + r_t = 85 columns (1.33x LoRA's 64) put the floor near 1.07x; the "
-              "masked pass computes all r + N·r_t = 127 columns. MIM is exact, from rank-space Gram blocks, each "
-              "computed once per layer (the universal block shared by the task segments). On a GPU the small shape "
+              "masked pass computes all r + N·r_t = 127 columns in fewer, larger kernels. MIM is exact, from rank-space "
+              "Gram matrices: on the masked path two (R + 1)-square Grams inside the delta's own autograd node, on the "
+              "own-task path Gram blocks each computed once per layer. On CPU the products whose output is R or K "
+              "wide run padded to a multiple of 8 (MKL runs odd widths up to 2x slower). On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
               "counts kernels.", ""]
     return lines
@@ -108,7 +111,8 @@ def train_section(measured: dict, machine: str) -> list:
                      f"{arm['tokens_per_s'] / plain:.3f} | {', '.join(str(x) for x in arm['all_rounds'])} |")
     overheads = {k: v for k, v in result.items() if k.endswith("_overhead")}
     lines += ["", f"What a user pays per step for C-LoRAE (gate, three task experts, MIM on) against LoRA r 16 (the "
-              f"universal expert alone), same model, batches and engine (ZeRO-0, one rank): "
+              f"universal expert alone), same model, batches and engine (ZeRO-0, one rank; C-LoRAE on the path "
+              f"`expert_path: auto` takes, masked on CPU): "
               f"**{result['clorae_over_lora_step']:.2f}x** (`clorae_over_lora_step`; target 1.10x)."]
     lines += ["", "Overhead on one rank (plain / engine − 1): " +
               ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %"

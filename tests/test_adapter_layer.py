@@ -93,6 +93,16 @@ def test_dropout_applies_to_expert_inputs_only():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_drops_a_fraction_p_and_keeps_the_mean(p):
+    from clorae_ds.adapters.layer import _dropout_keep
+    torch.manual_seed(0)
+    keep = _dropout_keep(torch.zeros(1000, 1000), p)
+    assert keep.unique().tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-3)]
+    assert (keep == 0).float().mean().item() == pytest.approx(p, abs=2e-3)  # 1e6 draws: std 3e-4 at most
+    assert keep.mean().item() == pytest.approx(1.0, abs=4e-3)
+
+
 def test_mim_equals_the_explicit_full_width_formula():
     layer = make_layer("clorae").train()
     with torch.no_grad():

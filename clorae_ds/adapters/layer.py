@@ -42,6 +42,22 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+DROPOUT_LEVELS = 2 ** 15  # int16 random_() draws uniformly from [0, 2^15)
+
+
+def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout mask for x, pre-scaled as F.dropout's (1/(1 − p) where kept, 0 where dropped), in x's dtype.
+    Drawn as 15-bit integers against a threshold, p rounded to a multiple of 2^-15 and the scale taken from the
+    rounded p, so the mask's mean is exactly 1 in expectation: on CPU this is ~1.7x faster than bernoulli_
+    (1.1 ms against 2.0 ms for 700 × 384, where the mask was a tenth of a LoRA layer's step). A float mask,
+    as CPU kernels multiply by a bool mask slowly."""
+    threshold = round(p * DROPOUT_LEVELS)
+    if threshold == 0:
+        return torch.ones_like(x)
+    levels = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_()
+    return (levels >= threshold).to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold))
+
+
 def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
     """x·weightᵀ (rank_dim 0: weight is (R, d)) or x·weight (rank_dim 1: weight is (d, R)), a (tokens, R) result.
     A rank R that is not a multiple of 8 is padded with zeros for the product and the pad sliced off: MKL runs
@@ -77,8 +93,7 @@ class _MaskedDelta(torch.autograd.Function):
         keep = None
         xd = x
         if dropout > 0:
-            # A float mask, pre-scaled, as F.dropout builds it (CPU kernels multiply by a bool mask slowly).
-            keep = torch.empty_like(x).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+            keep = _dropout_keep(x, dropout)
             xd = x * keep
         z = _thin_mm(xd, expert_A, 0)
         gates = None
@@ -185,7 +200,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         keep = None
         xd = x
         if dropout > 0:
-            keep = torch.empty_like(x).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+            keep = _dropout_keep(x, dropout)
             xd = x * keep
         gates = None
         if gate is not None:
