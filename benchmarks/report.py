@@ -94,7 +94,15 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "own-task path Gram blocks each computed once per layer. On CPU the products whose output is R or K "
               "wide run padded to a multiple of 8 (MKL runs odd widths up to 2x slower). On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
-              "counts kernels.", ""]
+              "counts kernels."]
+    if "universal_only" in arms:
+        own_lora = arms["universal_only"]["fwd_bwd_ms"]
+        lines[-1] += (f" Against this project's own universal_only layer (LoRA in the same kernels, with the same "
+                      f"dropout mask) C-LoRAE costs {arms['clorae']['fwd_bwd_ms'] / own_lora:.2f}x with MIM and "
+                      f"{arms['clorae_without_mim']['fwd_bwd_ms'] / own_lora:.2f}x without: part of the margin over "
+                      "peft LoRA is the layer's cheaper dropout mask (15-bit integers against a threshold instead "
+                      "of bernoulli_), which both of this project's arms have.")
+    lines.append("")
     return lines
 
 

@@ -129,7 +129,7 @@ class _MaskedDelta(torch.autograd.Function):
             mim = (0.5 * ((G * C).sum() / (real_tokens * d_out) + torch.log(variance).mean())).to(z.dtype)
             # Held on ctx, not saved tensors: all fresh; B_task is a copy, as ZeRO-3 may repartition B's storage.
             ctx.mim_state = (Z, M, C, G, variance, torch.sigmoid(_at_least_fp32(mim_var)), B[:, r:].clone(),
-                             scale.clone(), mim_mask, real_tokens, r, detach_teacher, expert_B.dtype)
+                             scale.clone(), mim_mask, real_tokens, r, detach_teacher, mim_scale.dtype)
         return base_out, gates, mim
 
     @staticmethod
@@ -167,7 +167,8 @@ class _MaskedDelta(torch.autograd.Function):
 
 
 def _masked_mim_backward(state, grad_mim):
-    """Gradients of the masked path's MIM term: (grad_z, grad_B, (grad_scale, grad_shift, grad_var))."""
+    """Gradients of the masked path's MIM term: (grad_z, grad_B, (grad_scale, grad_shift, grad_var)), the last
+    three in the regressor's dtype (fp32 masters under autocast, where expert_B arrives cast)."""
     Z, M, C, G, variance, var_slope, task_B, scale, mim_mask, tokens, r, detach_teacher, param_dtype = state
     R, d_out = Z.shape[1] - 1, M.shape[0]
     inv_var = variance.reciprocal()
@@ -336,7 +337,7 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(_at_least_fp32(var)),
                               variance, M_U, G_UU, lin_U, C_UU, column_sum_U, real_tokens)
         ctx.blocks, ctx.B_shape = blocks, B.shape
-        ctx.param_dtype, ctx.z_dtype = expert_B.dtype, z.dtype
+        ctx.param_dtype, ctx.mim_dtype, ctx.z_dtype = expert_B.dtype, scale.dtype, z.dtype
         ctx.universal_rank, ctx.detach_teacher = r, detach_teacher
         return loss.to(z.dtype)
 
@@ -380,8 +381,8 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         if ctx.detach_teacher:
             grad_z[:, :r] = 0
             grad_B[:, :r] = 0
-        dtype = ctx.param_dtype
-        return (grad_z.to(ctx.z_dtype), None, grad_B.to(dtype), grad_scale.to(dtype), grad_shift.to(dtype),
+        dtype = ctx.mim_dtype  # the regressor's own (fp32 masters under autocast, where expert_B arrives cast)
+        return (grad_z.to(ctx.z_dtype), None, grad_B.to(ctx.param_dtype), grad_scale.to(dtype), grad_shift.to(dtype),
                 grad_var.to(dtype), None, None, None, None)
 
 
