@@ -364,7 +364,7 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
     adapter = 2 * tokens * columns * (d_in + d_out) * 3  # down and up projections: forward, weight grads, input grads
     # On the CPU the two products whose output is `columns` wide (down-projection, gradient into the rank space)
-    # run padded with zeros to a multiple of 8 (layer._thin_mm).
+    # run padded with zeros to a multiple of 8 (layer._rank_padding).
     adapter += 2 * tokens * (-columns % 8) * (d_in + d_out)
     gate = 0
     if mode == "clorae":  # logits (forward, gate grad, x grad); the masked pass maps gates to columns by matmul

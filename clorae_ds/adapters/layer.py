@@ -13,7 +13,7 @@ Either way every rank touches the same two tensors every step, and absent tasks'
 gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). The low-rank work is written as
 autograd Functions with hand-written backwards: the delta is accumulated into the base output in place, and
 nothing is saved that autograd would not need. Products whose output is R (or K) wide pad the rank to a
-multiple of 8 on CPU (_thin_mm).
+multiple of 8 on CPU (_rank_padding).
 
 The MIM term is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²) matmul work per layer
 call. Computing it elementwise from the universal and task outputs U and D instead (no extra matmul, ~27 passes
@@ -58,16 +58,26 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
     return (levels >= threshold).to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold))
 
 
+def _rank_padding(width: int, tensor: torch.Tensor) -> int:
+    """Zero columns to add to a rank-space width: up to a multiple of 8 on CPU, where MKL runs a product whose
+    output is 31 or 85 wide up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide down-projection at
+    700 × 384 tokens: 461 µs against 229 µs padded, copy included); none elsewhere (not measured there)."""
+    return -width % 8 if tensor.device.type == "cpu" else 0
+
+
+def _zeros_along(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = count
+    return t.new_zeros(shape)
+
+
 def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
-    """x·weightᵀ (rank_dim 0: weight is (R, d)) or x·weight (rank_dim 1: weight is (d, R)), a (tokens, R) result.
-    A rank R that is not a multiple of 8 is padded with zeros for the product and the pad sliced off: MKL runs
-    an output width of 31 or 85 up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide down-projection at
-    700 × 384 tokens: 461 µs against 229 µs padded, copy included). CPU only: not measured on other devices."""
+    """x·weightᵀ (rank_dim 0: weight is (R, d)) or x·weight (rank_dim 1: weight is (d, R)), a (tokens, R) result,
+    computed with R padded (_rank_padding) and the pad sliced off."""
     rank = weight.shape[rank_dim]
-    pad = -rank % 8 if weight.device.type == "cpu" else 0
+    pad = _rank_padding(rank, weight)
     if pad:
-        zeros = weight.new_zeros((pad, weight.shape[1]) if rank_dim == 0 else (weight.shape[0], pad))
-        weight = torch.cat([weight, zeros], rank_dim)
+        weight = torch.cat([weight, _zeros_along(weight, rank_dim, pad)], rank_dim)
     out = x @ (weight.t() if rank_dim == 0 else weight)
     return out[:, :rank] if pad else out
 
@@ -265,23 +275,18 @@ class _OwnTaskDelta(torch.autograd.Function):
 
 
 def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int) -> torch.Tensor:
-    """[universal | one task's] columns of a fused expert tensor along `dim`, zero-padded to a multiple of 8 (see
-    _thin_mm): a view when adjacent (task 0) and already a multiple of 8, a small copy otherwise."""
-    width = r + last - first
-    pad = -width % 8 if fused.device.type == "cpu" else 0
+    """[universal | one task's] columns of a fused expert tensor along `dim`, zero-padded (_rank_padding): a view
+    when adjacent (task 0) and not padded, a small copy otherwise."""
+    pad = _rank_padding(r + last - first, fused)
     if first == r and not pad:
         return fused.narrow(dim, 0, last)
     parts = [fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)]
-    if pad:
-        shape = list(fused.shape)
-        shape[dim] = pad
-        parts.append(fused.new_zeros(shape))
-    return torch.cat(parts, dim)
+    return torch.cat(parts + [_zeros_along(fused, dim, pad)] if pad else parts, dim)
 
 
 def _segment_views(segments, expert_A, expert_B, r) -> list:
     """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')), K' the
-    segment's K = r + r_t columns padded to a multiple of 8 with zeros."""
+    segment's K = r + r_t columns zero-padded (_rank_padding)."""
     return [(slice(first, last), (start, stop),
              (_own_columns(expert_A, r, first, last, 0), _own_columns(expert_B, r, first, last, 1)))
             for _, first, last, start, stop in segments]
@@ -476,7 +481,7 @@ class CLoRAELinear(nn.Module):
             base_out = self.base(x2)
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
-        column_mask = one_hot = token_mask = segments = None
+        column_mask = one_hot = segments = None
         if self.task_rank:
             if task_ids is not None:
                 routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
@@ -493,7 +498,6 @@ class CLoRAELinear(nn.Module):
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:
                 column_mask = routing.column_mask(*shape, self.universal_rank, self.task_rank, x.device, x.dtype)
-            token_mask = routing.token_mask(*shape, x.device, x.dtype)
             if self.gate is not None and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, torch.float32)
                 self.gate_token_count += routing.task_token_counts(*shape, x.device)
@@ -504,7 +508,7 @@ class CLoRAELinear(nn.Module):
                                               segments, self.universal_rank, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(_OwnTaskMIMLoss.apply(
-                    z, token_mask, params["expert_B"], self.mim_scale, self.mim_shift, self.mim_var, segments,
+                    z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_scale, self.mim_shift, self.mim_var, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
             mim_mask = real_tokens = None
