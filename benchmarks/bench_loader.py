@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     loader_rate = samples / (time.perf_counter() - start)
 
     model = built.model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     keys = ("input_ids", "attention_mask", "labels", "task_ids")
 
     def step(batch):

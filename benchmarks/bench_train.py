@@ -55,7 +55,7 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     tokens = [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
 
     if mode == "plain":
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         params = [p for p in model.parameters() if p.requires_grad]
 
         def step(batch):

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     labels = tokenizer([SAMPLES[i][2] for i in order], return_tensors="pt", padding=True)["input_ids"][:, 1:]
     labels = labels.masked_fill(labels == tokenizer.pad_token_id, -100).contiguous()
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     model.train()
     start = time.time()
     for step in range(1, args.steps + 1):

@@ -91,15 +91,24 @@ class TaskRouting:
             self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
         return self._cache[key]
 
-    def mim_mask(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device) -> torch.Tensor:
-        """(tokens, r + N·r_t + 1) fp32 mask of the masked path's MIM: the column mask, then a column of ones, all
-        zero on padding rows."""
-        key = ("mim_mask", batch, tokens_per_sample, universal_rank, task_rank, str(device))
+    def mim_masks(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device,
+                  detach_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masked path's MIM masks, fp32, all zero on padding rows: Z̃'s signs (tokens, r + N·r_t + 1) — −1 on
+        the universal columns (the residual is mu(D) − U), 1 on the token's own task columns and on the last,
+        constant column — and d Z̃ / d z (tokens, r + N·r_t): the signs without the last column, 0 on the
+        universal columns when the teacher is detached (MIM trains the task experts only)."""
+        key = ("mim_masks", batch, tokens_per_sample, universal_rank, task_rank, str(device), detach_teacher)
         if key not in self._cache:
             columns = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
-            mask = torch.cat([columns, columns.new_ones(len(columns), 1)], 1)
+            signs = torch.cat([-columns[:, :universal_rank], columns[:, universal_rank:],
+                               columns.new_ones(len(columns), 1)], 1)
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
-            self._cache[key] = mask if real is None else mask * real
+            if real is not None:
+                signs = signs * real
+            grads = signs[:, :-1].clone()
+            if detach_teacher:
+                grads[:, :universal_rank] = 0
+            self._cache[key] = (signs, grads)
         return self._cache[key]
 
     def real_token_count(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:

@@ -232,7 +232,9 @@ class DeepSpeedRunner:
 
         self.ctx = ctx
         self.phase_seconds: dict[str, float] = {}
-        optimizer = torch.optim.AdamW(groups, betas=tuple(betas))
+        # The fused kernel (CPU and CUDA) instead of a loop of ~10 ops per parameter tensor: C-LoRAE has three
+        # times LoRA's tensors; the default's step phase on CPU took 43 ms with the loop, 21 ms fused.
+        optimizer = torch.optim.AdamW(groups, betas=tuple(betas), fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, decay))
         # Under ZeRO-3 a module's parameters are gathered by all ranks when it runs: the visual side runs at
         # every step, also on ranks whose micro-batch has no image, so the ranks' collectives match.
