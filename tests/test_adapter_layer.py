@@ -122,10 +122,12 @@ def test_mim_equals_the_explicit_full_width_formula():
     torch.testing.assert_close(low_rank, explicit)
 
 
-def direct_vid(layer, x, task_ids, real):
+def direct_vid(layer, x, task_ids, real, detach_teacher=False):
     """method.md §2 per token and channel, in fp64, over the real tokens only."""
     w = layer.split_experts(layer.expert_A, layer.expert_B)
     universal = x @ w["universal_A"].T @ w["universal_B"].T
+    if detach_teacher:
+        universal = universal.detach()
     task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
     variance = F.softplus(layer.mim_var) + MIM_EPS
     per_channel = 0.5 * ((layer.mim_scale * task + layer.mim_shift - universal) ** 2 / variance + torch.log(variance))
@@ -157,6 +159,30 @@ def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(ca
     with task_routing(layer, task_ids, token_masks=[real]):
         layer(x2)
         torch.testing.assert_close(collect_mim_loss(layer), ours.detach())
+
+
+@pytest.mark.parametrize("case", PATHS)
+def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_detached(case):
+    """The default (mim_detach_teacher): every gradient, the layer input's included, equals that of the direct
+    VID with U(x) detached, so MIM reaches the task experts and the regressor and never the universal expert."""
+    order, path = PATHS[case]
+    layer = make_layer("clorae", expert_path=path).train()
+    with torch.no_grad():
+        layer.mim_var.normal_()
+        layer.mim_scale.normal_()
+    task_ids = torch.tensor(ORDERS[order])
+    x = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)
+    real = torch.ones(5, 4, dtype=torch.bool)
+    real[0, 3:] = real[4, 1:] = False
+    with task_routing(layer, task_ids, token_masks=[real]):
+        layer(x)
+        ours = collect_mim_loss(layer)
+    inputs = [x] + [p for p in layer.parameters() if p.requires_grad]
+    direct = direct_vid(layer, x, task_ids, real, detach_teacher=True)
+    torch.testing.assert_close(ours, direct)
+    for got, want in zip(torch.autograd.grad(ours, inputs, allow_unused=True, materialize_grads=True),
+                         torch.autograd.grad(direct, inputs, allow_unused=True, materialize_grads=True)):
+        torch.testing.assert_close(got, want)
 
 
 def test_mim_over_layers_is_a_sum():

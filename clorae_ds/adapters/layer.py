@@ -93,14 +93,17 @@ class _MaskedDelta(torch.autograd.Function):
 
     MIM is the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²] with mu(D) = scale⊙D + shift and
     σ² = softplus(var) + eps, computed exactly without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 1]
-    (z through the signed mask of TaskRouting.mim_masks: each token's own task columns only, all zero on padding)
-    and M̃ = [B_U, scale⊙B_task, shift], a real token's residual is v = M̃·Z̃_t, so Σ_t vᵀWv = ⟨M̃ᵀWM̃, Z̃ᵀZ̃⟩ with
-    W = diag(1/σ²): two (R+1)-square Gram matrices, the shift and the token count riding in the extra column.
+    (z through the signs of TaskRouting.mim_signs: each token's own task columns only, all zero on padding)
+    and M̃ = [B_U, scale⊙B_task, shift], a real token's residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is
+    (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃ (the shift and the token count ride in the extra column): one (R+1)-square Gram
+    over the tokens and M̃·C (d_out × (R+1)), which the backward reuses for B, the regressor and the variance. The
+    backward's M̃ᵀWM̃ is built only on the columns z's gradient reaches — the task experts' when the teacher is
+    detached — a quarter fewer d_out-side FLOPs than the symmetric form ⟨M̃ᵀWM̃, C⟩ at r 64 and 3 tasks.
     Computed in fp32 at least: the expansion cancels terms."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_scale, mim_shift, mim_var, column_mask, gate_columns,
-                mim_signs, mim_grad_mask, real_tokens, scaling, dropout, universal_rank, detach_teacher):
+                mim_signs, real_tokens, scaling, dropout, universal_rank, detach_teacher):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
@@ -135,11 +138,12 @@ class _MaskedDelta(torch.autograd.Function):
             variance = F.softplus(_at_least_fp32(mim_var)) + MIM_EPS
             inv_var = variance.reciprocal()
             C = Z.t() @ Z
-            G = (M * inv_var[:, None]).t() @ M  # kept for the backward: recomputing it would cost d_out·R² again
+            MC = M @ C  # kept for the backward, which needs it for B, the regressor and the variance
+            residual_sq = (MC * M).sum(1)  # Σ_t v_c² per channel: the diagonal of M̃·C·M̃ᵀ
             d_out = M.shape[0]
-            mim = ((torch.vdot(G.view(-1), C.view(-1)) / real_tokens + torch.log(variance).sum()) * (0.5 / d_out))
+            mim = ((torch.dot(residual_sq, inv_var) / real_tokens + torch.log(variance).sum()) * (0.5 / d_out))
             mim = mim.to(z.dtype)
-            ctx.mim_state = (Z, M, C, G, inv_var, mim_grad_mask, real_tokens, r, detach_teacher)
+            ctx.mim_state = (Z, M, MC, residual_sq, inv_var, mim_signs, real_tokens, r, detach_teacher)
         return base_out, gates, mim
 
     @staticmethod
@@ -173,27 +177,28 @@ class _MaskedDelta(torch.autograd.Function):
             grad_gate = grad_logits.t() @ x
             if grad_x is not None:
                 grad_x.addmm_(grad_logits, gate)
-        return (grad_y, grad_x, grad_A, grad_B, grad_gate, *grad_mim_params) + (None,) * 9
+        return (grad_y, grad_x, grad_A, grad_B, grad_gate, *grad_mim_params) + (None,) * 8
 
 
 def _masked_mim_backward(state, grad_mim, grad_z, grad_B, expert_B, scale, var) -> tuple:
     """The masked path's MIM gradients: those of z and B added into grad_z and grad_B (fresh tensors, in place),
     the regressor's returned as (grad_scale, grad_shift, grad_var) in its dtype (fp32 masters under autocast,
     where expert_B arrives cast)."""
-    Z, M, C, G, inv_var, grad_mask, tokens, r, detach_teacher = state
+    Z, M, MC, residual_sq, inv_var, signs, tokens, r, detach_teacher = state
     R, d_out = Z.shape[1] - 1, M.shape[0]
     grad_mim = _at_least_fp32(grad_mim)
     k = grad_mim / (tokens * d_out)  # d mim / d Σ_t vᵀWv is k/2
-    # d/dZ̃ of ½k·⟨G, Z̃ᵀZ̃⟩ is k·Z̃G; to z through the signs (0 on the universal columns if the teacher is detached)
-    grad_z.addcmul_(Z @ (G[:, :R] * k), grad_mask)
-    MC = M @ C
     weight = inv_var * k  # d mim / d M̃ = weight ⊙ M̃C, per channel
+    # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
+    # expert's unless the teacher is detached), then to z through the signs.
+    first = r if detach_teacher else 0
+    reached = M.t() @ (M[:, first:R] * weight[:, None])
+    grad_z[:, first:].addcmul_(_thin_mm(Z, reached, 1), signs[:, first:R])
     grad_B[:, r:].addcmul_(MC[:, r:R], (weight * _at_least_fp32(scale))[:, None])
     if not detach_teacher:
         grad_B[:, :r].addcmul_(MC[:, :r], weight[:, None])
     grad_scale = (MC[:, r:R] * expert_B[:, r:]).sum(1) * weight
     grad_shift = MC[:, R] * weight
-    residual_sq = (MC * M).sum(1)  # Σ_t v_c², per channel
     grad_variance = (grad_mim * (0.5 / d_out) - (0.5 * k) * residual_sq * inv_var) * inv_var
     grad_var = grad_variance * torch.sigmoid(_at_least_fp32(var))
     return grad_scale.to(scale.dtype), grad_shift.to(scale.dtype), grad_var.to(var.dtype)
@@ -305,11 +310,14 @@ def _gated(z: torch.Tensor, gates: Optional[torch.Tensor], r: int, scaling: floa
 
 
 class _OwnTaskMIMLoss(torch.autograd.Function):
-    """The MIM term (as in _MaskedDelta) for the own-task path's z (tokens, K = r + r_t), rows in task segments, summed over every segment
-    and normalised by all real tokens. Its Gram matrix is block-structured — a token's columns are the universal
-    ones and its own task's — so the blocks are computed once each: the universal block G_UU (shared by every
-    segment) once per layer, each task's [universal, task] and [task, task] blocks once for its segment. Against
-    a Gram per segment over all K columns this saves (N − 1)·d_out·r² in each direction."""
+    """The MIM term (as in _MaskedDelta) for the own-task path's z (tokens, K = r + r_t), rows in task segments,
+    summed over every segment and normalised by all real tokens. A token's columns are the universal ones and its
+    own task's, so the token Gram C = Z̃ᵀZ̃ is block-structured and each block is computed once: C_UU (every
+    segment's rows) once per layer, each task's C_Ut and C_tt on its own rows. The forward keeps M̃·C by blocks —
+    MC_U (d_out × r, all tasks' contributions summed) and each task's MC_t — whose row-wise products with M̃ give
+    every channel's Σ_t v_c², and which the backward reuses for B, the regressor and the variance; the backward's
+    M̃ᵀWM̃ blocks are built only where z's gradient reaches (the task columns when the teacher is detached), which
+    saves 2·d_out·r² and the universal columns' token-side products against the symmetric form."""
 
     @staticmethod
     def forward(ctx, z, token_mask, expert_B, scale, shift, var, segments, universal_rank, detach_teacher,
@@ -319,29 +327,30 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         B = _at_least_fp32(expert_B)
         scale32, shift32 = _at_least_fp32(scale), _at_least_fp32(shift)
         variance = F.softplus(_at_least_fp32(var)) + MIM_EPS
-        inv_var = 1.0 / variance
-        M_U = -B[:, :r]
-        WM_U = M_U * inv_var[:, None]
-        G_UU, lin_U = WM_U.t() @ M_U, WM_U.t() @ shift32
+        M_U = -B[:, :r]  # v = M_U·z_U + M_t·z_t + shift, M_t = scale⊙B_t
         Z_U = Z[:, :r]
-        C_UU, column_sum_U = Z_U.t() @ Z_U, Z_U.sum(0)
-        total = (G_UU * C_UU).sum() + 2.0 * lin_U.dot(column_sum_U) + real_tokens * (shift32 * shift32 * inv_var).sum()
-        blocks = []  # per segment: rows, task columns, B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t
+        column_sum_U = Z_U.sum(0)
+        MC_U = M_U @ (Z_U.t() @ Z_U)  # + each task's M_t·C_tU below
+        M_column_sum = M_U @ column_sum_U  # Σ_t (M_U·z_U + M_t·z_t), per channel
+        residual_sq = 0.0
+        blocks = []  # per segment: rows, task columns, B_t, M_t, MC_t, column_sum_t
         for _, first, last, start, stop in segments:
             B_t = B[:, first:last].clone()
             M_t = B_t * scale32[:, None]
-            WM_t = M_t * inv_var[:, None]
-            G_Ut, G_tt, lin_t = WM_U.t() @ M_t, WM_t.t() @ M_t, WM_t.t() @ shift32
             Z_sU, Z_sT = Z[start:stop, :r], Z[start:stop, r:]
-            C_Ut, C_tt, column_sum_t = Z_sU.t() @ Z_sT, Z_sT.t() @ Z_sT, Z_sT.sum(0)
-            total = total + 2.0 * (G_Ut * C_Ut).sum() + (G_tt * C_tt).sum() + 2.0 * lin_t.dot(column_sum_t)
-            blocks.append(((start, stop), (first, last), B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t))
+            C_Ut, column_sum_t = Z_sU.t() @ Z_sT, Z_sT.sum(0)
+            MC_U += M_t @ C_Ut.t()
+            MC_t = M_U @ C_Ut + M_t @ (Z_sT.t() @ Z_sT)
+            M_column_sum += M_t @ column_sum_t
+            residual_sq = residual_sq + (MC_t * M_t).sum(1)
+            blocks.append(((start, stop), (first, last), B_t, M_t, MC_t, column_sum_t))
+        residual_sq = residual_sq + (MC_U * M_U).sum(1) + 2.0 * shift32 * M_column_sum + real_tokens * shift32 * shift32
         d_out = B.shape[0]
-        loss = 0.5 * (total / (real_tokens * d_out) + torch.log(variance).mean())
+        loss = 0.5 * (torch.dot(residual_sq, variance.reciprocal()) / (real_tokens * d_out) + torch.log(variance).mean())
         # Fresh tensors only, never a parameter: this node's backward runs early (the loss adds the MIM terms
         # last), before ZeRO-3 gathers the layer's partitioned parameters again. The per-segment blocks ride on ctx.
         ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(_at_least_fp32(var)),
-                              variance, M_U, G_UU, lin_U, C_UU, column_sum_U, real_tokens)
+                              variance, M_U, MC_U, M_column_sum, residual_sq, column_sum_U, real_tokens)
         ctx.blocks, ctx.B_shape = blocks, B.shape
         ctx.param_dtype, ctx.mim_dtype, ctx.z_dtype = expert_B.dtype, scale.dtype, z.dtype
         ctx.universal_rank, ctx.detach_teacher = r, detach_teacher
@@ -349,44 +358,35 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        Z, token_mask, scale, shift, var_slope, variance, M_U, G_UU, lin_U, C_UU, column_sum_U, tokens = ctx.saved_tensors
+        (Z, token_mask, scale, shift, var_slope, variance, M_U, MC_U, M_column_sum, residual_sq, column_sum_U,
+         tokens) = ctx.saved_tensors
         r, d_out = ctx.universal_rank, M_U.shape[0]
         inv_var = 1.0 / variance
         k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
-        grad_z = torch.empty_like(Z)
-        grad_z[:, :r] = torch.addmm(lin_U, Z[:, :r], G_UU)
-        MC_U = M_U @ C_UU  # (M·C) on the universal columns, summed over the segments below
-        M_column_sum = M_U @ column_sum_U
+        weight = inv_var * k  # d loss / d M̃ = weight ⊙ M̃C̃, per channel
+        # d loss / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), by blocks, on the columns z's gradient reaches
+        grad_z = torch.zeros_like(Z)
+        WM_U = M_U * weight[:, None]
+        if not ctx.detach_teacher:
+            grad_z[:, :r] = torch.addmm(WM_U.t() @ shift, Z[:, :r], M_U.t() @ WM_U)
         grad_B = Z.new_zeros(ctx.B_shape)
         grad_scale = torch.zeros_like(scale)
-        residual_sq = torch.zeros_like(shift)
-        task_grads = []
-        for (start, stop), (first, last), B_t, M_t, G_Ut, G_tt, lin_t, C_Ut, C_tt, column_sum_t in ctx.blocks:
+        for (start, stop), (first, last), B_t, M_t, MC_t, column_sum_t in ctx.blocks:
+            WM_t = M_t * weight[:, None]
             Z_sU, Z_sT = Z[start:stop, :r], Z[start:stop, r:]
-            grad_z[start:stop, :r] += Z_sT @ G_Ut.t()
-            grad_z[start:stop, r:] = torch.addmm(lin_t, Z_sU, G_Ut).add_(Z_sT @ G_tt)
-            MC_U += M_t @ C_Ut.t()
-            MC_t = M_U @ C_Ut + M_t @ C_tt
-            M_column_sum += M_t @ column_sum_t
-            residual_sq += (MC_t * M_t).sum(1)
-            task_grads.append(((first, last), B_t, MC_t, column_sum_t))
-        grad_z = grad_z * k
-        if token_mask is not None:
-            grad_z = grad_z * _at_least_fp32(token_mask)
-        residual_sq += (MC_U * M_U).sum(1) + 2.0 * shift * M_column_sum + tokens * shift * shift  # Σ_t v_c²
-        weight = inv_var * k
-        grad_B[:, :r] = -(MC_U + shift[:, None] * column_sum_U[None, :]) * weight[:, None]
-        for (first, last), B_t, MC_t, column_sum_t in task_grads:
+            grad_z[start:stop, r:] = torch.addmm(WM_t.t() @ shift, Z_sU, M_U.t() @ WM_t).addmm_(Z_sT, M_t.t() @ WM_t)
+            if not ctx.detach_teacher:
+                grad_z[start:stop, :r] += Z_sT @ (M_t.t() @ WM_U)
             grad_M_t = (MC_t + shift[:, None] * column_sum_t[None, :]) * weight[:, None]
             grad_B[:, first:last] = grad_M_t * scale[:, None]
             grad_scale += (grad_M_t * B_t).sum(1)
+        if token_mask is not None:
+            grad_z = grad_z * _at_least_fp32(token_mask)
+        if not ctx.detach_teacher:
+            grad_B[:, :r] = -(MC_U + shift[:, None] * column_sum_U[None, :]) * weight[:, None]
         grad_shift = (M_column_sum + tokens * shift) * weight
-        grad_inv_var = 0.5 * k * residual_sq
-        grad_variance = -grad_inv_var * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
+        grad_variance = -0.5 * k * residual_sq * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
         grad_var = grad_variance * var_slope
-        if ctx.detach_teacher:
-            grad_z[:, :r] = 0
-            grad_B[:, :r] = 0
         dtype = ctx.mim_dtype  # the regressor's own (fp32 masters under autocast, where expert_B arrives cast)
         return (grad_z.to(ctx.z_dtype), None, grad_B.to(ctx.param_dtype), grad_scale.to(dtype), grad_shift.to(dtype),
                 grad_var.to(dtype), None, None, None, None)
@@ -512,15 +512,14 @@ class CLoRAELinear(nn.Module):
                     z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_scale, self.mim_shift, self.mim_var, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
-            mim_masks, real_tokens = (None, None), None
+            mim_signs = real_tokens = None
             if mim:
-                mim_masks = routing.mim_masks(*shape, self.universal_rank, self.task_rank, x.device,
-                                              self.config.mim_detach_teacher)
+                mim_signs = routing.mim_signs(*shape, self.universal_rank, self.task_rank, x.device)
                 real_tokens = routing.real_token_count(*shape, x.device)
             mim_params = [getattr(self, name) if mim else None for name in ("mim_scale", "mim_shift", "mim_var")]
             y, gates, mim_term = _MaskedDelta.apply(
                 base_out, x2, params["expert_A"], params["expert_B"], params["gate"], *mim_params, column_mask,
-                getattr(self, "gate_columns", None), *mim_masks, real_tokens, self.config.scaling, dropout,
+                getattr(self, "gate_columns", None), mim_signs, real_tokens, self.config.scaling, dropout,
                 self.universal_rank, self.config.mim_detach_teacher)
             if mim:
                 self._mim_terms.append(mim_term)

@@ -91,24 +91,17 @@ class TaskRouting:
             self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
         return self._cache[key]
 
-    def mim_masks(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device,
-                  detach_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masked path's MIM masks, fp32, all zero on padding rows: Z̃'s signs (tokens, r + N·r_t + 1) — −1 on
-        the universal columns (the residual is mu(D) − U), 1 on the token's own task columns and on the last,
-        constant column — and d Z̃ / d z (tokens, r + N·r_t): the signs without the last column, 0 on the
-        universal columns when the teacher is detached (MIM trains the task experts only)."""
-        key = ("mim_masks", batch, tokens_per_sample, universal_rank, task_rank, str(device), detach_teacher)
+    def mim_signs(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device) -> torch.Tensor:
+        """(tokens, r + N·r_t + 1) fp32 signs of the masked path's MIM, all zero on padding rows: −1 on the
+        universal columns (the residual is mu(D) − U), 1 on the token's own task columns and on the last, constant
+        column, 0 on the other tasks' columns."""
+        key = ("mim_signs", batch, tokens_per_sample, universal_rank, task_rank, str(device))
         if key not in self._cache:
             columns = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
             signs = torch.cat([-columns[:, :universal_rank], columns[:, universal_rank:],
                                columns.new_ones(len(columns), 1)], 1)
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
-            if real is not None:
-                signs = signs * real
-            grads = signs[:, :-1].clone()
-            if detach_teacher:
-                grads[:, :universal_rank] = 0
-            self._cache[key] = (signs, grads)
+            self._cache[key] = signs if real is None else signs * real
         return self._cache[key]
 
     def real_token_count(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:
