@@ -56,8 +56,8 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     tokens = [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
 
     if mode == "plain":
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
         def step(batch):
             loss = with_mim(model(**batch).loss, model)
@@ -140,7 +140,8 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s'] / plain:9.3f}")
     overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
                 for r in results if r["ranks"] == 1 and r["arm"].startswith("DeepSpeed")}
-    clorae, lora = runs[1], runs[2]  # per round: a drift over minutes moves both alike
+    arm_runs = {(label, ranks): runs[i] for i, (label, _, _, ranks, _) in enumerate(ARMS)}
+    clorae, lora = arm_runs[("DeepSpeed ZeRO-0", 1)], arm_runs[("ZeRO-0, LoRA", 1)]  # paired per round
     step_ratios = sorted(c["seconds_per_step"] / l["seconds_per_step"] for c, l in zip(clorae, lora))
     print(f"C-LoRAE over LoRA per step, each round: {', '.join(f'{r:.3f}' for r in step_ratios)}")
     print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds,

@@ -84,6 +84,18 @@ def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tens
     return out[:, :rank] if pad else out
 
 
+def _vid_value(residual_sq: torch.Tensor, variance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """MIM from every channel's Σ_t v_c² over `tokens` real tokens: the mean over tokens and channels of
+    ½[v²/σ² + log σ²]."""
+    return (torch.dot(residual_sq, variance.reciprocal()) / tokens + torch.log(variance).sum()) * (0.5 / len(variance))
+
+
+def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.Tensor:
+    """d MIM / d var, the raw variance parameter (σ² = softplus(var) + eps, var_slope = sigmoid(var))."""
+    inv_var = variance.reciprocal()
+    return grad_mim * (0.5 / len(variance)) * inv_var * (1.0 - residual_sq * inv_var / tokens) * var_slope
+
+
 class _MaskedDelta(torch.autograd.Function):
     """The masked path, MIM included: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and
     coef = column_mask ⊙ (α/r)·gate-per-column, and this layer's MIM term (method.md §2) when its regressor is
@@ -136,14 +148,11 @@ class _MaskedDelta(torch.autograd.Function):
             M = torch.cat([_at_least_fp32(expert_B), _at_least_fp32(mim_shift)[:, None]], 1)  # a fresh copy
             M[:, r:R] *= _at_least_fp32(mim_scale)[:, None]  # [B_U, scale⊙B_task, shift]
             variance = F.softplus(_at_least_fp32(mim_var)) + MIM_EPS
-            inv_var = variance.reciprocal()
             C = Z.t() @ Z
             MC = M @ C  # kept for the backward, which needs it for B, the regressor and the variance
             residual_sq = (MC * M).sum(1)  # Σ_t v_c² per channel: the diagonal of M̃·C·M̃ᵀ
-            d_out = M.shape[0]
-            mim = ((torch.dot(residual_sq, inv_var) / real_tokens + torch.log(variance).sum()) * (0.5 / d_out))
-            mim = mim.to(z.dtype)
-            ctx.mim_state = (Z, M, MC, residual_sq, inv_var, mim_signs, real_tokens, r, detach_teacher)
+            mim = _vid_value(residual_sq, variance, real_tokens).to(z.dtype)
+            ctx.mim_state = (Z, M, MC, residual_sq, variance, mim_signs, real_tokens, r, detach_teacher)
         return base_out, gates, mim
 
     @staticmethod
@@ -184,11 +193,10 @@ def _masked_mim_backward(state, grad_mim, grad_z, grad_B, expert_B, scale, var) 
     """The masked path's MIM gradients: those of z and B added into grad_z and grad_B (fresh tensors, in place),
     the regressor's returned as (grad_scale, grad_shift, grad_var) in its dtype (fp32 masters under autocast,
     where expert_B arrives cast)."""
-    Z, M, MC, residual_sq, inv_var, signs, tokens, r, detach_teacher = state
+    Z, M, MC, residual_sq, variance, signs, tokens, r, detach_teacher = state
     R, d_out = Z.shape[1] - 1, M.shape[0]
     grad_mim = _at_least_fp32(grad_mim)
-    k = grad_mim / (tokens * d_out)  # d mim / d Σ_t vᵀWv is k/2
-    weight = inv_var * k  # d mim / d M̃ = weight ⊙ M̃C, per channel
+    weight = grad_mim / (tokens * d_out * variance)  # d mim / d M̃ = weight ⊙ M̃C, per channel
     # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
     # expert's unless the teacher is detached), then to z through the signs.
     first = r if detach_teacher else 0
@@ -199,8 +207,7 @@ def _masked_mim_backward(state, grad_mim, grad_z, grad_B, expert_B, scale, var) 
         grad_B[:, :r].addcmul_(MC[:, :r], weight[:, None])
     grad_scale = (MC[:, r:R] * expert_B[:, r:]).sum(1) * weight
     grad_shift = MC[:, R] * weight
-    grad_variance = (grad_mim * (0.5 / d_out) - (0.5 * k) * residual_sq * inv_var) * inv_var
-    grad_var = grad_variance * torch.sigmoid(_at_least_fp32(var))
+    grad_var = _vid_var_grad(grad_mim, residual_sq, variance, torch.sigmoid(_at_least_fp32(var)), tokens)
     return grad_scale.to(scale.dtype), grad_shift.to(scale.dtype), grad_var.to(var.dtype)
 
 
@@ -345,8 +352,7 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
             residual_sq = residual_sq + (MC_t * M_t).sum(1)
             blocks.append(((start, stop), (first, last), B_t, M_t, MC_t, column_sum_t))
         residual_sq = residual_sq + (MC_U * M_U).sum(1) + 2.0 * shift32 * M_column_sum + real_tokens * shift32 * shift32
-        d_out = B.shape[0]
-        loss = 0.5 * (torch.dot(residual_sq, variance.reciprocal()) / (real_tokens * d_out) + torch.log(variance).mean())
+        loss = _vid_value(residual_sq, variance, real_tokens)
         # Fresh tensors only, never a parameter: this node's backward runs early (the loss adds the MIM terms
         # last), before ZeRO-3 gathers the layer's partitioned parameters again. The per-segment blocks ride on ctx.
         ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(_at_least_fp32(var)),
@@ -361,13 +367,12 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         (Z, token_mask, scale, shift, var_slope, variance, M_U, MC_U, M_column_sum, residual_sq, column_sum_U,
          tokens) = ctx.saved_tensors
         r, d_out = ctx.universal_rank, M_U.shape[0]
-        inv_var = 1.0 / variance
-        k = _at_least_fp32(grad_loss) / (tokens * d_out)  # d loss / d Σ_t vᵀWv is k/2
-        weight = inv_var * k  # d loss / d M̃ = weight ⊙ M̃C̃, per channel
+        grad_loss = _at_least_fp32(grad_loss)
+        weight = grad_loss / (tokens * d_out * variance)  # d loss / d M̃ = weight ⊙ M̃C̃, per channel
         # d loss / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), by blocks, on the columns z's gradient reaches
         grad_z = torch.zeros_like(Z)
-        WM_U = M_U * weight[:, None]
         if not ctx.detach_teacher:
+            WM_U = M_U * weight[:, None]
             grad_z[:, :r] = torch.addmm(WM_U.t() @ shift, Z[:, :r], M_U.t() @ WM_U)
         grad_B = Z.new_zeros(ctx.B_shape)
         grad_scale = torch.zeros_like(scale)
@@ -385,8 +390,7 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         if not ctx.detach_teacher:
             grad_B[:, :r] = -(MC_U + shift[:, None] * column_sum_U[None, :]) * weight[:, None]
         grad_shift = (M_column_sum + tokens * shift) * weight
-        grad_variance = -0.5 * k * residual_sq * inv_var * inv_var + _at_least_fp32(grad_loss) * 0.5 / (d_out * variance)
-        grad_var = grad_variance * var_slope
+        grad_var = _vid_var_grad(grad_loss, residual_sq, variance, var_slope, tokens)
         dtype = ctx.mim_dtype  # the regressor's own (fp32 masters under autocast, where expert_B arrives cast)
         return (grad_z.to(ctx.z_dtype), None, grad_B.to(ctx.param_dtype), grad_scale.to(dtype), grad_shift.to(dtype),
                 grad_var.to(dtype), None, None, None, None)
