@@ -56,13 +56,29 @@ def _accumulating_matmul_flops(self_shape, a_shape, b_shape, *args, **kwargs) ->
     return 2 * m * n * k
 
 
-# torch's counter knows the out-of-place matmuls only; the adapter accumulates the up-projection into the base
-# output in place (addmm_). Same formula as addmm.
-IN_PLACE_MATMULS = {torch.ops.aten.addmm_: _accumulating_matmul_flops}
+def _matrix_vector_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def _accumulating_matrix_vector_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def _outer_product_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * b_shape[0]
+
+
+# torch's counter knows the out-of-place matrix-matrix products only. The adapter accumulates its up-projection
+# into the base output in place (addmm_); its gate is one logit difference per token: a matrix-vector product
+# forward and for the weight's gradient, an outer product added into the input's gradient (addr_); its routing
+# statistics sum the gate per task (addmv_).
+UNCOUNTED_MATMULS = {torch.ops.aten.addmm_: _accumulating_matmul_flops, torch.ops.aten.mv: _matrix_vector_flops,
+                     torch.ops.aten.addr_: _outer_product_flops,
+                     torch.ops.aten.addmv_: _accumulating_matrix_vector_flops}
 
 
 def flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=IN_PLACE_MATMULS)
+    return FlopCounterMode(display=False, custom_mapping=UNCOUNTED_MATMULS)
 
 
 def measure(model: MIEModel, input_len: int, target_len: int, batch: int = 1) -> dict:

@@ -303,17 +303,25 @@ class DeepSpeedRunner:
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: str, tag: str, client_state: dict, keep_last: int) -> None:
         """Trainable parameters, optimizer and scheduler (DeepSpeed), the run's state (JSON, readable before
-        anything is loaded) and each rank's RNG state (safetensors). Older checkpoints beyond `keep_last` go."""
-        if self.ctx.rank == 0:  # written first: DeepSpeed moves `latest` to this tag only once it is complete
+        anything is loaded) and each rank's RNG state (safetensors); then `latest` names the tag. Older
+        checkpoints beyond `keep_last` go."""
+        if self.ctx.rank == 0:
             os.makedirs(os.path.join(directory, tag), exist_ok=True)
             with open(os.path.join(directory, tag, CLIENT_STATE), "w") as f:
                 json.dump(client_state, f, indent=1)
-        self.engine.save_checkpoint(directory, tag=tag, exclude_frozen_parameters=True)
+        # DeepSpeed's own `latest` is written by rank 0 without waiting for the other ranks' files, and before
+        # the RNG states: a run killed in between resumed from a checkpoint it could not load. Here `latest`
+        # moves (atomically) only once every rank has written everything.
+        self.engine.save_checkpoint(directory, tag=tag, exclude_frozen_parameters=True, save_latest=False)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, os.path.join(directory, tag, f"rng_rank{self.ctx.rank}.safetensors"))
         self.barrier()
+        if self.ctx.rank == 0:
+            with open(os.path.join(directory, "latest.tmp"), "w") as f:
+                f.write(tag)
+            os.replace(os.path.join(directory, "latest.tmp"), os.path.join(directory, "latest"))
         if self.ctx.rank == 0 and keep_last > 0:
             tags = sorted((t for t in os.listdir(directory) if t.startswith("global_step")),
                           key=lambda t: int(t[len("global_step"):]))
