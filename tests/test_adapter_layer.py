@@ -161,12 +161,15 @@ def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(ca
         torch.testing.assert_close(collect_mim_loss(layer), ours.detach())
 
 
+@pytest.mark.parametrize("d_out", [5, 40])
 @pytest.mark.parametrize("case", PATHS)
-def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_detached(case):
+def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_detached(case, d_out):
     """The default (mim_detach_teacher): every gradient, the layer input's included, equals that of the direct
-    VID with U(x) detached, so MIM reaches the task experts and the regressor and never the universal expert."""
+    VID with U(x) detached, so MIM reaches the task experts and the regressor and never the universal expert.
+    The own-task path takes the universal block's diagonal in token space at d_out 5 (20 tokens, rank 6) and
+    from the Gram at d_out 40."""
     order, path = PATHS[case]
-    layer = make_layer("clorae", expert_path=path).train()
+    layer = make_layer("clorae", d_out=d_out, expert_path=path).train()
     with torch.no_grad():
         layer.mim_var.normal_()
         layer.mim_scale.normal_()
@@ -395,6 +398,9 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     # run padded with zeros to a multiple of 8 (layer._rank_padding).
     adapter += 2 * tokens * (-columns % 8) * (d_in + d_out)
     gate = 0
-    if mode == "clorae":  # logits (forward, gate grad, x grad); the masked pass maps gates to columns by matmul
-        gate = 2 * tokens * 2 * 3 * d_in + (0 if sorted_batch else 2 * tokens * 2 * columns * 2)
+    if mode == "clorae":
+        # Two logits per token forward; the gradients of their difference's weight (matrix-vector) and of the
+        # input (outer product); the masked pass maps d loss / d coef to d loss / d g2 by a matrix-vector product;
+        # the routing statistics sum g2 per task.
+        gate = 2 * tokens * d_in * (2 + 2) + (0 if sorted_batch else 2 * tokens * columns) + 2 * tokens * 3
     assert counter.get_total_flops() == base + adapter + gate
