@@ -1,8 +1,10 @@
 """Training throughput of the embedded default (MiniLM encoder-decoder + C-LoRAE r16, batch 8) under the
 DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch loop on the same model and the
 same batches, and LoRA r16 (the universal expert alone, no MIM) under ZeRO-0 beside C-LoRAE: what a user pays
-per step for C-LoRAE (`clorae_over_lora_step`: seconds per step, C-LoRAE over LoRA, the two arms back to back in
-each round, the median of the rounds' ratios). Measured one after the other in one run.
+per step for C-LoRAE (`clorae_over_lora_step`: seconds per step, C-LoRAE over LoRA, the arms back to back in
+each round, the median of the rounds' ratios), and the same for C-LoRAE without MIM (β 0:
+`clorae_without_mim_over_lora_step`), which splits that price between MIM and the gate with the task experts.
+Measured one after the other in one run.
 
     python benchmarks/bench_train.py [--steps 15] [--rounds 5]
 
@@ -25,8 +27,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 # (label, loop, DeepSpeed config, ranks, adapter mode)
-# LoRA right after C-LoRAE under ZeRO-0: their ratio is taken per round, the two measured back to back.
+# C-LoRAE without MIM and LoRA right after C-LoRAE under ZeRO-0: their ratios are taken per round, the arms
+# measured back to back.
 ARMS = [("plain loop", "plain", None, 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 1, "clorae"),
+        ("ZeRO-0, C-LoRAE without MIM", "deepspeed", "zero0.json", 1, "clorae_without_mim"),
         ("ZeRO-0, LoRA", "deepspeed", "zero0.json", 1, "universal_only"),
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2, "clorae"),
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae")]
@@ -45,8 +49,10 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(2 if world == 1 else 1)
     torch.manual_seed(0)
-    built = ModelConfig(family="encoder_decoder", pretrained="minilm",
-                        adapter={"rank": 16, "alpha": 32, "mode": adapter_mode}).build()
+    adapter = {"rank": 16, "alpha": 32, "mode": adapter_mode}
+    if adapter_mode == "clorae_without_mim":
+        adapter.update(mode="clorae", mim_beta=0.0)
+    built = ModelConfig(family="encoder_decoder", pretrained="minilm", adapter=adapter).build()
     model = built.model.train()
     loader = MIELoader.Config(train=embedded_train_shards(), batch_size=8, num_workers=0,
                               batches_per_epoch=steps + 3).build(built.tokenizer, Encoding(drop_target_bos=True),
@@ -141,12 +147,19 @@ def main(argv=None) -> int:
     overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
                 for r in results if r["ranks"] == 1 and r["arm"].startswith("DeepSpeed")}
     arm_runs = {(label, ranks): runs[i] for i, (label, _, _, ranks, _) in enumerate(ARMS)}
-    clorae, lora = arm_runs[("DeepSpeed ZeRO-0", 1)], arm_runs[("ZeRO-0, LoRA", 1)]  # paired per round
-    step_ratios = sorted(c["seconds_per_step"] / l["seconds_per_step"] for c, l in zip(clorae, lora))
-    print(f"C-LoRAE over LoRA per step, each round: {', '.join(f'{r:.3f}' for r in step_ratios)}")
+    lora = arm_runs[("ZeRO-0, LoRA", 1)]
+
+    def over_lora(label):  # paired per round
+        return sorted(c["seconds_per_step"] / l["seconds_per_step"] for c, l in zip(arm_runs[(label, 1)], lora))
+
+    step_ratios, without_mim_ratios = over_lora("DeepSpeed ZeRO-0"), over_lora("ZeRO-0, C-LoRAE without MIM")
+    print(f"C-LoRAE over LoRA per step, each round: {', '.join(f'{r:.3f}' for r in step_ratios)}; "
+          f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_ratios)}")
     print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds,
                       "clorae_over_lora_step": round(statistics.median(step_ratios), 4),
                       "clorae_over_lora_step_each_round": [round(r, 4) for r in step_ratios],
+                      "clorae_without_mim_over_lora_step": round(statistics.median(without_mim_ratios), 4),
+                      "clorae_without_mim_over_lora_step_each_round": [round(r, 4) for r in without_mim_ratios],
                       "arms": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
     return 0
 

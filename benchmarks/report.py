@@ -125,8 +125,13 @@ def train_section(measured: dict, machine: str) -> list:
               f"`expert_path: auto` takes, masked on CPU): "
               f"**{result['clorae_over_lora_step']:.2f}x** (`clorae_over_lora_step`; target 1.10x)."]
     if "clorae_over_lora_step_each_round" in result:
-        lines[-1] += (" The two arms run back to back in each round and the median of the rounds' ratios is kept: "
+        lines[-1] += (" The arms run back to back in each round and the median of the rounds' ratios is kept: "
                       + ", ".join(f"{r:.3f}" for r in result["clorae_over_lora_step_each_round"]) + ".")
+    if "clorae_without_mim_over_lora_step" in result:
+        lines[-1] += (f" Without MIM (β 0; the gate and the task experts alone): "
+                      f"**{result['clorae_without_mim_over_lora_step']:.2f}x** (`clorae_without_mim_over_lora_step`; "
+                      "each round: " + ", ".join(f"{r:.3f}" for r in result["clorae_without_mim_over_lora_step_each_round"])
+                      + "), so MIM's share is the difference.")
     lines += ["", "Overhead on one rank (plain / engine − 1): " +
               ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %"
                         for k, v in overheads.items()) +
