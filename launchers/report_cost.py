@@ -1,5 +1,5 @@
 """Trainable parameters and forward / forward+backward FLOPs per method — full fine-tuning, vanilla LoRA (rank
-r) and C-LoRAE (rank r, MIM on) — in the layout of the paper's Table 5, counted by torch.utils.flop_counter on
+r), C-LoRAE (rank r, MIM on) and C-LoRAE without MIM (β 0, what MIM adds) — in the layout of the paper's Table 5, counted by torch.utils.flop_counter on
 a batch of 1 (--batch) with an input of 256 tokens and a target of 64 tokens.
 
     python launchers/report_cost.py --model t5-base [--rank 128]     # shapes only: t5-base, t5-large, tiny
@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, parameter_report, task_routing  # noqa: E402
+from clorae_ds.adapters import (CLoRAEConfig, apply_clorae, clorae_layers, collect_mim_loss, parameter_report,  # noqa: E402
+                                task_routing)
 from clorae_ds.data.record import TASKS  # noqa: E402
 from clorae_ds.models import DEFAULT_TARGETS, MIEModel  # noqa: E402
 
@@ -48,6 +49,7 @@ def build(model, method: str, rank: int, expert_path: str = "own_task") -> MIEMo
         return wrapped.requires_grad_(True)
     mode = "universal_only" if method == "LoRA" else "clorae"
     return apply_clorae(wrapped, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=0.0, mode=mode, expert_path=expert_path,
+                                              mim_beta=0.0 if method == "C-LoRAE without MIM" else 0.01,
                                               target_modules=DEFAULT_TARGETS["t5"]))
 
 
@@ -81,6 +83,15 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=UNCOUNTED_MATMULS)
 
 
+def mim_floor_gflops(layer_calls: list) -> float:
+    """A lower bound on exact per-channel MIM's fwd+bwd FLOPs over (tokens, d_out, r, r_t) layer calls: every
+    channel's Σ_t v_c² over K = r + r_t columns needs the token outputs (T·d_out·K multiply-adds) or the token Gram's
+    quadratic forms (d_out·K²/2 with its symmetry), so at least d_out·K·min(T, K) FLOPs; the task columns'
+    gradients (into z and into B) at least 2·2·d_out·r_t·min(T, K)."""
+    return sum(d_out * (r + r_t) * min(t, r + r_t) + 4 * d_out * r_t * min(t, r + r_t)
+               for t, d_out, r, r_t in layer_calls) / 1e9
+
+
 def measure(model: MIEModel, input_len: int, target_len: int, batch: int = 1) -> dict:
     vocab, device = model.lm.config.vocab_size, next(model.parameters()).device
     ids = torch.randint(1, vocab, (batch, input_len), device=device)
@@ -98,16 +109,23 @@ def measure(model: MIEModel, input_len: int, target_len: int, batch: int = 1) ->
         with torch.no_grad():
             run()
     collect_mim_loss(model)  # nothing recorded without grad; keeps the layers clean
+    layer_calls = []  # (tokens, d_out, r, r_t) of every layer call with MIM in the training pass
+    hooks = [layer.register_forward_hook(lambda layer, args, out: layer_calls.append(
+        (out.numel() // layer.out_features, layer.out_features, layer.universal_rank, layer.task_rank)))
+        for _, layer in clorae_layers(model) if layer.config.uses_mim]
     with flop_counter() as train_counter:
         loss = run().loss
         mim = collect_mim_loss(model)
         if mim is not None:
             loss = loss + 0.01 * mim
         loss.backward()
+    for hook in hooks:
+        hook.remove()
     report = parameter_report(model)
     return {"trainable_params": report["trainable_params"], "adapter_expert_params": report["expert_params"],
             "expert_params_formula": report["expert_params_formula"], "mim_params": report["mim_params"], "forward_gflops": forward_counter.get_total_flops() / 1e9,
-            "forward_backward_gflops": train_counter.get_total_flops() / 1e9}
+            "forward_backward_gflops": train_counter.get_total_flops() / 1e9,
+            "mim_floor_gflops": mim_floor_gflops(layer_calls)}
 
 
 def main(argv=None) -> int:
@@ -124,7 +142,7 @@ def main(argv=None) -> int:
     rank = args.rank or (128 if args.model == "t5-base" else 64 if args.model != "tiny" else 8)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = {}
-    for method in ("full fine-tuning", "LoRA", "C-LoRAE"):
+    for method in ("full fine-tuning", "LoRA", "C-LoRAE", "C-LoRAE without MIM"):
         rows[method] = measure(build(args.model, method, rank, args.expert_path), args.input_length,
                                args.target_length, args.batch)
     print(f"{args.model}, rank {rank}, batch {args.batch}, input {args.input_length}, target {args.target_length} tokens, "
@@ -138,9 +156,15 @@ def main(argv=None) -> int:
     print(f"C-LoRAE / LoRA trainable: {ratio:.3f} (experts and gates alone: {experts:.3f}; the MIM regressors, "
           f"{rows['C-LoRAE']['mim_params']:,} parameters, make the rest)")
     flops = rows["C-LoRAE"]["forward_backward_gflops"] / rows["LoRA"]["forward_backward_gflops"]
-    print(f"C-LoRAE / LoRA fwd+bwd FLOPs: {flops:.3f}")
+    without_mim = rows["C-LoRAE without MIM"]["forward_backward_gflops"] / rows["LoRA"]["forward_backward_gflops"]
+    floor = (rows["C-LoRAE without MIM"]["forward_backward_gflops"] + rows["C-LoRAE"]["mim_floor_gflops"]) / \
+        rows["LoRA"]["forward_backward_gflops"]
+    print(f"C-LoRAE / LoRA fwd+bwd FLOPs: {flops:.3f} (without MIM: {without_mim:.3f}; without MIM plus exact MIM's "
+          f"floor of {rows['C-LoRAE']['mim_floor_gflops']:.3g} GFLOPs: {floor:.3f})")
     print(json.dumps({"model": args.model, "rank": rank, "batch": args.batch, "expert_path": args.expert_path,
                       "clorae_over_lora_flops": round(flops, 4),
+                      "clorae_without_mim_over_lora_flops": round(without_mim, 4),
+                      "clorae_floor_over_lora_flops": round(floor, 4),
                       "clorae_over_lora_trainable": round(ratio, 3),
                       "clorae_over_lora_expert_params": round(experts, 3), "methods": rows}))
     return 0

@@ -124,6 +124,9 @@ def test_cost_report_on_the_tiny_shape():
     assert result["clorae_over_lora_trainable"] > result["clorae_over_lora_expert_params"]  # + MIM regressors
     assert methods["full fine-tuning"]["trainable_params"] > methods["C-LoRAE"]["trainable_params"]
     assert methods["C-LoRAE"]["forward_backward_gflops"] > methods["LoRA"]["forward_backward_gflops"] > 0
+    # MIM costs FLOPs, at least its stated lower bound
+    assert result["clorae_without_mim_over_lora_flops"] < result["clorae_floor_over_lora_flops"] \
+        <= result["clorae_over_lora_flops"]
     assert methods["LoRA"]["forward_gflops"] > 0
 
 
