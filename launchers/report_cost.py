@@ -1,6 +1,7 @@
 """Trainable parameters and forward / forward+backward FLOPs per method — full fine-tuning, vanilla LoRA (rank
-r), C-LoRAE (rank r, MIM on) and C-LoRAE without MIM (β 0, what MIM adds) — in the layout of the paper's Table 5, counted by torch.utils.flop_counter on
-a batch of 1 (--batch) with an input of 256 tokens and a target of 64 tokens.
+r), C-LoRAE (rank r, MIM on) and C-LoRAE without MIM (β 0, what MIM adds) — in the layout of the paper's
+Table 5, counted by torch.utils.flop_counter on a batch of 1 (--batch) with an input of 256 tokens and a target
+of 64 tokens, and a lower bound on what exact MIM can cost at those shapes.
 
     python launchers/report_cost.py --model t5-base [--rank 128]     # shapes only: t5-base, t5-large, tiny
     python launchers/report_cost.py --model models/flan-t5-base      # a local T5 directory
@@ -84,10 +85,11 @@ def flop_counter() -> FlopCounterMode:
 
 
 def mim_floor_gflops(layer_calls: list) -> float:
-    """A lower bound on exact per-channel MIM's fwd+bwd FLOPs over (tokens, d_out, r, r_t) layer calls: every
-    channel's Σ_t v_c² over K = r + r_t columns needs the token outputs (T·d_out·K multiply-adds) or the token Gram's
-    quadratic forms (d_out·K²/2 with its symmetry), so at least d_out·K·min(T, K) FLOPs; the task columns'
-    gradients (into z and into B) at least 2·2·d_out·r_t·min(T, K)."""
+    """A lower bound on exact per-channel MIM's fwd+bwd FLOPs over (tokens, d_out, r, r_t) layer calls, whichever
+    of its two routes a layer takes: every channel's Σ_t v_c² over K = r + r_t columns comes from the token
+    outputs (T·d_out·K multiply-adds) or from the token Gram's quadratic forms (d_out·K²/2 with their symmetry),
+    so at least d_out·K·min(T, K) FLOPs, the Gram itself not counted; the task columns' gradients (into z and
+    into B) at least 2·2·d_out·r_t·min(T, K)."""
     return sum(d_out * (r + r_t) * min(t, r + r_t) + 4 * d_out * r_t * min(t, r + r_t)
                for t, d_out, r, r_t in layer_calls) / 1e9
 
