@@ -20,7 +20,9 @@ call. Computing it elementwise from the universal and task outputs U and D inste
 over a (tokens, d_out) tensor in forward + backward) was implemented and measured slower at training shapes —
 1.33× peft LoRA's step against 1.17× for the Gram form then, 1.09× once the own-task Gram blocks were shared
 (bench_adapter's shapes, 1 thread) — and on a GPU those passes are memory-bound where the Gram matmuls are not;
-it wins only on FLOP counts at a few hundred tokens per step, where the d_out·K² terms do not amortise.
+it wins only on FLOP counts at a few hundred tokens per step, where the d_out·K² terms do not amortise. There the
+own-task path takes the one block that needs no gradient (the universal expert's, under the detached teacher) in
+token space; launchers/report_cost.py prints a lower bound on exact MIM's FLOPs beside what this costs.
 """
 from __future__ import annotations
 
