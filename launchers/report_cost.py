@@ -64,7 +64,7 @@ def _matrix_vector_flops(a_shape, b_shape, *args, **kwargs) -> int:
 
 
 def _accumulating_matrix_vector_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
-    return 2 * a_shape[0] * a_shape[1]
+    return _matrix_vector_flops(a_shape, b_shape)
 
 
 def _outer_product_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:

@@ -372,13 +372,13 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
             cross = M_U @ C_Ut  # Σ_t v_c·z_t's universal-task part
             MC_t = torch.addmm(cross, M_t, Z_sT.t() @ Z_sT)
             M_column_sum += M_t @ column_sum_t
-            if MC_U is None:  # the cross term counted twice here, as M_U·C_Ut·M_tᵀ's diagonal is M_t·C_tU·M_Uᵀ's
+            if detach_teacher:  # the cross term counted twice here, as M_U·C_Ut·M_tᵀ's diagonal is M_t·C_tU·M_Uᵀ's
                 residual_sq = residual_sq + ((MC_t + cross) * M_t).sum(1)
             else:
                 MC_U += M_t @ C_Ut.t()
                 residual_sq = residual_sq + (MC_t * M_t).sum(1)
             blocks.append(((start, stop), (first, last), B_t, M_t, MC_t, column_sum_t))
-        if MC_U is not None:
+        if not detach_teacher:
             residual_sq = residual_sq + (MC_U * M_U).sum(1)
         residual_sq = residual_sq + 2.0 * shift32 * M_column_sum + real_tokens * shift32 * shift32
         loss = _vid_value(residual_sq, variance, real_tokens)
