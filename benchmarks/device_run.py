@@ -17,7 +17,8 @@ Phases, in order, each given what is left of --budget-s (a phase that cannot fit
    each arm's best adapter (bf16, in a tar).
 4. adapter: benchmarks/bench_adapter.py in bf16 at a small and a large shape.
 
-Writes OUT/device_run.json, OUT/SUMMARY.md (also printed) and OUT/adapter-ARM.tar per quality arm: few files.
+Writes OUT/device_run.json, OUT/SUMMARY.md (also printed; both rewritten after every phase), OUT/logs.tar.gz and
+OUT/adapter-ARM.tar per quality arm: few files.
 Scratch work goes to --work (default /tmp/device_run).
 """
 from __future__ import annotations
@@ -159,7 +160,9 @@ def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[d
                "data.max_input_length=256", "data.max_target_length=48", "data.num_workers=2",
                *data_overrides(patterns)]
         start = time.time()
-        code, out = run(cmd, clock.left() - args.reserve_s, os.path.join(work, f"engine-{shape_name}-z{stage}-{method}.log"))
+        # A run may overrun its share by a little, never eat the quality phase's time.
+        code, out = run(cmd, min(clock.left() - args.reserve_s, engine_left + 30),
+                        os.path.join(work, f"engine-{shape_name}-z{stage}-{method}.log"))
         row["seconds"] = round(time.time() - start, 1)
         log = events(out)
         train = [e for e in log if e["event"] == "train"][1:]  # the first interval holds the warm-up
@@ -357,19 +360,36 @@ def main(argv=None) -> int:
 
     small = build_all_shards(args.raw, os.path.join(args.work, "small-shards"), 64, 16)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke, "budget_s": args.budget_s}
+    # The report is rewritten after every phase: a run killed from outside still leaves what it measured.
     report["sanity"] = sanity(args, args.work, small, clock)
+    write_report(args, report, clock)
     if report["sanity"]["ok"]:
         report["engine"] = engine(args, args.work, small, clock, report["sanity"]["device"])
+        write_report(args, report, clock)
         report["quality"] = quality(args, args.work, clock)
+        write_report(args, report, clock)
     report["adapter_bench"] = adapter_bench(args, args.work, clock)
+    print(write_report(args, report, clock))
+    return 0 if report["sanity"]["ok"] else 1
+
+
+def write_report(args, report: dict, clock: Clock) -> str:
+    """OUT/device_run.json, OUT/SUMMARY.md and OUT/logs.tar.gz (every phase's log); the summary's text."""
     report["wall_seconds"] = round(time.time() - clock.start, 1)
     with open(os.path.join(args.out, "device_run.json"), "w") as f:
         json.dump(report, f, indent=1)
     text = summary_markdown(report)
     with open(os.path.join(args.out, "SUMMARY.md"), "w") as f:
         f.write(text)
-    print(text)
-    return 0 if report["sanity"]["ok"] else 1
+    with tarfile.open(os.path.join(args.out, "logs.tar.gz"), "w:gz") as tar:
+        for name in sorted(os.listdir(args.work)):
+            if name.endswith(".log"):
+                tar.add(os.path.join(args.work, name), arcname=name)
+        for arm in QUALITY_ARMS:  # the quality arms' own training logs
+            log = os.path.join(args.work, "quality", f"{arm}-seed0", "train.log")
+            if os.path.isfile(log):
+                tar.add(log, arcname=f"quality-{arm}-train.log")
+    return text
 
 
 def prepare_raw(work: str) -> str:

@@ -18,7 +18,7 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
                            "--work", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "# Device run" in proc.stdout and (out / "SUMMARY.md").read_text() in proc.stdout
-    assert sorted(os.listdir(out)) == ["SUMMARY.md", "adapter-clorae.tar", "adapter-lora.tar", "device_run.json"]
+    assert sorted(os.listdir(out)) == ["SUMMARY.md", "adapter-clorae.tar", "adapter-lora.tar", "device_run.json", "logs.tar.gz"]
     report = json.loads((out / "device_run.json").read_text())
     assert report["sanity"]["ok"] and report["sanity"]["backend"] == "gloo"
     measured = [r for r in report["engine"] if "tokens_per_s" in r]
@@ -36,3 +36,6 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     tensors = load_file(str(tmp_path / "adapter" / "adapter_best" / "adapter_model.safetensors"))
     assert tensors and {str(t.dtype) for t in tensors.values()} == {"torch.bfloat16"}
     assert report["adapter_bench"][0]["clorae_over_peft_lora"] > 0
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = tar.getnames()
+    assert {"sanity.log", "calibrate.log", "quality.log", "quality-clorae-train.log"} <= set(logs)
