@@ -5,6 +5,8 @@
 
 Phases, in order, each given what is left of --budget-s (a phase that cannot fit is recorded as skipped):
 1. sanity: the device, DeepSpeed, one ZeRO-2 bf16 step of launchers/train.py (NCCL on a GPU).
+   profile: benchmarks/profile_step.py on the default at the quality phase's micro-batch (LoRA and C-LoRAE, a plain
+   loop and ZeRO-2): host and kernel time per step, kernels per step, the ops that take the time.
 2. engine: launchers/train.py on T5-XL- and T5-large-shaped models (random weights), ZeRO-2/3, bf16, C-LoRAE vs
    LoRA (and full fine-tuning of the large shape): tokens/s, MFU, peak memory, the step split into data wait,
    forward, backward and optimizer step (schedule.time_phases).
@@ -14,7 +16,8 @@ Phases, in order, each given what is left of --budget-s (a phase that cannot fit
 3. quality: the MiniLM encoder-decoder on the FULL train splits (built here from the raw data), C-LoRAE and LoRA
    trained at the same time on the one device (launchers/run_experiments.py --parallel), an equal number of
    epochs sized from a measured calibration, dev F1 after each epoch, the paired bootstrap against C-LoRAE, and
-   each arm's best adapter (bf16, in a tar).
+   each arm's best adapter (bf16, in a tar). Where fewer than --min-epochs full epochs fit, it runs
+   --min-epochs evaluation rounds of as many steps as fit (a part of the data each: the summary says how much).
 4. adapter: benchmarks/bench_adapter.py in bf16 at a small and a large shape.
 
 Writes OUT/device_run.json, OUT/SUMMARY.md (also printed; both rewritten after every phase), OUT/logs.tar.gz and
@@ -52,6 +55,7 @@ ENGINE_RUNS = [("t5-xl", 2, "clorae"), ("t5-xl", 2, "lora"), ("t5-large", 2, "cl
                ("t5-xl", 3, "clorae"), ("t5-xl", 3, "lora")]
 SMOKE_ENGINE_RUNS = [("tiny", 2, "clorae"), ("tiny", 2, "lora"), ("tiny", 3, "clorae")]
 QUALITY_ARMS = ["clorae", "lora"]
+QUALITY_MICRO_BATCH = 32
 FLOP_TOKENS = (128, 32)  # input / target tokens of the FLOP count behind MFU
 
 
@@ -117,6 +121,23 @@ def sanity(args, work: str, patterns: dict, clock: Clock) -> dict:
             "error": None if ok else out[-2000:]}
 
 
+def profile(args, work: str, clock: Clock) -> dict:
+    if clock.left() - args.reserve_s < 2 * args.profile_s:
+        return {"skipped": "time"}
+    out = os.path.join(work, "profile")
+    shape = ["--batch", "4", "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--dtype", "fp32"] if args.smoke \
+        else ["--batch", str(QUALITY_MICRO_BATCH), "--dtype", "bf16"]
+    code, text = run([sys.executable, "benchmarks/profile_step.py", "--out", out, "--arms", "lora,clorae",
+                      "--engines", "zero2,plain",
+                      "--budget-s", str(args.profile_s), "--top", "8", *shape],
+                     args.profile_s + 60, os.path.join(work, "profile.log"))
+    path = os.path.join(out, "profile.json")
+    if not os.path.isfile(path):
+        return {"error": text[-1500:]}
+    with open(path) as f:
+        return json.load(f)
+
+
 # --- phase 2 ------------------------------------------------------------------------------------------
 def flops_per_token(shape: dict, method: str, rank: int) -> float:
     import report_cost
@@ -139,13 +160,13 @@ def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[d
     runs = SMOKE_ENGINE_RUNS if args.smoke else ENGINE_RUNS
     steps, micro_batch, rank = (4, 4, 8) if args.smoke else (args.engine_steps, 8, 64)
     peak = peak_flops(device)
-    rows = []
+    rows, phase_start = [], time.time()
     for shape_name, stage, method in runs:
         row = {"shape": shape_name, "zero": stage, "method": method}
         rows.append(row)
         # What one run costs was measured by the previous one; the first gets a fixed allowance.
         need = rows[-2]["seconds"] * 1.2 if len(rows) > 1 and "seconds" in rows[-2] else 60
-        engine_left = args.engine_share * clock.budget - (time.time() - clock.start)
+        engine_left = args.engine_share * clock.budget - (time.time() - phase_start)
         if min(engine_left, clock.left() - args.reserve_s) < need:
             row["skipped"] = "time"
             continue
@@ -199,7 +220,7 @@ def experiments_cmd(args, out: str, budget: str, ds: str, extra: list[str]) -> l
 
 def quality(args, work: str, clock: Clock) -> dict:
     budget = "smoke" if args.smoke else "large"
-    ds = ds_config(work, 2, 4 if args.smoke else 32)
+    ds = ds_config(work, 2, 4 if args.smoke else QUALITY_MICRO_BATCH)
     evaluation = ["eval.max_samples=8" if args.smoke else "eval.max_samples=300",
                   "eval.batch_size=16" if args.smoke else "eval.batch_size=256", "schedule.max_minutes=null",
                   f"optim.lr={args.lr}"]
@@ -224,17 +245,24 @@ def quality(args, work: str, clock: Clock) -> dict:
     # per epoch is budgeted at the calibration's fixed cost (startup + one small evaluation) per epoch / 4.
     rate = min(r for r in rates if r) if all(rates) else None
     available = clock.left() - args.reserve_s - calibration_seconds  # startup and shard building again
-    epoch_seconds = train_samples / rate + calibration_seconds / 4 if rate else None
+    eval_seconds = calibration_seconds / 4
+    epoch_seconds = train_samples / rate + eval_seconds if rate else None
     epochs = max(1, int(available // epoch_seconds)) if epoch_seconds else 1
+    steps_per_epoch = None  # full epochs
     if args.smoke:
         epochs = 1
+    elif rate and epochs < args.min_epochs:  # rounds of part of an epoch each, all of them inside the time left
+        epochs = args.min_epochs
+        steps_per_epoch = max(1, int((available / epochs - eval_seconds) * rate / QUALITY_MICRO_BATCH))
     result = {"train_samples": train_samples, "calibration_samples_per_s": rates, "epochs": epochs,
+              "steps_per_epoch": steps_per_epoch,
               "planned_seconds_per_epoch": round(epoch_seconds, 1) if epoch_seconds else None}
     final = os.path.join(work, "quality")
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(os.path.join(calibrate, "shards"), os.path.join(final, "shards"))  # built once
-    cmd = experiments_cmd(args, final, budget, ds, evaluation) + ["--epochs", str(epochs)]
-    code, out = run(cmd, clock.left() - args.reserve_s / 2, os.path.join(work, "quality.log"))
+    partial = [] if steps_per_epoch is None else [f"data.batches_per_epoch={steps_per_epoch}"]
+    cmd = experiments_cmd(args, final, budget, ds, evaluation + partial) + ["--epochs", str(epochs)]
+    code, out = run(cmd, clock.left() - args.reserve_s, os.path.join(work, "quality.log"))
     if code != 0:
         result["error"] = "timed out" if code == 124 else out[-1500:]
         return result
@@ -281,7 +309,8 @@ def adapter_bench(args, work: str, clock: Clock) -> list[dict]:
         if clock.left() < 20:
             rows.append({"args": shape, "skipped": "time"})
             continue
-        code, out = run([sys.executable, "benchmarks/bench_adapter.py", "--device", device, "--dtype", "bf16", *shape],
+        code, out = run([sys.executable, "benchmarks/bench_adapter.py", "--device", device, "--dtype", "bf16",
+                         "--rounds", "5", *shape],
                         clock.left() - 5, os.path.join(work, f"bench_adapter-{i}.log"))
         last = [line for line in out.splitlines() if line.startswith("{")]
         rows.append({"args": shape, **({k: v for k, v in json.loads(last[-1]).items() if k != "arms"} if code == 0 and last
@@ -298,6 +327,14 @@ def summary_markdown(report: dict) -> str:
              f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
     if not s.get("ok"):
         lines += ["```", str(s.get("error"))[-1500:], "```"]
+    p = report.get("profile")
+    if p is not None:
+        lines += ["", "## Step profile (benchmarks/profile_step.py)", ""]
+        if "arms" in p:
+            from profile_step import markdown as profile_markdown
+            lines += [("#" + line) if line.startswith("#") else line for line in profile_markdown(p).splitlines()[2:]]
+        else:
+            lines.append(f"not run: {p.get('skipped') or p.get('error', '')[-800:]}")
     lines += ["", "## 2. Engine (launchers/train.py, bf16, random weights)", "",
               "MFU = model FLOPs per token (torch FLOP count of one fwd+bwd at 128/32 tokens ÷ 160) × tokens/s ÷ "
               "dense bf16 peak.", "",
@@ -314,8 +351,10 @@ def summary_markdown(report: dict) -> str:
     q = report.get("quality", {})
     lines += ["", "## 3. Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
     if "table" in q:
-        lines += [f"{q['epochs']} epochs of {q['train_samples']} train samples per arm (calibrated at "
-                  f"{q['calibration_samples_per_s']} samples/s).", "", q["table"]]
+        seen = q["train_samples"] if not q.get("steps_per_epoch") else q["steps_per_epoch"] * QUALITY_MICRO_BATCH
+        lines += [f"{q['epochs']} epochs of {seen} of the {q['train_samples']} train samples per arm "
+                  f"({q['epochs'] * seen / q['train_samples']:.2f} passes over the data; calibrated at "
+                  f"{q['calibration_samples_per_s']} samples/s, C-LoRAE and LoRA side by side).", "", q["table"]]
         for arm, curve in q.get("curves", {}).items():
             lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
     else:
@@ -338,15 +377,19 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default=None, help="quality recipe (default experiments/base.yaml with the MiniLM "
                                                      "from .whl/minilm when present; smoke: a tiny T5)")
     parser.add_argument("--lr", type=float, default=8e-4, help="the quality arms' adapter learning rate")
-    parser.add_argument("--engine-steps", type=int, default=30)
+    parser.add_argument("--engine-steps", type=int, default=12)
     parser.add_argument("--engine-share", type=float, default=None,
-                        help="share of the budget the engine phase may use (default 0.3; smoke 0.6)")
-    parser.add_argument("--calibration-steps", type=int, default=60)
+                        help="share of the budget the engine phase may use (default 0.25; smoke 0.6)")
+    parser.add_argument("--calibration-steps", type=int, default=40)
+    parser.add_argument("--min-epochs", type=int, default=4,
+                        help="evaluation rounds of the quality phase at least (each a part of an epoch if need be)")
+    parser.add_argument("--profile-s", type=float, default=None, help="the step profile's budget (default 45; smoke 40)")
     parser.add_argument("--reserve-s", type=float, default=None, help="kept for the adapter benchmark and the report")
     args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (400 if args.smoke else 530)
     args.reserve_s = args.reserve_s if args.reserve_s is not None else (20 if args.smoke else 50)
-    args.engine_share = args.engine_share or (0.6 if args.smoke else 0.3)
+    args.engine_share = args.engine_share or (0.6 if args.smoke else 0.25)
+    args.profile_s = args.profile_s or (40 if args.smoke else 45)
     if args.smoke:
         args.calibration_steps = 4
     clock = Clock(args.budget_s)
@@ -364,6 +407,8 @@ def main(argv=None) -> int:
     report["sanity"] = sanity(args, args.work, small, clock)
     write_report(args, report, clock)
     if report["sanity"]["ok"]:
+        report["profile"] = profile(args, args.work, clock)
+        write_report(args, report, clock)
         report["engine"] = engine(args, args.work, small, clock, report["sanity"]["device"])
         write_report(args, report, clock)
         report["quality"] = quality(args, args.work, clock)

@@ -7,6 +7,9 @@ docs/performance.json, and renders the tables with the command that produced eve
 Figures measured on another machine (a GPU node) go in benchmarks/results/*.json, one file per run:
 {"benchmark": "bench_adapter", "device": ..., "date": ..., "command": ..., "ratios_vs_peft_lora": {arm: ratio},
 "trainable_params": {arm: n}, "note": ...}; each becomes its own row beside the figures measured here.
+A whole GPU run (benchmarks/device_run.sh) or step profile (benchmarks/profile_step.py) is kept as
+{"benchmark": "device_run" | "profile_step", "device", "date", "command", "note", "report": its JSON} and
+rendered in the section "On a GPU" with that script's own tables.
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
     ratio = result["clorae_over_peft_lora"]
     lines += [f"**Target (1.10x with MIM, 1.08x without) {'met' if ratio <= 1.10 else 'not met'}** here: "
               f"{ratio:.2f}x with MIM, {result['clorae_without_mim_over_peft_lora']:.2f}x without (the path "
-              f"`expert_path: auto` takes on this device: {'masked' if result['device'].startswith('cpu') else 'own-task'}). "
+              "`expert_path: auto` takes on every device: masked). "
               "At r 64 and d_model 512 LoRA's own adapter is about a quarter of "
               "the step, so the own-task path's r + r_t = 85 columns (1.33x LoRA's 64) put the floor near 1.07x; the "
               "masked pass computes all r + N·r_t = 127 columns in fewer, larger kernels. MIM is exact and computed in "
@@ -200,7 +203,25 @@ def render(data: dict, device_runs: list) -> str:
     lines += train_section(data["results"], machine)
     lines += loader_section(data["results"], machine)
     lines += cost_section(data["results"])
+    lines += gpu_section(device_runs)
     return "\n".join(lines)
+
+
+def gpu_section(device_runs: list) -> list:
+    """Whole GPU runs and step profiles, each in its own script's tables, with what was read from them."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from device_run import summary_markdown
+    from profile_step import markdown
+
+    runs = [r for r in device_runs if r["benchmark"] in ("device_run", "profile_step")]
+    if not runs:
+        return []
+    lines = ["## On a GPU", "", "Runs on a lent GPU machine, oldest first; the raw JSON is in benchmarks/results/.", ""]
+    for r in sorted(runs, key=lambda r: r["date"]):
+        body = (summary_markdown if r["benchmark"] == "device_run" else markdown)(r["report"]).splitlines()[1:]
+        lines += [f"### {r['benchmark']}: {r['device']}, {r['date']}", "", f"`{r['command']}`", "", r["note"], ""]
+        lines += [("##" + line) if line.startswith("#") else line for line in body] + [""]
+    return lines
 
 
 def main(argv=None) -> int:

@@ -247,10 +247,12 @@ def test_encoder_decoder_from_a_local_bert_directory(tmp_path):
     directory.mkdir()
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    # Saved in fp16 (as the GPU machine's copy of MiniLM is): it still loads as fp32.
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(str(directory))
+                         intermediate_size=64)).half().save_pretrained(str(directory))
     built = ModelConfig(family="encoder_decoder", pretrained=str(directory), adapter={"rank": 6}).build()
     model, tokenizer = built.model, built.tokenizer
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     names = [name for name, _ in clorae_layers(model)]
     assert not any("crossattention" in n for n in names) and any("decoder.bert" in n for n in names)
     params = dict(model.named_parameters())
@@ -263,11 +265,14 @@ def test_encoder_decoder_from_a_local_bert_directory(tmp_path):
     assert out[0, 0].item() == tokenizer.cls_token_id
 
 
-def test_t5_from_a_local_directory(tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
+def test_t5_from_a_local_directory(tokenizer_dir, tmp_path, saved_dtype):
     source = tiny(tokenizer=tokenizer_dir, full_finetune=True)
-    source.model.lm.save_pretrained(str(tmp_path / "t5"))
+    source.model.lm.to(saved_dtype).save_pretrained(str(tmp_path / "t5"))
+    source.model.lm.float()  # the reference: the saved weights, as fp32
     source.tokenizer.save_pretrained(str(tmp_path / "t5"))
     built = ModelConfig(family="t5", pretrained=str(tmp_path / "t5"), adapter={"rank": 6}).build()
+    assert {p.dtype for p in built.model.parameters()} == {torch.float32}  # whatever dtype the checkpoint has
     ids, mask, labels = batch(built.tokenizer)
     torch.testing.assert_close(built.model.eval()(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2])).logits,
                                source.model.eval()(ids, mask, labels=labels).logits)

@@ -528,8 +528,8 @@ class CLoRAELinear(nn.Module):
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
             shape = (x.shape[0], x2.shape[0] // x.shape[0])
             path = self.config.expert_path
-            if path == "auto":  # what measured fastest per device (benchmarks/bench_adapter.py, bench_train.py)
-                path = "masked" if x.device.type == "cpu" else "own_task"
+            if path == "auto":  # what measured fastest on CPU and CUDA alike (config.py says where)
+                path = "masked"
             if path == "own_task":
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:

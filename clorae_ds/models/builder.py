@@ -33,6 +33,12 @@ VISUAL_MODULES = r"visual\.(?!tower$)[^.]+"
 VISUAL_LINEARS = r"visual\.(?!tower\.).*"
 
 
+# Pretrained weights load as fp32 whatever the checkpoint's dtype (transformers 5 keeps a checkpoint's fp16 or
+# bf16 by default): the trainable experts and the optimizer work in fp32, and a DeepSpeed config with bf16 enabled
+# casts the model itself. An fp16 checkpoint kept as fp16 trained in fp16 on CPU, slowly and imprecisely.
+LOAD_DTYPE = torch.float32
+
+
 class ModelBuildError(ValueError):
     pass
 
@@ -176,7 +182,7 @@ def _build_lm(config: ModelConfig, tokenizer):
     vocab = len(tokenizer)
     if config.family == "t5":
         if config.pretrained:
-            lm = T5ForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True)
+            lm = T5ForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True, dtype=LOAD_DTYPE)
         else:
             shape = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_heads": 4, **(config.shape or {})}
             shape["vocab_size"] = max(vocab, shape.get("vocab_size", 0))  # ids index the tokenizer's vocabulary
@@ -198,7 +204,8 @@ def _build_lm(config: ModelConfig, tokenizer):
             previous = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()
             try:
-                lm = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True)
+                lm = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True,
+                                                                         encoder_dtype=LOAD_DTYPE, decoder_dtype=LOAD_DTYPE)
             finally:
                 transformers.logging.set_verbosity(previous)
             logging.getLogger(__name__).info("encoder-decoder from %s: cross-attention and LM-head transform are new",
@@ -210,7 +217,8 @@ def _build_lm(config: ModelConfig, tokenizer):
         _set_encoder_decoder_tokens(lm, tokenizer)
     else:
         if config.pretrained:
-            lm = LlavaForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True)
+            lm = LlavaForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True,
+                                                              dtype=LOAD_DTYPE)
         else:
             lm = LlavaForConditionalGeneration(LlavaConfig(
                 vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
