@@ -126,7 +126,7 @@ def profile(args, work: str, clock: Clock) -> dict:
         return {"skipped": "time"}
     out = os.path.join(work, "profile")
     shape = ["--batch", "4", "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--dtype", "fp32"] if args.smoke \
-        else ["--batch", str(QUALITY_MICRO_BATCH), "--dtype", "bf16"]
+        else ["--batch", str(QUALITY_MICRO_BATCH), "--dtype", "bf16", "--steps", "6", "--warmup", "2", "--profile-steps", "2"]
     code, text = run([sys.executable, "benchmarks/profile_step.py", "--out", out, "--arms", "lora,clorae",
                       "--engines", "zero2,plain",
                       "--budget-s", str(args.profile_s), "--top", "8", *shape],
@@ -379,17 +379,17 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=8e-4, help="the quality arms' adapter learning rate")
     parser.add_argument("--engine-steps", type=int, default=12)
     parser.add_argument("--engine-share", type=float, default=None,
-                        help="share of the budget the engine phase may use (default 0.25; smoke 0.6)")
+                        help="share of the budget the engine phase may use (default 0.22; smoke 0.6)")
     parser.add_argument("--calibration-steps", type=int, default=40)
     parser.add_argument("--min-epochs", type=int, default=4,
                         help="evaluation rounds of the quality phase at least (each a part of an epoch if need be)")
-    parser.add_argument("--profile-s", type=float, default=None, help="the step profile's budget (default 45; smoke 40)")
+    parser.add_argument("--profile-s", type=float, default=None, help="the step profile's budget (default 70; smoke 40)")
     parser.add_argument("--reserve-s", type=float, default=None, help="kept for the adapter benchmark and the report")
     args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (400 if args.smoke else 530)
     args.reserve_s = args.reserve_s if args.reserve_s is not None else (20 if args.smoke else 50)
-    args.engine_share = args.engine_share or (0.6 if args.smoke else 0.25)
-    args.profile_s = args.profile_s or (40 if args.smoke else 45)
+    args.engine_share = args.engine_share or (0.6 if args.smoke else 0.22)
+    args.profile_s = args.profile_s or (40 if args.smoke else 70)
     if args.smoke:
         args.calibration_steps = 4
     clock = Clock(args.budget_s)
