@@ -247,13 +247,8 @@ def quality(args, work: str, clock: Clock) -> dict:
     available = clock.left() - args.reserve_s - calibration_seconds  # startup and shard building again
     eval_seconds = calibration_seconds / 4
     epoch_seconds = train_samples / rate + eval_seconds if rate else None
-    epochs = max(1, int(available // epoch_seconds)) if epoch_seconds else 1
-    steps_per_epoch = None  # full epochs
-    if args.smoke:
-        epochs = 1
-    elif rate and epochs < args.min_epochs:  # rounds of part of an epoch each, all of them inside the time left
-        epochs = args.min_epochs
-        steps_per_epoch = max(1, int((available / epochs - eval_seconds) * rate / QUALITY_MICRO_BATCH))
+    epochs, steps_per_epoch = (1, None) if args.smoke else \
+        plan_epochs(train_samples, rate, available, eval_seconds, args.min_epochs, QUALITY_MICRO_BATCH)
     result = {"train_samples": train_samples, "calibration_samples_per_s": rates, "epochs": epochs,
               "steps_per_epoch": steps_per_epoch,
               "planned_seconds_per_epoch": round(epoch_seconds, 1) if epoch_seconds else None}
@@ -279,6 +274,19 @@ def quality(args, work: str, clock: Clock) -> dict:
         best = os.path.join(final, f"{arm}-seed0", "adapter_best")
         result.setdefault("adapters", {})[arm] = pack_adapter(best, os.path.join(args.out, f"adapter-{arm}.tar"))
     return result
+
+
+def plan_epochs(train_samples: int, rate, available: float, eval_seconds: float, min_epochs: int,
+                micro_batch: int) -> tuple:
+    """(epochs, steps per epoch or None for full epochs) that fit `available` seconds at `rate` samples/s with
+    one evaluation of `eval_seconds` per epoch: as many full epochs as fit, or, when fewer than `min_epochs` do,
+    `min_epochs` rounds of as many steps as fit."""
+    if not rate:
+        return 1, None
+    epochs = int(available // (train_samples / rate + eval_seconds))
+    if epochs >= min_epochs:
+        return epochs, None
+    return min_epochs, max(1, int((available / min_epochs - eval_seconds) * rate / micro_batch))
 
 
 def pack_adapter(directory: str, tar_path: str):

@@ -42,3 +42,15 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = tar.getnames()
     assert {"sanity.log", "calibrate.log", "quality.log", "quality-clorae-train.log"} <= set(logs)
+
+
+def test_quality_epochs_fit_the_time_left():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from device_run import plan_epochs
+
+    # 1000 samples at 100/s plus 10 s of evaluation: 20 s an epoch.
+    assert plan_epochs(1000, 100.0, 205.0, 10.0, 4, 32) == (10, None)  # full epochs when enough fit
+    epochs, steps = plan_epochs(1000, 100.0, 60.0, 10.0, 4, 32)  # 3 full epochs fit: 4 partial rounds instead
+    assert epochs == 4 and steps == int((60.0 / 4 - 10.0) * 100.0 / 32)
+    assert 4 * (steps * 32 / 100.0 + 10.0) <= 60.0  # and they fit
+    assert plan_epochs(1000, None, 60.0, 10.0, 4, 32) == (1, None)  # no rate measured
