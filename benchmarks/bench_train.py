@@ -36,12 +36,49 @@ ARMS = [("plain loop", "plain", None, 1, "clorae"), ("DeepSpeed ZeRO-0", "deepsp
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae")]
 
 
+def training_step(model, ds_config=None, total_steps: int = 10_000):
+    """step(batch): one optimiser step on L + 0.01·MIM (L alone where the model has no MIM) — a plain PyTorch
+    loop (fused AdamW, gradients clipped at 1) when ds_config is None, else the DeepSpeed engine with that
+    config (joining or creating the process group)."""
+    import torch
+
+    from clorae_ds.adapters import collect_mim_loss
+
+    def with_mim(loss, module):
+        mim = collect_mim_loss(module)  # None for LoRA
+        return loss if mim is None else loss + 0.01 * mim
+
+    if ds_config is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+        def step(batch):
+            loss = with_mim(model(**batch).loss, model)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    from clorae_ds.adapters.model import parameter_groups
+    from clorae_ds.train.engine import DeepSpeedRunner, init_distributed
+
+    ctx = init_distributed(600)
+    runner = DeepSpeedRunner(model, ds_config, parameter_groups(model, 1e-4, 1e-4, 1e-4, 0.0), (0.9, 0.999), 0,
+                             total_steps, "constant", ctx)
+
+    def step(batch):
+        loss = with_mim(runner.forward(**batch).loss, runner.module)
+        runner.backward(loss)
+        runner.step()
+    return step
+
+
 def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     import torch
     import transformers
 
     from benchmarks.bench_loader import embedded_train_shards
-    from clorae_ds.adapters import collect_mim_loss
     from clorae_ds.data.loader import Encoding, MIELoader
     from clorae_ds.models import ModelConfig
 
@@ -61,33 +98,12 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     batches = [{k: b[k] for k in keys} for b in loader.train_epoch(0)]
     tokens = [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
 
-    if mode == "plain":
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    config = None
+    if mode != "plain":
+        from clorae_ds.train.engine import load_ds_config
 
-        def step(batch):
-            loss = with_mim(model(**batch).loss, model)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        from clorae_ds.adapters.model import parameter_groups
-        from clorae_ds.train.engine import DeepSpeedRunner, init_distributed, load_ds_config
-
-        ctx = init_distributed(600)
-        config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), ctx.world_size)
-        runner = DeepSpeedRunner(model, config, parameter_groups(model, 1e-4, 1e-4, 1e-4, 0.0), (0.9, 0.999), 0,
-                                 steps + 3, "constant", ctx)
-
-        def step(batch):
-            loss = with_mim(runner.forward(**batch).loss, runner.module)
-            runner.backward(loss)
-            runner.step()
-
-    def with_mim(loss, module):
-        mim = collect_mim_loss(module)  # None for LoRA
-        return loss if mim is None else loss + 0.01 * mim
+        config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world)
+    step = training_step(model, config, steps + 3)
 
     for batch in batches[:3]:
         step(batch)

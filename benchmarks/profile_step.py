@@ -55,43 +55,18 @@ def batches_for(args, built, device) -> tuple[list[dict], list[int]]:
 
 
 def step_function(args, engine: str, built, device, dtype):
-    from clorae_ds.adapters import collect_mim_loss
+    from benchmarks.bench_train import training_step
 
     model = built.model.train()
-    beta = 0.01
-
-    def with_mim(loss, module):
-        mim = collect_mim_loss(module)  # None for LoRA
-        return loss if mim is None else loss + beta * mim
-
     if engine == "plain":
         model.to(device=device, dtype=dtype)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        return training_step(model)
+    from clorae_ds.train.engine import load_ds_config
 
-        def step(batch):
-            loss = with_mim(model(**batch).loss, model)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
-    from clorae_ds.adapters.model import parameter_groups
-    from clorae_ds.train.engine import DeepSpeedRunner, init_distributed, load_ds_config
-
-    ctx = init_distributed(600)
     config = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"), 1)
     config.update(train_micro_batch_size_per_gpu=args.batch, train_batch_size=args.batch,
                   bf16={"enabled": dtype == torch.bfloat16})
-    runner = DeepSpeedRunner(model, config, parameter_groups(model, 1e-4, 1e-4, 1e-4, 0.0), (0.9, 0.999), 0,
-                             10_000, "constant", ctx)
-
-    def step(batch):
-        loss = with_mim(runner.forward(**batch).loss, runner.module)
-        runner.backward(loss)
-        runner.step()
-    return step
+    return training_step(model, config)
 
 
 def profile_arm(args, engine: str, arm: str, device, dtype) -> dict:
