@@ -46,10 +46,11 @@ class CLoRAEConfig:
     base_model_name: str = ""
     # How a batch's task experts run. own_task: each token through its own K = r + r_t columns (batches sorted
     # by task, as the collator delivers them; fewest FLOPs). masked: one pass over all R = r + N·r_t columns
-    # with a per-token column mask, MIM in the same autograd node (fewest kernels; any order). auto: the path
-    # measured fastest: masked on CPU (the default model's step 1.12-1.25x LoRA's over runs against 1.26-1.41x
-    # own-task; level at r 64) and on CUDA too, where the steps measured were launch-bound (H200, the default at
-    # micro-batch 32: own-task ran 20k kernels a step against LoRA's 2k, kernel time 4 % of the step).
+    # with a per-token column mask, MIM in the same autograd node (fewest kernels; any order). auto: masked on
+    # every device. On CPU it measured fastest (the default model's step 1.12-1.25x LoRA's over runs against
+    # 1.26-1.41x own-task; level at r 64); on CUDA the own-task step measured launch-bound (H200, the default at
+    # micro-batch 32: 20k kernels a step against LoRA's 2k, kernel time 4 % of the step), and the masked pass,
+    # with 2.6x fewer ops a step on CPU, is the one to launch fewer kernels (not yet timed there).
     # Unsorted batches always take the masked pass.
     expert_path: str = "auto"
 

@@ -528,7 +528,7 @@ class CLoRAELinear(nn.Module):
                                    "clorae_ds.adapters.task_routing(model, task_ids)")
             shape = (x.shape[0], x2.shape[0] // x.shape[0])
             path = self.config.expert_path
-            if path == "auto":  # what measured fastest on CPU and CUDA alike (config.py says where)
+            if path == "auto":  # fewest kernels, fastest on CPU (config.py says what was measured where)
                 path = "masked"
             if path == "own_task":
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
