@@ -10,7 +10,7 @@ setup(
     # CPU wheel on the project's machines; any other spec there pulls a multi-GB CUDA build).
     install_requires=[
         "torch>=2.3",
-        "transformers>=4.46",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "tokenizers>=0.20",
         "sentencepiece>=0.2",
         "protobuf",
