@@ -36,6 +36,19 @@ ARMS = [("plain loop", "plain", None, 1, "clorae"), ("DeepSpeed ZeRO-0", "deepsp
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae")]
 
 
+def embedded_batches(tokenizer, batch_size: int, count: int, rank: int = 0, world: int = 1) -> tuple:
+    """`count` model-input batches of the embedded shards (this rank's share) read before any timing, and each
+    one's tokens (non-padding input + target)."""
+    from benchmarks.bench_loader import embedded_train_shards
+    from clorae_ds.data.loader import Encoding, MIELoader
+
+    loader = MIELoader.Config(train=embedded_train_shards(), batch_size=batch_size, num_workers=0,
+                              batches_per_epoch=count).build(tokenizer, Encoding(drop_target_bos=True), rank, world)
+    keys = ("input_ids", "attention_mask", "labels", "task_ids")
+    batches = [{k: b[k] for k in keys} for b in loader.train_epoch(0)]
+    return batches, [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
+
+
 def training_step(model, ds_config=None, total_steps: int = 10_000):
     """step(batch): one optimiser step on L + 0.01·MIM (L alone where the model has no MIM) — a plain PyTorch
     loop (fused AdamW, gradients clipped at 1) when ds_config is None, else the DeepSpeed engine with that
@@ -78,8 +91,6 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     import torch
     import transformers
 
-    from benchmarks.bench_loader import embedded_train_shards
-    from clorae_ds.data.loader import Encoding, MIELoader
     from clorae_ds.models import ModelConfig
 
     transformers.logging.set_verbosity_error()
@@ -91,12 +102,7 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
         adapter.update(mode="clorae", mim_beta=0.0)
     built = ModelConfig(family="encoder_decoder", pretrained="minilm", adapter=adapter).build()
     model = built.model.train()
-    loader = MIELoader.Config(train=embedded_train_shards(), batch_size=8, num_workers=0,
-                              batches_per_epoch=steps + 3).build(built.tokenizer, Encoding(drop_target_bos=True),
-                                                                 rank, world)
-    keys = ("input_ids", "attention_mask", "labels", "task_ids")
-    batches = [{k: b[k] for k in keys} for b in loader.train_epoch(0)]
-    tokens = [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
+    batches, tokens = embedded_batches(built.tokenizer, 8, steps + 3, rank, world)
 
     config = None
     if mode != "plain":

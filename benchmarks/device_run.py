@@ -125,11 +125,13 @@ def profile(args, work: str, clock: Clock) -> dict:
     if clock.left() - args.reserve_s < 2 * args.profile_s:
         return {"skipped": "time"}
     out = os.path.join(work, "profile")
-    shape = ["--batch", "4", "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--dtype", "fp32"] if args.smoke \
-        else ["--batch", str(QUALITY_MICRO_BATCH), "--dtype", "bf16", "--steps", "6", "--warmup", "2", "--profile-steps", "2"]
+    if args.smoke:
+        shape = ["--batch", "4", "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--profile-steps", "1"]
+    else:
+        shape = ["--batch", str(QUALITY_MICRO_BATCH), "--dtype", "bf16", "--steps", "6", "--warmup", "2",
+                 "--profile-steps", "2"]
     code, text = run([sys.executable, "benchmarks/profile_step.py", "--out", out, "--arms", "lora,clorae",
-                      "--engines", "zero2,plain",
-                      "--budget-s", str(args.profile_s), "--top", "8", *shape],
+                      "--engines", "zero2,plain", "--budget-s", str(args.profile_s), "--top", "8", *shape],
                      args.profile_s + 60, os.path.join(work, "profile.log"))
     path = os.path.join(out, "profile.json")
     if not os.path.isfile(path):

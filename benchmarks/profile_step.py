@@ -41,17 +41,11 @@ def build_arm(args, arm: str):
 
 
 def batches_for(args, built, device) -> tuple[list[dict], list[int]]:
-    from benchmarks.bench_loader import embedded_train_shards
-    from clorae_ds.data.loader import Encoding, MIELoader
+    from benchmarks.bench_train import embedded_batches
 
-    count = args.warmup + args.steps + args.profile_steps
-    loader = MIELoader.Config(train=embedded_train_shards(), batch_size=args.batch, num_workers=0,
-                              batches_per_epoch=count).build(built.tokenizer, Encoding(drop_target_bos=True), 0, 1)
-    keys = ("input_ids", "attention_mask", "labels", "task_ids")
-    cpu = [{k: b[k] for k in keys} for b in loader.train_epoch(0)]
-    tokens = [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in cpu]
+    batches, tokens = embedded_batches(built.tokenizer, args.batch, args.warmup + args.steps + args.profile_steps)
     # task_ids stay on the host (the routing reads them there); the rest goes to the device before timing.
-    return [{k: (v if k == "task_ids" else v.to(device)) for k, v in b.items()} for b in cpu], tokens
+    return [{k: (v if k == "task_ids" else v.to(device)) for k, v in b.items()} for b in batches], tokens
 
 
 def step_function(args, engine: str, built, device, dtype):

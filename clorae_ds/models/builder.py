@@ -182,7 +182,8 @@ def _build_lm(config: ModelConfig, tokenizer):
     vocab = len(tokenizer)
     if config.family == "t5":
         if config.pretrained:
-            lm = T5ForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True, dtype=LOAD_DTYPE)
+            lm = T5ForConditionalGeneration.from_pretrained(_resolve(config.pretrained), local_files_only=True,
+                                                            dtype=LOAD_DTYPE)
         else:
             shape = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_heads": 4, **(config.shape or {})}
             shape["vocab_size"] = max(vocab, shape.get("vocab_size", 0))  # ids index the tokenizer's vocabulary
