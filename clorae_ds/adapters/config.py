@@ -46,7 +46,7 @@ class CLoRAEConfig:
     base_model_name: str = ""
     # How a batch's task experts run. own_task: each token through its own K = r + r_t columns (batches sorted
     # by task, as the collator delivers them; fewest FLOPs). masked: one pass over all R = r + N·r_t columns
-    # with a per-token column mask, MIM in the same autograd node (fewest kernels; any order). auto: masked on
+    # with a per-token column mask, MIM batched over layer calls (fewest kernels; any order). auto: masked on
     # every device. On CPU it measured fastest (the default model's step 1.12-1.25x LoRA's over runs against
     # 1.26-1.41x own-task; level at r 64); on CUDA the own-task step measured launch-bound (H200, the default at
     # micro-batch 32: 20k kernels a step against LoRA's 2k, kernel time 4 % of the step), and the masked pass,

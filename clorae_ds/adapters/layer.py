@@ -6,9 +6,10 @@ columns laid out [universal | task 0 | ... | task N-1]. Two paths compute the sa
   task's K = r + r_t columns [universal | own task], the fewest FLOPs;
 - masked (_MaskedDelta): any batch runs as one low-rank pass, z = drop(x)·Aᵀ over all R columns, each token's
   columns scaled by α/r times its gate weight and zeroed outside its own task (a per-token column mask built
-  once per step), y += (z ⊙ coef)·Bᵀ, and the MIM term in the same autograd node: a fixed handful of kernels
-  whatever the task mix, at the price of N·r_t instead of r_t task columns in the two thin matmuls. On CPU,
-  where per-kernel overhead dominates at small ranks, this is the faster path (`auto` takes it there).
+  once per step), y += (z ⊙ coef)·Bᵀ: a fixed handful of kernels whatever the task mix, at the price of N·r_t
+  instead of r_t task columns in the thin matmuls. Its MIM terms are computed at collection (mim_loss), every
+  layer call of the same routing and shapes in one batched _GroupMIMLoss. On CPU, where per-kernel overhead
+  dominates at small ranks, this is the faster path (`auto` takes it).
 Either way every rank touches the same two tensors every step, and absent tasks' experts get exact zero
 gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). The low-rank work is written as
 autograd Functions with hand-written backwards: the delta is accumulated into the base output in place, and
@@ -16,7 +17,7 @@ nothing is saved that autograd would not need. Products whose output is R (or K)
 multiple of 8 on CPU (_rank_padding).
 
 The MIM term is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²) matmul work per layer
-call. Computing it elementwise from the universal and task outputs U and D instead (no extra matmul, ~27 passes
+call, in a fixed number of kernels per group of layer calls on the masked path. Computing it elementwise from the universal and task outputs U and D instead (no extra matmul, ~27 passes
 over a (tokens, d_out) tensor in forward + backward) was implemented and measured slower at training shapes —
 1.33× peft LoRA's step against 1.17× for the Gram form then, 1.09× once the own-task Gram blocks were shared
 (bench_adapter's shapes, 1 thread) — and on a GPU those passes are memory-bound where the Gram matmuls are not;
@@ -27,7 +28,7 @@ token space; launchers/report_cost.py prints a lower bound on exact MIM's FLOPs 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,37 +107,27 @@ def _gate_backward(grad_prob: torch.Tensor, prob: torch.Tensor, x: torch.Tensor,
 
 def _vid_value(residual_sq: torch.Tensor, variance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """MIM from every channel's Σ_t v_c² over `tokens` real tokens: the mean over tokens and channels of
-    ½[v²/σ² + log σ²]."""
-    return (torch.dot(residual_sq, variance.reciprocal()) / tokens + torch.log(variance).sum()) * (0.5 / len(variance))
+    ½[v²/σ² + log σ²], summed over layers when the tensors are (layers, d_out)."""
+    return ((residual_sq / variance).sum() / tokens + torch.log(variance).sum()) * (0.5 / variance.shape[-1])
 
 
 def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.Tensor:
     """d MIM / d var, the raw variance parameter (σ² = softplus(var) + eps, var_slope = sigmoid(var))."""
     inv_var = variance.reciprocal()
-    return grad_mim * (0.5 / len(variance)) * inv_var * (1.0 - residual_sq * inv_var / tokens) * var_slope
+    return grad_mim * (0.5 / variance.shape[-1]) * inv_var * (1.0 - residual_sq * inv_var / tokens) * var_slope
 
 
 class _MaskedDelta(torch.autograd.Function):
-    """The masked path, MIM included: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and
-    coef = column_mask ⊙ (α/r)·gate-per-column, and this layer's MIM term (method.md §2) when its regressor is
-    given — one autograd node, so the MIM gradient joins the delta's in one backward and no second node re-reads
-    the rank-space activations. Returns (y, gate_prob, mim): gate_prob (tokens,) each token's task-expert weight
-    g2 for routing statistics (not differentiable), mim a scalar or None.
-
-    MIM is the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²] with mu(D) = scale⊙D + shift and
-    σ² = softplus(var) + eps, computed exactly without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 1]
-    (z through the signs of TaskRouting.mim_signs: each token's own task columns only, all zero on padding)
-    and M̃ = [B_U, scale⊙B_task, shift], a real token's residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is
-    (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃ (the shift and the token count ride in the extra column): one (R+1)-square Gram
-    over the tokens and M̃·C (d_out × (R+1)), which the backward reuses for B, the regressor and the variance. The
-    backward's M̃ᵀWM̃ is built only on the columns z's gradient reaches — the task experts' when the teacher is
-    detached — a quarter fewer d_out-side FLOPs than the symmetric form ⟨M̃ᵀWM̃, C⟩ at r 64 and 3 tasks.
-    Computed in fp32 at least: the expansion cancels terms."""
+    """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and coef = column_mask ⊙ (α/r)·gate-per-
+    column. Returns (y, gate_prob, z, mim_packed): gate_prob (tokens,) each token's task-expert weight g2 for routing
+    statistics (not differentiable); with MIM on (mim_var given), z itself and mim_packed = [B | shift | scale | var]
+    (d_out, R + 3), a fresh copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of
+    layers at once. Their gradients come back into this node's backward and join the delta's there, so each
+    parameter gets one gradient per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_scale, mim_shift, mim_var, column_mask,
-                universal_column_scale, column_gate_slope, mim_signs, real_tokens, scaling, dropout, universal_rank,
-                detach_teacher):
+                universal_column_scale, column_gate_slope, scaling, dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
@@ -160,28 +151,20 @@ class _MaskedDelta(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         if gate_prob is not None:
             ctx.mark_non_differentiable(gate_prob)
-        ctx.scaling, ctx.mim_state = scaling, None
-        ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, column_mask,
-                              column_gate_slope, gate_prob, coef, zc, z if gate_prob is not None else None, mim_scale,
-                              mim_var)
-        mim = None
+        mim_packed = None
         if mim_var is not None:
-            r, R = universal_rank, expert_A.shape[0]
-            Z = torch.cat([_at_least_fp32(z) * mim_signs[:, :R], mim_signs[:, R:]], 1)  # [−z_U, own z_t, 1]
-            M = torch.cat([_at_least_fp32(expert_B), _at_least_fp32(mim_shift)[:, None]], 1)  # a fresh copy
-            M[:, r:R] *= _at_least_fp32(mim_scale)[:, None]  # [B_U, scale⊙B_task, shift]
-            variance = F.softplus(_at_least_fp32(mim_var)) + MIM_EPS
-            C = Z.t() @ Z
-            MC = M @ C  # kept for the backward, which needs it for B, the regressor and the variance
-            residual_sq = (MC * M).sum(1)  # Σ_t v_c² per channel: the diagonal of M̃·C·M̃ᵀ
-            mim = _vid_value(residual_sq, variance, real_tokens).to(z.dtype)
-            ctx.mim_state = (Z, M, MC, residual_sq, variance, mim_signs, real_tokens, r, detach_teacher)
-        return base_out, gate_prob, mim
+            mim_packed = torch.cat([_at_least_fp32(expert_B), _at_least_fp32(mim_shift)[:, None],
+                                    _at_least_fp32(mim_scale)[:, None], _at_least_fp32(mim_var)[:, None]], 1)
+        ctx.scaling = scaling
+        ctx.mim_dtype = None if mim_var is None else mim_var.dtype
+        ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, column_mask,
+                              column_gate_slope, gate_prob, coef, zc, z if gate_prob is not None else None)
+        return base_out, gate_prob, (z if mim_packed is not None else None), mim_packed
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_gate_prob, grad_mim):
-        (x, xd, keep, expert_A, expert_B, gate, column_mask, column_gate_slope, gate_prob, coef, zc, z, mim_scale,
-         mim_var) = ctx.saved_tensors
+    def backward(ctx, grad_y, _grad_gate_prob, grad_z_mim, grad_packed):
+        x, xd, keep, expert_A, expert_B, gate, column_mask, column_gate_slope, gate_prob, coef, zc, z = \
+            ctx.saved_tensors
         if xd is None:
             xd = x
         if grad_y is None:
@@ -192,8 +175,12 @@ class _MaskedDelta(torch.autograd.Function):
             grad_B.mul_(ctx.scaling)
         grad_z = grad_coefd * coef if coef is not None else grad_coefd * ctx.scaling
         grad_mim_params = (None, None, None)
-        if ctx.mim_state is not None and grad_mim is not None:
-            grad_mim_params = _masked_mim_backward(ctx.mim_state, grad_mim, grad_z, grad_B, expert_B, mim_scale, mim_var)
+        if grad_z_mim is not None:
+            grad_z.add_(grad_z_mim)
+        if grad_packed is not None:
+            R, dtype = expert_B.shape[1], ctx.mim_dtype
+            grad_B.add_(grad_packed[:, :R])
+            grad_mim_params = tuple(grad_packed[:, R + i].to(dtype) for i in (1, 0, 2))  # scale, shift, var
         grad_A = grad_z.t() @ xd
         grad_x = grad_gate = None
         if ctx.needs_input_grad[1]:
@@ -205,29 +192,96 @@ class _MaskedDelta(torch.autograd.Function):
             if column_mask is not None:
                 grad_coef.mul_(column_mask)
             grad_gate = _gate_backward(grad_coef @ column_gate_slope.to(x.dtype), gate_prob, x, gate, grad_x)
-        return (grad_y, grad_x, grad_A, grad_B, grad_gate, *grad_mim_params) + (None,) * 9
+        return (grad_y, grad_x, grad_A, grad_B, grad_gate, *grad_mim_params) + (None,) * 5
 
 
-def _masked_mim_backward(state, grad_mim, grad_z, grad_B, expert_B, scale, var) -> tuple:
-    """The masked path's MIM gradients: those of z and B added into grad_z and grad_B (fresh tensors, in place),
-    the regressor's returned as (grad_scale, grad_shift, grad_var) in its dtype (fp32 masters under autocast,
-    where expert_B arrives cast)."""
-    Z, M, MC, residual_sq, variance, signs, tokens, r, detach_teacher = state
-    R, d_out = Z.shape[1] - 1, M.shape[0]
-    grad_mim = _at_least_fp32(grad_mim)
-    weight = grad_mim / (tokens * d_out * variance)  # d mim / d M̃ = weight ⊙ M̃C, per channel
-    # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
-    # expert's unless the teacher is detached), then to z through the signs.
-    first = r if detach_teacher else 0
-    reached = M.t() @ (M[:, first:R] * weight[:, None])
-    grad_z[:, first:].addcmul_(_thin_mm(Z, reached, 1), signs[:, first:R])
-    grad_B[:, r:].addcmul_(MC[:, r:R], (weight * _at_least_fp32(scale))[:, None])
-    if not detach_teacher:
-        grad_B[:, :r].addcmul_(MC[:, :r], weight[:, None])
-    grad_scale = (MC[:, r:R] * expert_B[:, r:]).sum(1) * weight
-    grad_shift = MC[:, R] * weight
-    grad_var = _vid_var_grad(grad_mim, residual_sq, variance, torch.sigmoid(_at_least_fp32(var)), tokens)
-    return grad_scale.to(scale.dtype), grad_shift.to(scale.dtype), grad_var.to(var.dtype)
+class MaskedMIMInputs(NamedTuple):
+    """What a masked-path layer call leaves for its MIM term (_MaskedDelta's z and mim_packed, the routing's
+    signs and real-token count); mim_loss() computes it together with the other calls of the same shapes."""
+    z: torch.Tensor
+    packed: torch.Tensor
+    signs: torch.Tensor
+    real_tokens: torch.Tensor
+    universal_rank: int
+    detach_teacher: bool
+
+    def group_key(self) -> tuple:
+        return (id(self.signs), id(self.real_tokens), self.z.shape, self.packed.shape, self.z.dtype,
+                self.packed.dtype, self.universal_rank, self.detach_teacher)
+
+
+def mim_loss(terms: list) -> Optional[torch.Tensor]:
+    """The sum of the MIM terms recorded by layer calls (CLoRAELinear.pop_mim_terms): the own-task path's are
+    scalars already; the masked path's are MaskedMIMInputs, computed here a group at a time — every call with
+    the same routing and shapes (an encoder's q, k, v, o, ...) in one set of batched kernels, instead of the
+    few dozen small ones per layer call that made MIM a third of C-LoRAE's step on CPU and most of its kernels on
+    a GPU. None when nothing was recorded."""
+    scalars = [t for t in terms if isinstance(t, torch.Tensor)]
+    groups: dict[tuple, list[MaskedMIMInputs]] = {}
+    for term in terms:
+        if isinstance(term, MaskedMIMInputs):
+            groups.setdefault(term.group_key(), []).append(term)
+    for group in groups.values():
+        first = group[0]
+        scalars.append(_GroupMIMLoss.apply(first.signs, first.real_tokens, first.universal_rank, first.detach_teacher,
+                                           *(t.z for t in group), *(t.packed for t in group)))
+    if not scalars:
+        return None
+    return torch.stack(scalars).sum() if len(scalars) > 1 else scalars[0]
+
+
+class _GroupMIMLoss(torch.autograd.Function):
+    """Σ over a group of L masked-path layer calls (same routing, same shapes) of each call's MIM term (method.md
+    §2): the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²], mu(D) = scale⊙D + shift,
+    σ² = softplus(var) + eps, exact, without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 1] (z through
+    the signs of TaskRouting.mim_signs: each token's own task columns only, all zero on padding) and
+    M̃ = [B_U, scale⊙B_task, shift], a real token's residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is
+    (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃: an (R+1)-square Gram over the tokens and M̃·C (d_out × (R+1)) per layer, which the
+    backward reuses for B, the regressor and the variance. The backward's M̃ᵀWM̃ is built only on the columns z's
+    gradient reaches — the task experts' when the teacher is detached. Batched over the group's layers (bmm),
+    computed in fp32 at least: the expansion cancels terms. Inputs: signs, real_tokens, r, detach_teacher, then
+    the L z's and the L packed [B | shift | scale | var] (_MaskedDelta's outputs, so the gradients go back
+    through that node)."""
+
+    @staticmethod
+    def forward(ctx, signs, real_tokens, universal_rank, detach_teacher, *tensors):
+        count = len(tensors) // 2
+        z = _at_least_fp32(torch.stack(tensors[:count]))  # (L, T, R)
+        packed = _at_least_fp32(torch.stack(tensors[count:]))  # (L, d_out, R + 3)
+        R, r = z.shape[2], universal_rank
+        Z = torch.cat([z, z.new_ones(1, 1, 1).expand(count, z.shape[1], 1)], 2).mul_(signs)  # [−z_U, own z_t, 1]
+        M = packed[..., :R + 1].clone()  # [B, shift]
+        M[..., r:R].mul_(packed[..., R + 1:R + 2])  # scale⊙B_task
+        variance = F.softplus(packed[..., R + 2]) + MIM_EPS  # (L, d_out)
+        MC = M @ (Z.transpose(1, 2) @ Z)
+        residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
+        ctx.save_for_backward(signs, real_tokens, z, packed, Z, M, MC, residual_sq, variance)
+        ctx.r, ctx.detach_teacher = r, detach_teacher
+        ctx.dtypes = (tensors[0].dtype, tensors[count].dtype)
+        return _vid_value(residual_sq, variance, real_tokens).to(tensors[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mim):
+        signs, tokens, z, packed, Z, M, MC, residual_sq, variance = ctx.saved_tensors
+        r, (z_dtype, packed_dtype) = ctx.r, ctx.dtypes
+        count, R, d_out = z.shape[0], z.shape[2], M.shape[1]
+        grad_mim = _at_least_fp32(grad_mim)
+        weight = (grad_mim / (tokens * d_out * variance))[..., None]  # d mim / d M̃ = weight ⊙ M̃C, per channel
+        # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
+        # expert's unless the teacher is detached), then to z through the signs.
+        first = r if ctx.detach_teacher else 0
+        grad_z = torch.zeros_like(z)
+        grad_z[..., first:] = (Z @ (M.transpose(1, 2) @ (M[..., first:R] * weight))).mul_(signs[:, first:R])
+        grad_packed = torch.zeros_like(packed)
+        scale = packed[..., R + 1:R + 2]
+        grad_packed[..., r:R] = MC[..., r:R] * (weight * scale)
+        if not ctx.detach_teacher:
+            grad_packed[..., :r] = MC[..., :r] * weight
+        grad_packed[..., R] = MC[..., R] * weight[..., 0]  # shift
+        grad_packed[..., R + 1] = (MC[..., r:R] * packed[..., r:R]).sum(2) * weight[..., 0]  # scale
+        grad_packed[..., R + 2] = _vid_var_grad(grad_mim, residual_sq, variance, torch.sigmoid(packed[..., R + 2]),
+                                                tokens)
+        return (None,) * 4 + grad_z.to(z_dtype).unbind(0) + grad_packed.to(packed_dtype).unbind(0)
 
 
 class _OwnTaskDelta(torch.autograd.Function):
@@ -465,7 +519,7 @@ class CLoRAELinear(nn.Module):
             init = math.log(math.expm1(MIM_INITIAL_VARIANCE - MIM_EPS))
             self.mim_var = nn.Parameter(torch.full((d_out,), init, **factory))
         self.routing: Optional[TaskRouting] = None
-        self._mim_terms: list[torch.Tensor] = []
+        self._mim_terms: list = []  # scalars (own-task path) and MaskedMIMInputs: mim_loss() sums them
         self.register_buffer("gate_task_sum", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
                              persistent=False)
         self.register_buffer("gate_token_count", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
@@ -547,23 +601,21 @@ class CLoRAELinear(nn.Module):
                     z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_scale, self.mim_shift, self.mim_var, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
-            mim_signs = real_tokens = None
-            if mim:
-                mim_signs = routing.mim_signs(*shape, self.universal_rank, self.task_rank, x.device)
-                real_tokens = routing.real_token_count(*shape, x.device)
-            mim_params = (self.mim_scale, self.mim_shift, self.mim_var) if mim else (None, None, None)
             gated = self.gate is not None
-            y, gate_prob, mim_term = _MaskedDelta.apply(
+            mim_params = (self.mim_scale, self.mim_shift, self.mim_var) if mim else (None, None, None)
+            y, gate_prob, z, mim_packed = _MaskedDelta.apply(
                 base_out, x2, params["expert_A"], params["expert_B"], params["gate"], *mim_params, column_mask,
-                self.universal_column_scale if gated else None, self.column_gate_slope if gated else None, mim_signs,
-                real_tokens, self.config.scaling, dropout, self.universal_rank, self.config.mim_detach_teacher)
+                self.universal_column_scale if gated else None, self.column_gate_slope if gated else None,
+                self.config.scaling, dropout)
             if mim:
-                self._mim_terms.append(mim_term)
+                self._mim_terms.append(MaskedMIMInputs(
+                    z, mim_packed, routing.mim_signs(*shape, self.universal_rank, self.task_rank, x.device),
+                    routing.real_token_count(*shape, x.device), self.universal_rank, self.config.mim_detach_teacher))
         if one_hot is not None:
             self.gate_task_sum.addmv_(one_hot.t(), gate_prob.to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
-    def pop_mim_terms(self) -> list[torch.Tensor]:
+    def pop_mim_terms(self) -> list:
         terms, self._mim_terms = self._mim_terms, []
         return terms
 

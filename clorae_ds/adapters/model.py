@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterConfigError, CLoRAEConfig, name_matches
-from .layer import CLoRAELinear
+from .layer import CLoRAELinear, mim_loss
 from .routing import TaskRouting
 
 EXPERT_PARAMS = ("expert_A", "expert_B", "gate")
@@ -132,10 +132,7 @@ def collect_mim_loss(model: nn.Module) -> Optional[torch.Tensor]:
     """L_MIM: the sum over adapted layer calls of each call's MIM term (a mean over the batch's real tokens
     and channels, as L_MT is a mean over the batch's tokens), recorded since the last collection; None when
     nothing was recorded (eval, or a mode without MIM). So β weighs each adapted layer's distillation term."""
-    terms = [t for _, layer in clorae_layers(model) for t in layer.pop_mim_terms()]
-    if not terms:
-        return None
-    return torch.stack(terms).sum()
+    return mim_loss([t for _, layer in clorae_layers(model) for t in layer.pop_mim_terms()])
 
 
 def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tensor]:
