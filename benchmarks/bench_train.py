@@ -1,10 +1,11 @@
 """Training throughput of the embedded default (MiniLM encoder-decoder + C-LoRAE r16, batch 8) under the
 DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch loop on the same model and the
-same batches, and LoRA r16 (the universal expert alone, no MIM) under ZeRO-0 beside C-LoRAE: what a user pays
-per step for C-LoRAE (`clorae_over_lora_step`: seconds per step, C-LoRAE over LoRA, the arms back to back in
-each round, the median of the rounds' ratios), and the same for C-LoRAE without MIM (β 0:
-`clorae_without_mim_over_lora_step`), which splits that price between MIM and the gate with the task experts.
-Measured one after the other in one run.
+same batches, and what a user pays per step for C-LoRAE against LoRA r16 (the universal expert alone, no MIM):
+`clorae_over_lora_step`, and the same for C-LoRAE without MIM (β 0: `clorae_without_mim_over_lora_step`),
+which splits that price between MIM and the gate with the task experts. Those three adapters train in one
+process under ZeRO-0, step by step in turn on the same batch (the order rotating), so each step's ratio compares
+arms timed seconds apart; the ratio kept is the median over every round's steps. Measured one after the other
+in one run.
 
     python benchmarks/bench_train.py [--steps 15] [--rounds 5]
 
@@ -26,14 +27,14 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-# (label, loop, DeepSpeed config, ranks, adapter mode)
-# C-LoRAE without MIM and LoRA right after C-LoRAE under ZeRO-0: their ratios are taken per round, the arms
-# measured back to back.
+# (label, loop, DeepSpeed config, ranks, adapter mode); "paired": LoRA, C-LoRAE and C-LoRAE without MIM
+# interleaved step by step in one process (ZeRO-0), each reported as an arm of its own.
 ARMS = [("plain loop", "plain", None, 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 1, "clorae"),
-        ("ZeRO-0, C-LoRAE without MIM", "deepspeed", "zero0.json", 1, "clorae_without_mim"),
-        ("ZeRO-0, LoRA", "deepspeed", "zero0.json", 1, "universal_only"),
+        ("ZeRO-0, LoRA / C-LoRAE / without MIM, step by step", "paired", "zero0.json", 1, "paired"),
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2, "clorae"),
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae")]
+PAIRED = [("ZeRO-0, LoRA", "universal_only"), ("ZeRO-0, C-LoRAE", "clorae"),
+          ("ZeRO-0, C-LoRAE without MIM", "clorae_without_mim")]
 
 
 def embedded_batches(tokenizer, batch_size: int, count: int, rank: int = 0, world: int = 1) -> tuple:
@@ -87,29 +88,36 @@ def training_step(model, ds_config=None, total_steps: int = 10_000):
     return step
 
 
-def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
+def build_model(adapter_mode: str):
+    """The default model with a LoRA r16 (universal_only), C-LoRAE or C-LoRAE-without-MIM adapter, seeded."""
     import torch
-    import transformers
 
     from clorae_ds.models import ModelConfig
 
-    transformers.logging.set_verbosity_error()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    torch.set_num_threads(2 if world == 1 else 1)
     torch.manual_seed(0)
     adapter = {"rank": 16, "alpha": 32, "mode": adapter_mode}
     if adapter_mode == "clorae_without_mim":
         adapter.update(mode="clorae", mim_beta=0.0)
-    built = ModelConfig(family="encoder_decoder", pretrained="minilm", adapter=adapter).build()
-    model = built.model.train()
-    batches, tokens = embedded_batches(built.tokenizer, 8, steps + 3, rank, world)
+    return ModelConfig(family="encoder_decoder", pretrained="minilm", adapter=adapter).build()
 
+
+def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_num_threads(2 if world == 1 else 1)
     config = None
     if mode != "plain":
         from clorae_ds.train.engine import load_ds_config
 
         config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world)
-    step = training_step(model, config, steps + 3)
+    if mode == "paired":
+        paired_worker(config, steps)
+    built = build_model(adapter_mode)
+    batches, tokens = embedded_batches(built.tokenizer, 8, steps + 3, rank, world)
+    step = training_step(built.model.train(), config, steps + 3)
 
     for batch in batches[:3]:
         step(batch)
@@ -129,11 +137,40 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     os._exit(0)
 
 
+def paired_worker(config: dict, steps: int) -> None:
+    """The PAIRED adapters in one process, one engine each, every batch through each of them in turn (the order
+    rotating with the batch): prints each arm's step times, step i of every arm on the same batch."""
+    steppers, tokenizer = [], None
+    for _, adapter_mode in PAIRED:
+        built = build_model(adapter_mode)
+        tokenizer = built.tokenizer
+        steppers.append(training_step(built.model.train(), config, steps + 3))
+    batches, tokens = embedded_batches(tokenizer, 8, steps + 3)
+    seconds = [[] for _ in PAIRED]
+    for i, batch in enumerate(batches):
+        for k in range(len(PAIRED)):
+            arm = (i + k) % len(PAIRED)
+            start = time.perf_counter()
+            steppers[arm](batch)
+            if i >= 3:
+                seconds[arm].append(time.perf_counter() - start)
+    print("RESULT " + json.dumps({"tokens": tokens[3:], "step_seconds": seconds}), flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def summary(label: str, ranks: int, runs: list) -> dict:
+    rates = sorted(r["tokens_per_s"] for r in runs)
+    return {"arm": label, "ranks": ranks, "tokens_per_s": statistics.median(rates),
+            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs),
+            "all_rounds": [round(r, 1) for r in rates]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--worker", choices=["plain", "deepspeed"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["plain", "deepspeed", "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--ds", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--adapter-mode", default="clorae", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -155,33 +192,38 @@ def main(argv=None) -> int:
                 print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"arm {label} x{ranks} failed")
             runs[i].append(json.loads(line[len("RESULT "):]))
-    results = []
-    for i, (label, _, _, ranks, _) in enumerate(ARMS):
-        rates = sorted(r["tokens_per_s"] for r in runs[i])
-        results.append({"arm": label, "ranks": ranks, "tokens_per_s": statistics.median(rates),
-                        "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs[i]),
-                        "all_rounds": [round(r, 1) for r in rates]})
+    results, arm_runs = [], {}
+    for i, (label, mode, _, ranks, _) in enumerate(ARMS):
+        if mode == "paired":  # one arm per adapter: seconds per step and tokens/s from its own steps
+            for k, (paired_label, _) in enumerate(PAIRED):
+                arm_runs[paired_label] = [r["step_seconds"][k] for r in runs[i]]
+                runs_k = [{"tokens_per_s": sum(r["tokens"]) / sum(r["step_seconds"][k]),
+                           "seconds_per_step": statistics.mean(r["step_seconds"][k])} for r in runs[i]]
+                results.append(summary(paired_label, ranks, runs_k))
+        else:
+            results.append(summary(label, ranks, runs[i]))
     plain = results[0]["tokens_per_s"]
-    print(f"{'arm':20s} {'ranks':>5s} {'tokens/s':>10s} {'s/step':>8s} {'vs plain':>9s}")
+    print(f"{'arm':28s} {'ranks':>5s} {'tokens/s':>10s} {'s/step':>8s} {'vs plain':>9s}")
     for r in results:
-        print(f"{r['arm']:20s} {r['ranks']:5d} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:8.3f} "
+        print(f"{r['arm']:28s} {r['ranks']:5d} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:8.3f} "
               f"{r['tokens_per_s'] / plain:9.3f}")
     overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
                 for r in results if r["ranks"] == 1 and r["arm"].startswith("DeepSpeed")}
-    arm_runs = {(label, ranks): runs[i] for i, (label, _, _, ranks, _) in enumerate(ARMS)}
-    lora = arm_runs[("ZeRO-0, LoRA", 1)]
+    lora = arm_runs["ZeRO-0, LoRA"]
 
-    def over_lora(label):  # paired per round
-        return sorted(c["seconds_per_step"] / l["seconds_per_step"] for c, l in zip(arm_runs[(label, 1)], lora))
+    def over_lora(label):  # per step, the arms timed on the same batch seconds apart; per round and over all
+        per_round = [[c / l for c, l in zip(arm_round, lora_round)] for arm_round, lora_round in zip(arm_runs[label], lora)]
+        return statistics.median(r for ratios in per_round for r in ratios), sorted(statistics.median(r) for r in per_round)
 
-    step_ratios, without_mim_ratios = over_lora("DeepSpeed ZeRO-0"), over_lora("ZeRO-0, C-LoRAE without MIM")
-    print(f"C-LoRAE over LoRA per step, each round: {', '.join(f'{r:.3f}' for r in step_ratios)}; "
-          f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_ratios)}")
-    print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds,
-                      "clorae_over_lora_step": round(statistics.median(step_ratios), 4),
-                      "clorae_over_lora_step_each_round": [round(r, 4) for r in step_ratios],
-                      "clorae_without_mim_over_lora_step": round(statistics.median(without_mim_ratios), 4),
-                      "clorae_without_mim_over_lora_step_each_round": [round(r, 4) for r in without_mim_ratios],
+    step_ratio, step_rounds = over_lora("ZeRO-0, C-LoRAE")
+    without_mim_ratio, without_mim_rounds = over_lora("ZeRO-0, C-LoRAE without MIM")
+    print(f"C-LoRAE over LoRA per step, median of each round's steps: {', '.join(f'{r:.3f}' for r in step_rounds)}; "
+          f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}")
+    print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds, "steps": args.steps,
+                      "clorae_over_lora_step": round(step_ratio, 4),
+                      "clorae_over_lora_step_each_round": [round(r, 4) for r in step_rounds],
+                      "clorae_without_mim_over_lora_step": round(without_mim_ratio, 4),
+                      "clorae_without_mim_over_lora_step_each_round": [round(r, 4) for r in without_mim_rounds],
                       "arms": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
     return 0
 

@@ -93,8 +93,9 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "At r 64 and d_model 512 LoRA's own adapter is about a quarter of "
               "the step, so the own-task path's r + r_t = 85 columns (1.33x LoRA's 64) put the floor near 1.07x; the "
               "masked pass computes all r + N·r_t = 127 columns in fewer, larger kernels. MIM is exact and computed in "
-              "rank space: the token Gram C = Z̃ᵀZ̃ and M̃·C (d_out × (R + 1), every channel's residual) inside the "
-              "delta's own autograd node on the masked path, by blocks on the own-task path; the backward builds "
+              "rank space: the token Gram C = Z̃ᵀZ̃ and M̃·C (d_out × (R + 1), every channel's residual), on the masked "
+              "path for all the layer calls of one routing and shape at once (batched, at collection), by blocks per "
+              "layer call on the own-task path; the backward builds "
               "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU the products whose output is R or K "
               "wide run padded to a multiple of 8 (MKL runs odd widths up to 2x slower). On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
@@ -128,12 +129,15 @@ def train_section(measured: dict, machine: str) -> list:
               f"`expert_path: auto` takes, masked on CPU): "
               f"**{result['clorae_over_lora_step']:.2f}x** (`clorae_over_lora_step`; target 1.10x)."]
     if "clorae_over_lora_step_each_round" in result:
-        lines[-1] += (" The arms run back to back in each round and the median of the rounds' ratios is kept: "
-                      + ", ".join(f"{r:.3f}" for r in result["clorae_over_lora_step_each_round"]) + ".")
+        lines[-1] += (" The three ZeRO-0 adapters (LoRA, C-LoRAE, C-LoRAE without MIM) train in one process, step "
+                      "by step in turn on the same batch, the order rotating, so each step's ratio compares arms timed "
+                      f"seconds apart; the figure is the median over all {result['rounds']} rounds' steps (each "
+                      "round's median: " + ", ".join(f"{r:.3f}" for r in result["clorae_over_lora_step_each_round"])
+                      + ").")
     if "clorae_without_mim_over_lora_step" in result:
         lines[-1] += (f" Without MIM (β 0; the gate and the task experts alone): "
                       f"**{result['clorae_without_mim_over_lora_step']:.2f}x** (`clorae_without_mim_over_lora_step`; "
-                      "each round: " + ", ".join(f"{r:.3f}" for r in result["clorae_without_mim_over_lora_step_each_round"])
+                      "each round's median: " + ", ".join(f"{r:.3f}" for r in result["clorae_without_mim_over_lora_step_each_round"])
                       + "), so MIM's share is the difference.")
     lines += ["", "Overhead on one rank (plain / engine − 1): " +
               ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %"
@@ -179,16 +183,21 @@ def cost_section(measured: dict) -> list:
               "masked pass); every matmul is counted, in-place ones included (the counter counts no elementwise "
               "work, for any method). The target, 1.12x at T5-base r 128, is "
               + ("met at batch 1" if measured["cost_t5_base"]["clorae_over_lora_flops"] <= 1.12 else "missed at batch 1")
-              + (", and exact MIM cannot meet it there" if measured["cost_t5_base"]["clorae_floor_over_lora_flops"] > 1.12
-                 else "") + ": the task columns alone (r_t = r // 3 more per token) cost the 'without MIM' "
-              "ratio, and every channel's Σ_t v_c² over K = r + r_t columns takes at least d_out·K·min(T, K) FLOPs "
-              "per layer call (from the token outputs, or from the token Gram's quadratic forms with their "
-              "symmetry, whichever is smaller), the task columns' gradients at least 4·d_out·r_t·min(T, K) more — "
-              "the lower bound above (`mim_floor_gflops`, from the layer calls' shapes). With the teacher detached "
-              "(the default) the own-task MIM keeps only what its value and the task columns' gradients need: the "
-              "universal block's diagonal (in token space below T = d_out·r/(d_out − r) tokens: the decoder's 64 "
-              "here) and the cross block once. Over a batch the d_out-side products amortise. Computing MIM "
-              "elementwise throughout has no d_out·K² term but measured slower in wall time (see "
+              + (", and exact MIM on this layer's fused up-projection cannot meet it there"
+                 if measured["cost_t5_base"]["clorae_floor_over_lora_flops"] > 1.12 else "")
+              + ": the task columns alone (r_t = r // 3 more per token) cost the 'without MIM' ratio, and the layer's "
+              "up-projection, y += (z ⊙ coef)·Bᵀ, never forms the universal and task outputs U and D, so every "
+              "channel's Σ_t v_c² over K = r + r_t columns takes at least d_out·K·min(T, K) more FLOPs per layer call "
+              "(from the token outputs, or from the token Gram's quadratic forms with their symmetry, whichever is "
+              "smaller), the task columns' gradients at least 4·d_out·r_t·min(T, K) more — the lower bound above "
+              "(`mim_floor_gflops`, from the layer calls' shapes). With the teacher detached (the default) the "
+              "own-task MIM keeps only what its value and the task columns' gradients need: the universal block's "
+              "diagonal (in token space below T = d_out·r/(d_out − r) tokens: the decoder's 64 here) and the cross "
+              "block once. Over a batch the d_out-side products amortise. An up-projection split into U = z_U·B_Uᵀ "
+              "and D = z_t·B_tᵀ (the same matmul FLOPs) would give MIM from elementwise work alone, at the 'without "
+              "MIM' ratio in these counts (which count no elementwise work), at the price of about 27 passes over a "
+              "(tokens × d_out) tensor per layer call: implemented in an earlier version and measured slower in wall "
+              "time at training shapes (see "
               "clorae_ds/adapters/layer.py).", ""]
     return lines
 

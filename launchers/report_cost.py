@@ -1,7 +1,8 @@
 """Trainable parameters and forward / forward+backward FLOPs per method — full fine-tuning, vanilla LoRA (rank
 r), C-LoRAE (rank r, MIM on) and C-LoRAE without MIM (β 0, what MIM adds) — in the layout of the paper's
 Table 5, counted by torch.utils.flop_counter on a batch of 1 (--batch) with an input of 256 tokens and a target
-of 64 tokens, and a lower bound on what exact MIM can cost at those shapes.
+of 64 tokens, and a lower bound on what exact MIM can cost at those shapes on top of the layer's fused
+up-projection (which never forms the universal and task outputs).
 
     python launchers/report_cost.py --model t5-base [--rank 128]     # shapes only: t5-base, t5-large, tiny
     python launchers/report_cost.py --model models/flan-t5-base      # a local T5 directory
@@ -85,8 +86,9 @@ def flop_counter() -> FlopCounterMode:
 
 
 def mim_floor_gflops(layer_calls: list) -> float:
-    """A lower bound on exact per-channel MIM's fwd+bwd FLOPs over (tokens, d_out, r, r_t) layer calls, whichever
-    of its two routes a layer takes: every channel's Σ_t v_c² over K = r + r_t columns comes from the token
+    """A lower bound on exact per-channel MIM's fwd+bwd FLOPs over (tokens, d_out, r, r_t) layer calls on top of
+    the fused up-projection y += (z ⊙ coef)·Bᵀ (which never forms U or D), whichever of its two routes a layer
+    takes: every channel's Σ_t v_c² over K = r + r_t columns comes from the token
     outputs (T·d_out·K multiply-adds) or from the token Gram's quadratic forms (d_out·K²/2 with their symmetry),
     so at least d_out·K·min(T, K) FLOPs, the Gram itself not counted; the task columns' gradients (into z and
     into B) at least 2·2·d_out·r_t·min(T, K)."""
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1,
                         help="samples per step, the tasks in equal shares (MIM's d_out·K² terms are per step)")
     parser.add_argument("--expert-path", choices=["own_task", "masked"], default="own_task",
-                        help="the C-LoRAE path counted (own_task: what a GPU runs, the fewest FLOPs)")
+                        help="the C-LoRAE path counted (own_task: each token through its own task's columns, the "
+                             "fewest FLOPs; masked: what expert_path auto runs)")
     args = parser.parse_args(argv)
     rank = args.rank or (128 if args.model == "t5-base" else 64 if args.model != "tiny" else 8)
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -189,20 +189,24 @@ def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_d
 
 
 def test_mim_over_layers_is_a_sum():
-    """Each layer's term alone, then both layers' computed as one group (same shapes): the group is the sum."""
-    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)).double()
-    apply_clorae(model, CLoRAEConfig(rank=6, alpha=12, dropout=0.0, target_modules=["0", "1"]))
+    """Each layer's term alone, then all layers' at once: two of the same shapes computed as one group, one of
+    another width as a second group; the total is the sum of the terms, in value and gradients."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)).double()
+    apply_clorae(model, CLoRAEConfig(rank=6, alpha=12, dropout=0.0, target_modules=["0", "1", "2"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "expert_B" in name:
+            if param.requires_grad:
                 param.normal_()
+    params = [p for p in model.parameters() if p.requires_grad]
     x = torch.randn(3, 2, 6, dtype=torch.float64)
     with task_routing(model.train(), torch.tensor([0, 1, 2])):
         model(x)
         terms = [mim_loss(layer.pop_mim_terms()) for layer in model]
         model(x)
         total = collect_mim_loss(model)
-    torch.testing.assert_close(total, terms[0] + terms[1])
+    torch.testing.assert_close(total, terms[0] + terms[1] + terms[2])
+    for got, want in zip(torch.autograd.grad(total, params), torch.autograd.grad(sum(terms), params)):
+        torch.testing.assert_close(got, want)
 
 
 def test_where_mim_gradient_reaches_with_a_detached_teacher():

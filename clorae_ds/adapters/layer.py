@@ -255,22 +255,22 @@ class _GroupMIMLoss(torch.autograd.Function):
         variance = F.softplus(packed[..., R + 2]) + MIM_EPS  # (L, d_out)
         MC = M @ (Z.transpose(1, 2) @ Z)
         residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
-        ctx.save_for_backward(signs, real_tokens, z, packed, Z, M, MC, residual_sq, variance)
+        ctx.save_for_backward(signs, real_tokens, packed, Z, M, MC, residual_sq, variance)
         ctx.r, ctx.detach_teacher = r, detach_teacher
         ctx.dtypes = (tensors[0].dtype, tensors[count].dtype)
         return _vid_value(residual_sq, variance, real_tokens).to(tensors[0].dtype)
 
     @staticmethod
     def backward(ctx, grad_mim):
-        signs, tokens, z, packed, Z, M, MC, residual_sq, variance = ctx.saved_tensors
+        signs, tokens, packed, Z, M, MC, residual_sq, variance = ctx.saved_tensors
         r, (z_dtype, packed_dtype) = ctx.r, ctx.dtypes
-        count, R, d_out = z.shape[0], z.shape[2], M.shape[1]
+        R, d_out = Z.shape[2] - 1, M.shape[1]
         grad_mim = _at_least_fp32(grad_mim)
         weight = (grad_mim / (tokens * d_out * variance))[..., None]  # d mim / d M̃ = weight ⊙ M̃C, per channel
         # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
         # expert's unless the teacher is detached), then to z through the signs.
         first = r if ctx.detach_teacher else 0
-        grad_z = torch.zeros_like(z)
+        grad_z = Z.new_zeros(Z.shape[0], Z.shape[1], R)
         grad_z[..., first:] = (Z @ (M.transpose(1, 2) @ (M[..., first:R] * weight))).mul_(signs[:, first:R])
         grad_packed = torch.zeros_like(packed)
         scale = packed[..., R + 1:R + 2]
