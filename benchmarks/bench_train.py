@@ -114,7 +114,8 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
 
         config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world)
     if mode == "paired":
-        paired_worker(config, steps)
+        paired_worker(config, steps)  # exits the process
+        return
     built = build_model(adapter_mode)
     batches, tokens = embedded_batches(built.tokenizer, 8, steps + 3, rank, world)
     step = training_step(built.model.train(), config, steps + 3)
@@ -212,12 +213,15 @@ def main(argv=None) -> int:
     lora = arm_runs["ZeRO-0, LoRA"]
 
     def over_lora(label):  # per step, the arms timed on the same batch seconds apart; per round and over all
-        per_round = [[c / l for c, l in zip(arm_round, lora_round)] for arm_round, lora_round in zip(arm_runs[label], lora)]
-        return statistics.median(r for ratios in per_round for r in ratios), sorted(statistics.median(r) for r in per_round)
+        per_round = [[c / l for c, l in zip(arm_round, lora_round)]
+                     for arm_round, lora_round in zip(arm_runs[label], lora)]
+        return (statistics.median(r for ratios in per_round for r in ratios),
+                sorted(statistics.median(r) for r in per_round))
 
     step_ratio, step_rounds = over_lora("ZeRO-0, C-LoRAE")
     without_mim_ratio, without_mim_rounds = over_lora("ZeRO-0, C-LoRAE without MIM")
-    print(f"C-LoRAE over LoRA per step, median of each round's steps: {', '.join(f'{r:.3f}' for r in step_rounds)}; "
+    print(f"C-LoRAE over LoRA per step, median of each round's steps: "
+          f"{', '.join(f'{r:.3f}' for r in step_rounds)}; "
           f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}")
     print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds, "steps": args.steps,
                       "clorae_over_lora_step": round(step_ratio, 4),

@@ -93,8 +93,8 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "At r 64 and d_model 512 LoRA's own adapter is about a quarter of "
               "the step, so the own-task path's r + r_t = 85 columns (1.33x LoRA's 64) put the floor near 1.07x; the "
               "masked pass computes all r + N·r_t = 127 columns in fewer, larger kernels. MIM is exact and computed in "
-              "rank space: the token Gram C = Z̃ᵀZ̃ and M̃·C (d_out × (R + 1), every channel's residual), on the masked "
-              "path for all the layer calls of one routing and shape at once (batched, at collection), by blocks per "
+              "rank space: the token Gram C = Z̃ᵀZ̃ and M̃·C (d_out × (R + 1), every channel's residual), on the "
+              "masked path for all the layer calls of one routing and shape at once (batched, at collection), by blocks per "
               "layer call on the own-task path; the backward builds "
               "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU the products whose output is R or K "
               "wide run padded to a multiple of 8 (MKL runs odd widths up to 2x slower). On a GPU the small shape "
@@ -137,7 +137,8 @@ def train_section(measured: dict, machine: str) -> list:
     if "clorae_without_mim_over_lora_step" in result:
         lines[-1] += (f" Without MIM (β 0; the gate and the task experts alone): "
                       f"**{result['clorae_without_mim_over_lora_step']:.2f}x** (`clorae_without_mim_over_lora_step`; "
-                      "each round's median: " + ", ".join(f"{r:.3f}" for r in result["clorae_without_mim_over_lora_step_each_round"])
+                      "each round's median: "
+                      + ", ".join(f"{r:.3f}" for r in result["clorae_without_mim_over_lora_step_each_round"])
                       + "), so MIM's share is the difference.")
     lines += ["", "Overhead on one rank (plain / engine − 1): " +
               ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %"

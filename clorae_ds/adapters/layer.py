@@ -17,8 +17,9 @@ nothing is saved that autograd would not need. Products whose output is R (or K)
 multiple of 8 on CPU (_rank_padding).
 
 The MIM term is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²) matmul work per layer
-call, in a fixed number of kernels per group of layer calls on the masked path. Computing it elementwise from the universal and task outputs U and D instead (no extra matmul, ~27 passes
-over a (tokens, d_out) tensor in forward + backward) was implemented and measured slower at training shapes —
+call, in a fixed number of kernels per group of layer calls on the masked path. Computing it elementwise from the
+universal and task outputs U and D instead (no extra matmul, ~27 passes over a (tokens, d_out) tensor in forward +
+backward) was implemented and measured slower at training shapes —
 1.33× peft LoRA's step against 1.17× for the Gram form then, 1.09× once the own-task Gram blocks were shared
 (bench_adapter's shapes, 1 thread) — and on a GPU those passes are memory-bound where the Gram matmuls are not;
 it wins only on FLOP counts at a few hundred tokens per step, where the d_out·K² terms do not amortise. There the
@@ -39,6 +40,8 @@ from .routing import RoutingError, TaskRouting
 
 MIM_EPS = 1e-5
 MIM_INITIAL_VARIANCE = 5.0
+# The masked path's packed MIM inputs, (d_out, R + 3): the R expert columns of B, then these, counted from R.
+PACKED_SHIFT, PACKED_SCALE, PACKED_VAR = 0, 1, 2
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,7 @@ class _MaskedDelta(torch.autograd.Function):
             ctx.mark_non_differentiable(gate_prob)
         mim_packed = None
         if mim_var is not None:
-            mim_packed = torch.cat([_at_least_fp32(expert_B), _at_least_fp32(mim_shift)[:, None],
+            mim_packed = torch.cat([_at_least_fp32(expert_B), _at_least_fp32(mim_shift)[:, None],  # PACKED_* order
                                     _at_least_fp32(mim_scale)[:, None], _at_least_fp32(mim_var)[:, None]], 1)
         ctx.scaling = scaling
         ctx.mim_dtype = None if mim_var is None else mim_var.dtype
@@ -180,7 +183,8 @@ class _MaskedDelta(torch.autograd.Function):
         if grad_packed is not None:
             R, dtype = expert_B.shape[1], ctx.mim_dtype
             grad_B.add_(grad_packed[:, :R])
-            grad_mim_params = tuple(grad_packed[:, R + i].to(dtype) for i in (1, 0, 2))  # scale, shift, var
+            grad_mim_params = tuple(grad_packed[:, R + column].to(dtype)  # forward's order: scale, shift, var
+                                    for column in (PACKED_SCALE, PACKED_SHIFT, PACKED_VAR))
         grad_A = grad_z.t() @ xd
         grad_x = grad_gate = None
         if ctx.needs_input_grad[1]:
@@ -206,8 +210,9 @@ class MaskedMIMInputs(NamedTuple):
     detach_teacher: bool
 
     def group_key(self) -> tuple:
-        return (id(self.signs), id(self.real_tokens), self.z.shape, self.packed.shape, self.z.dtype,
-                self.packed.dtype, self.universal_rank, self.detach_teacher)
+        # The routing caches one signs tensor (and one real-token count) per input shape: same signs, same rows.
+        return (id(self.signs), self.z.shape, self.z.dtype, self.packed.shape, self.universal_rank,
+                self.detach_teacher)
 
 
 def mim_loss(terms: list) -> Optional[torch.Tensor]:
@@ -233,8 +238,8 @@ def mim_loss(terms: list) -> Optional[torch.Tensor]:
 def _regressed_experts(packed: torch.Tensor, universal_rank: int) -> torch.Tensor:
     """M̃ = [B_U, scale⊙B_task, shift] (layers, d_out, R + 1) from packed [B | shift | scale | var]."""
     R = packed.shape[-1] - 3
-    M = packed[..., :R + 1].clone()
-    M[..., universal_rank:R].mul_(packed[..., R + 1:R + 2])
+    M = packed[..., :R + PACKED_SHIFT + 1].clone()
+    M[..., universal_rank:R].mul_(packed[..., R + PACKED_SCALE, None])
     return M
 
 
@@ -259,7 +264,7 @@ class _GroupMIMLoss(torch.autograd.Function):
         R, r = z.shape[2], universal_rank
         Z = torch.cat([z, z.new_ones(1, 1, 1).expand(count, z.shape[1], 1)], 2).mul_(signs)  # [−z_U, own z_t, 1]
         M = _regressed_experts(packed, r)
-        variance = F.softplus(packed[..., R + 2]) + MIM_EPS  # (L, d_out)
+        variance = F.softplus(packed[..., R + PACKED_VAR]) + MIM_EPS  # (L, d_out)
         MC = M @ (Z.transpose(1, 2) @ Z)
         residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
         ctx.save_for_backward(signs, real_tokens, packed, Z, MC, residual_sq, variance)  # M̃ rebuilt from packed
@@ -281,14 +286,13 @@ class _GroupMIMLoss(torch.autograd.Function):
         grad_z = Z.new_zeros(Z.shape[0], Z.shape[1], R)
         grad_z[..., first:] = (Z @ (M.transpose(1, 2) @ (M[..., first:R] * weight))).mul_(signs[:, first:R])
         grad_packed = torch.zeros_like(packed)
-        scale = packed[..., R + 1:R + 2]
-        grad_packed[..., r:R] = MC[..., r:R] * (weight * scale)
+        grad_packed[..., r:R] = MC[..., r:R] * (weight * packed[..., R + PACKED_SCALE, None])
         if not ctx.detach_teacher:
             grad_packed[..., :r] = MC[..., :r] * weight
-        grad_packed[..., R] = MC[..., R] * weight[..., 0]  # shift
-        grad_packed[..., R + 1] = (MC[..., r:R] * packed[..., r:R]).sum(2) * weight[..., 0]  # scale
-        grad_packed[..., R + 2] = _vid_var_grad(grad_mim, residual_sq, variance, torch.sigmoid(packed[..., R + 2]),
-                                                tokens)
+        grad_packed[..., R + PACKED_SHIFT] = MC[..., R] * weight[..., 0]
+        grad_packed[..., R + PACKED_SCALE] = (MC[..., r:R] * packed[..., r:R]).sum(2) * weight[..., 0]
+        grad_packed[..., R + PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance,
+                                                         torch.sigmoid(packed[..., R + PACKED_VAR]), tokens)
         return (None,) * 4 + grad_z.to(z_dtype).unbind(0) + grad_packed.to(packed_dtype).unbind(0)
 
 

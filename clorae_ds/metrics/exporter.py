@@ -53,7 +53,8 @@ class MetricsExporter:
                                    buckets=WAIT_BUCKETS, registry=r)
         self.loss = Gauge("clorae_train_loss", "Token cross-entropy per dataset (last logged micro-batch)",
                           ["rank", "dataset"], registry=r)
-        self.mim = Gauge("clorae_mim_loss", "MIM loss: the sum over adapted layer calls of each call's mean over real tokens and channels", ["rank"], registry=r)
+        self.mim = Gauge("clorae_mim_loss", "MIM loss: the sum over adapted layer calls of each call's mean over "
+                         "real tokens and channels", ["rank"], registry=r)
         self.task_weight = Gauge("clorae_task_weight", "Achievement-based task weight", ["rank", "dataset"], registry=r)
         self.eval_f1 = Gauge("clorae_eval_f1", "Dev F1 per score key", ["rank", "dataset"], registry=r)
         self.eval_all = Gauge("clorae_eval_all", "Dev 'All': sum of F1 x 100", ["rank"], registry=r)
