@@ -364,7 +364,8 @@ def summary_markdown(report: dict) -> str:
         seen = q["train_samples"] if not q.get("steps_per_epoch") else q["steps_per_epoch"] * QUALITY_MICRO_BATCH
         lines += [f"{q['epochs']} epochs of {seen} of the {q['train_samples']} train samples per arm "
                   f"({q['epochs'] * seen / q['train_samples']:.2f} passes over the data; calibrated at "
-                  f"{q['calibration_samples_per_s']} samples/s, C-LoRAE and LoRA side by side).", "", q["table"]]
+                  + " and ".join(f"{rate:.0f}" for rate in q["calibration_samples_per_s"])
+                  + " samples/s, C-LoRAE and LoRA side by side).", "", q["table"]]
         for arm, curve in q.get("curves", {}).items():
             lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
     else:
