@@ -6,7 +6,8 @@ from torch import nn
 
 from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError, apply_clorae,
                                 collect_mim_loss, parameter_report, routing_stats, task_routing)
-from clorae_ds.adapters.layer import MIM_EPS, mim_loss
+from clorae_ds.adapters import layer as layer_module
+from clorae_ds.adapters.layer import MIM_EPS, PACKED_SCALE, PACKED_SHIFT, PACKED_VAR, mim_loss
 
 MODES = ["clorae", "universal_only", "task_only", "no_gate"]
 ORDERS = {"sorted": [0, 0, 1, 2, 2], "mixed": [2, 0, 1, 0, 2]}
@@ -93,6 +94,28 @@ def test_dropout_applies_to_expert_inputs_only():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("custom", [True, False], ids=["cpu_mask", "native_dropout"])
+@pytest.mark.parametrize("path", ["own_task", "masked"])
+def test_backward_with_dropout_matches_numerical_gradients(custom, path, monkeypatch):
+    """Both dropout implementations (_dropout_keep's float mask on CPU, torch.native_dropout's bool mask on
+    other devices), the mask redrawn identically at every evaluation under a fixed seed."""
+    monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ("cpu",) if custom else ())
+    layer = make_layer("clorae", dropout=0.3, mim_detach_teacher=False, expert_path=path).train()
+    task_ids = torch.tensor(ORDERS["sorted"])
+    x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run(x, *_):
+        torch.manual_seed(3)
+        y = layer(x, task_ids)
+        return y, collect_mim_loss(layer)
+
+    dropped = run(x)[0].detach() - layer.eval()(x, task_ids).detach()
+    layer.train()
+    assert dropped.abs().max() > 1e-3  # dropout is on
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_drops_a_fraction_p_and_keeps_the_mean(p):
     from clorae_ds.adapters.layer import _dropout_keep
@@ -108,7 +131,7 @@ def test_dropout_mask_drops_a_fraction_p_and_keeps_the_mean(p):
 def test_mim_equals_the_explicit_full_width_formula():
     layer = make_layer("clorae").train()
     with torch.no_grad():
-        layer.mim_var.normal_()
+        layer.mim_regressor[:, PACKED_VAR].normal_()
     task_ids = torch.tensor(ORDERS["mixed"])
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     layer(x, task_ids)
@@ -116,8 +139,8 @@ def test_mim_equals_the_explicit_full_width_formula():
     w = layer.expert_weights()
     universal = x @ w["universal_A"].T @ w["universal_B"].T
     task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
-    variance = F.softplus(layer.mim_var) + MIM_EPS
-    mu = layer.mim_scale * task + layer.mim_shift
+    variance = F.softplus(layer.mim_regressor[:, PACKED_VAR]) + MIM_EPS
+    mu = layer.mim_regressor[:, PACKED_SCALE] * task + layer.mim_regressor[:, PACKED_SHIFT]
     explicit = 0.5 * ((mu - universal) ** 2 / variance + torch.log(variance)).mean()
     torch.testing.assert_close(low_rank, explicit)
 
@@ -129,8 +152,8 @@ def direct_vid(layer, x, task_ids, real, detach_teacher=False):
     if detach_teacher:
         universal = universal.detach()
     task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
-    variance = F.softplus(layer.mim_var) + MIM_EPS
-    per_channel = 0.5 * ((layer.mim_scale * task + layer.mim_shift - universal) ** 2 / variance + torch.log(variance))
+    variance = F.softplus(layer.mim_regressor[:, PACKED_VAR]) + MIM_EPS
+    per_channel = 0.5 * ((layer.mim_regressor[:, PACKED_SCALE] * task + layer.mim_regressor[:, PACKED_SHIFT] - universal) ** 2 / variance + torch.log(variance))
     return per_channel[real].mean()
 
 
@@ -139,7 +162,7 @@ def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(ca
     order, path = PATHS[case]
     layer = make_layer("clorae", mim_detach_teacher=False, expert_path=path).train()
     with torch.no_grad():
-        layer.mim_var.normal_()
+        layer.mim_regressor[:, PACKED_VAR].normal_()
     task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     real = torch.ones(5, 4, dtype=torch.bool)
@@ -171,8 +194,8 @@ def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_d
     order, path = PATHS[case]
     layer = make_layer("clorae", d_out=d_out, expert_path=path).train()
     with torch.no_grad():
-        layer.mim_var.normal_()
-        layer.mim_scale.normal_()
+        layer.mim_regressor[:, PACKED_VAR].normal_()
+        layer.mim_regressor[:, PACKED_SCALE].normal_()
     task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)
     real = torch.ones(5, 4, dtype=torch.bool)
@@ -225,7 +248,7 @@ def test_where_mim_gradient_reaches_with_a_detached_teacher():
     second = model[1].split_experts(model[1].expert_A.grad, model[1].expert_B.grad)
     first = model[0].split_experts(model[0].expert_A.grad, model[0].expert_B.grad)
     assert torch.count_nonzero(second["universal_A"]) == 0 and torch.count_nonzero(second["universal_B"]) == 0
-    assert torch.count_nonzero(second["task_B"]) > 0 and torch.count_nonzero(model[1].mim_var.grad) > 0
+    assert torch.count_nonzero(second["task_B"]) > 0 and torch.count_nonzero(model[1].mim_regressor.grad[:, PACKED_VAR]) > 0
     assert torch.count_nonzero(first["universal_B"]) > 0 and torch.count_nonzero(first["task_B"]) > 0
 
 
@@ -265,13 +288,15 @@ def test_mim_teacher_detached_by_default(path):
     grads = layer.split_experts(layer.expert_A.grad, layer.expert_B.grad)
     assert torch.count_nonzero(grads["universal_A"]) == 0 and torch.count_nonzero(grads["universal_B"]) == 0
     assert torch.count_nonzero(grads["task_B"]) > 0
-    assert torch.count_nonzero(layer.mim_var.grad) > 0
+    assert torch.count_nonzero(layer.mim_regressor.grad[:, PACKED_VAR]) > 0
 
 
-def test_mim_initial_variance_is_five():
-    layer = make_layer("clorae")
-    torch.testing.assert_close(F.softplus(CLoRAELinear(nn.Linear(3, 2), layer.config).mim_var) + MIM_EPS,
-                               torch.full((2,), 5.0))
+def test_mim_regressor_starts_as_identity_with_variance_five():
+    regressor = CLoRAELinear(nn.Linear(3, 2), make_layer("clorae").config).mim_regressor
+    assert regressor.shape == (2, 3)
+    torch.testing.assert_close(regressor[:, PACKED_SCALE], torch.ones(2))
+    torch.testing.assert_close(regressor[:, PACKED_SHIFT], torch.zeros(2))
+    torch.testing.assert_close(F.softplus(regressor[:, PACKED_VAR]) + MIM_EPS, torch.full((2,), 5.0))
 
 
 def test_mim_is_recorded_only_in_training_with_grad():

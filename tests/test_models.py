@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, adapter_state_dict, apply_clorae, clorae_layers,
@@ -318,3 +318,28 @@ def test_tokenizer_round_trips_any_text(tmp_path):
         assert ids[-1] == tokenizer.eos_token_id
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_dir, tmp_path):
+    """Files saved before a layer's MIM regressor became one (d_out, 3) tensor hold mim_shift / mim_scale /
+    mim_var: they load into the regressor's columns."""
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    with torch.no_grad():
+        for _, layer in clorae_layers(built.model):
+            layer.mim_regressor.normal_()
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    path = os.path.join(directory, "adapter_model.safetensors")
+    legacy = {}
+    for name, tensor in load_file(path).items():
+        if name.endswith(".mim_regressor"):
+            prefix = name[:-len("mim_regressor")]
+            for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var")):
+                legacy[prefix + leaf] = tensor[:, column].contiguous()
+        else:
+            legacy[name] = tensor
+    save_file(legacy, path)
+    fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    load_adapter(fresh.model, directory)
+    for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model)):
+        torch.testing.assert_close(new.mim_regressor, old.mim_regressor)

@@ -40,7 +40,8 @@ from .routing import RoutingError, TaskRouting
 
 MIM_EPS = 1e-5
 MIM_INITIAL_VARIANCE = 5.0
-# The masked path's packed MIM inputs, (d_out, R + 3): the R expert columns of B, then these, counted from R.
+# The columns of a layer's mim_regressor (d_out, 3), and of the masked path's packed MIM inputs [B | regressor]
+# (d_out, R + 3) counted from R.
 PACKED_SHIFT, PACKED_SCALE, PACKED_VAR = 0, 1, 2
 
 
@@ -64,6 +65,26 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
     draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
     levels = draws.view(torch.int16)[:x.numel()].view(x.shape).bitwise_and_(DROPOUT_LEVELS - 1)
     return (levels >= threshold).to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold))
+
+
+CUSTOM_DROPOUT_DEVICES = ("cpu",)  # where _dropout_keep beats torch.native_dropout
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drop(x), its mask for _dropout_grad): on CPU x times _dropout_keep's float mask; elsewhere
+    torch.native_dropout, one kernel returning a bool mask, where _dropout_keep's half a dozen small kernels
+    would cost more than the draws they save (a GPU step of these sizes is launch-bound)."""
+    if x.device.type in CUSTOM_DROPOUT_DEVICES:
+        keep = _dropout_keep(x, p)
+        return x * keep, keep
+    return torch.native_dropout(x, p, True)
+
+
+def _dropout_grad(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """d loss / d x from d loss / d drop(x) (in place for _dropout_keep's mask)."""
+    if mask.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
+    return grad.mul_(mask)
 
 
 def _rank_padding(width: int, tensor: torch.Tensor) -> int:
@@ -123,26 +144,25 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 class _MaskedDelta(torch.autograd.Function):
     """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and coef = column_mask ⊙ (α/r)·gate-per-
     column. Returns (y, gate_prob, z, mim_packed): gate_prob (tokens,) each token's task-expert weight g2 for routing
-    statistics (not differentiable); with MIM on (mim_var given), z itself and mim_packed = [B | shift | scale | var]
-    (d_out, R + 3), a fresh copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of
+    statistics (not differentiable); with MIM on (mim_regressor given), z itself and mim_packed = [B | regressor]
+    = [B | shift | scale | var] (d_out, R + 3), a fresh copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of
     layers at once. Their gradients come back into this node's backward and join the delta's there, so each
     parameter gets one gradient per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_scale, mim_shift, mim_var, column_mask,
-                universal_column_scale, column_gate_slope, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_mask, universal_column_scale,
+                column_gate_slope, scaling, dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
         if dropout > 0:
-            keep = _dropout_keep(x, dropout)
-            xd = x * keep
+            xd, keep = _dropout(x, dropout)
         z = _thin_mm(xd, expert_A, 0)
         gate_prob = None
         if gate is not None:
             gate_prob = _task_gate(x, gate)
-            # (tokens, R): g1·α/r on universal columns, g2·α/r on task columns (buffers stay fp32 under DeepSpeed)
-            coef = torch.addcmul(universal_column_scale.to(x.dtype), gate_prob[:, None], column_gate_slope.to(x.dtype))
+            # (tokens, R): g1·α/r on universal columns, g2·α/r on task columns
+            coef = torch.addcmul(universal_column_scale, gate_prob[:, None], column_gate_slope)
             if column_mask is not None:
                 coef.mul_(column_mask)
         elif column_mask is not None:
@@ -155,11 +175,10 @@ class _MaskedDelta(torch.autograd.Function):
         if gate_prob is not None:
             ctx.mark_non_differentiable(gate_prob)
         mim_packed = None
-        if mim_var is not None:
-            mim_packed = torch.cat([_at_least_fp32(expert_B), _at_least_fp32(mim_shift)[:, None],  # PACKED_* order
-                                    _at_least_fp32(mim_scale)[:, None], _at_least_fp32(mim_var)[:, None]], 1)
-        ctx.scaling = scaling
-        ctx.mim_dtype = None if mim_var is None else mim_var.dtype
+        if mim_regressor is not None:  # cat promotes bf16 B to an fp32 regressor's dtype (autocast's masters)
+            mim_packed = _at_least_fp32(torch.cat([expert_B, mim_regressor], 1))
+        ctx.scaling, ctx.dropout = scaling, dropout
+        ctx.mim_dtype = None if mim_regressor is None else mim_regressor.dtype
         ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, column_mask,
                               column_gate_slope, gate_prob, coef, zc, z if gate_prob is not None else None)
         return base_out, gate_prob, (z if mim_packed is not None else None), mim_packed
@@ -177,26 +196,25 @@ class _MaskedDelta(torch.autograd.Function):
         if coef is None:
             grad_B.mul_(ctx.scaling)
         grad_z = grad_coefd * coef if coef is not None else grad_coefd * ctx.scaling
-        grad_mim_params = (None, None, None)
+        grad_regressor = None
         if grad_z_mim is not None:
             grad_z.add_(grad_z_mim)
         if grad_packed is not None:
-            R, dtype = expert_B.shape[1], ctx.mim_dtype
+            R = expert_B.shape[1]
             grad_B.add_(grad_packed[:, :R])
-            grad_mim_params = tuple(grad_packed[:, R + column].to(dtype)  # forward's order: scale, shift, var
-                                    for column in (PACKED_SCALE, PACKED_SHIFT, PACKED_VAR))
+            grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
         grad_A = grad_z.t() @ xd
         grad_x = grad_gate = None
         if ctx.needs_input_grad[1]:
             grad_x = grad_z @ expert_A
             if keep is not None:
-                grad_x.mul_(keep)
+                grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         if gate_prob is not None:
             grad_coef = grad_coefd * z
             if column_mask is not None:
                 grad_coef.mul_(column_mask)
-            grad_gate = _gate_backward(grad_coef @ column_gate_slope.to(x.dtype), gate_prob, x, gate, grad_x)
-        return (grad_y, grad_x, grad_A, grad_B, grad_gate, *grad_mim_params) + (None,) * 5
+            grad_gate = _gate_backward(grad_coef @ column_gate_slope, gate_prob, x, gate, grad_x)
+        return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 5
 
 
 class MaskedMIMInputs(NamedTuple):
@@ -309,8 +327,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         keep = None
         xd = x
         if dropout > 0:
-            keep = _dropout_keep(x, dropout)
-            xd = x * keep
+            xd, keep = _dropout(x, dropout)
         gate_prob = _task_gate(x, gate) if gate is not None else None
         views = _segment_views(segments, expert_A, expert_B, r)
         K = r + segments[0][2] - segments[0][1]
@@ -324,7 +341,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         if gate_prob is not None:
             ctx.mark_non_differentiable(gate_prob)
-        ctx.segments, ctx.r, ctx.scaling = segments, r, scaling
+        ctx.segments, ctx.r, ctx.scaling, ctx.dropout = segments, r, scaling, dropout
         ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, gate_prob, z)
         return base_out, z, gate_prob
 
@@ -358,7 +375,7 @@ class _OwnTaskDelta(torch.autograd.Function):
             if grad_x is not None:
                 torch.mm(grad_z[start:stop], A_seg[:K], out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
-            grad_x.mul_(keep)
+            grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_gate = None
         if gate_prob is not None:  # d loss / d g2, g1 = 1 − g2
             grad_prob = ((grad_zc[:, r:] * z[:, r:]).sum(1) - (grad_zc[:, :r] * z[:, :r]).sum(1)) * scaling
@@ -408,13 +425,14 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
     (its diagonal, in token space where that costs fewer FLOPs) and the cross block is counted from MC_t alone."""
 
     @staticmethod
-    def forward(ctx, z, token_mask, expert_B, scale, shift, var, segments, universal_rank, detach_teacher,
-                real_tokens):
+    def forward(ctx, z, token_mask, expert_B, regressor, segments, universal_rank, detach_teacher, real_tokens):
         r = universal_rank
         Z = _at_least_fp32(z) if token_mask is None else _at_least_fp32(z) * _at_least_fp32(token_mask)
         B = _at_least_fp32(expert_B)
-        scale32, shift32 = _at_least_fp32(scale), _at_least_fp32(shift)
-        variance = F.softplus(_at_least_fp32(var)) + MIM_EPS
+        regressor32 = _at_least_fp32(regressor)
+        scale32, shift32 = regressor32[:, PACKED_SCALE], regressor32[:, PACKED_SHIFT]
+        var = regressor32[:, PACKED_VAR]
+        variance = F.softplus(var) + MIM_EPS
         M_U = -B[:, :r]  # v = M_U·z_U + M_t·z_t + shift, M_t = scale⊙B_t
         Z_U = Z[:, :r]
         column_sum_U = Z_U.sum(0)
@@ -450,10 +468,10 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         loss = _vid_value(residual_sq, variance, real_tokens)
         # Fresh tensors only, never a parameter: this node's backward runs early (the loss adds the MIM terms
         # last), before ZeRO-3 gathers the layer's partitioned parameters again. The per-segment blocks ride on ctx.
-        ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(_at_least_fp32(var)),
+        ctx.save_for_backward(Z, token_mask, scale32.clone(), shift32.clone(), torch.sigmoid(var),
                               variance, M_U, MC_U, M_column_sum, residual_sq, column_sum_U, real_tokens)
         ctx.blocks, ctx.B_shape = blocks, B.shape
-        ctx.param_dtype, ctx.mim_dtype, ctx.z_dtype = expert_B.dtype, scale.dtype, z.dtype
+        ctx.param_dtype, ctx.mim_dtype, ctx.z_dtype = expert_B.dtype, regressor.dtype, z.dtype
         ctx.universal_rank, ctx.detach_teacher = r, detach_teacher
         return loss.to(z.dtype)
 
@@ -486,9 +504,10 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
             grad_B[:, :r] = -(MC_U + shift[:, None] * column_sum_U[None, :]) * weight[:, None]
         grad_shift = (M_column_sum + tokens * shift) * weight
         grad_var = _vid_var_grad(grad_loss, residual_sq, variance, var_slope, tokens)
-        dtype = ctx.mim_dtype  # the regressor's own (fp32 masters under autocast, where expert_B arrives cast)
-        return (grad_z.to(ctx.z_dtype), None, grad_B.to(ctx.param_dtype), grad_scale.to(dtype), grad_shift.to(dtype),
-                grad_var.to(dtype), None, None, None, None)
+        grad_regressor = torch.stack([grad_shift, grad_scale, grad_var], 1)  # PACKED_* order
+        # the regressor's own dtype: fp32 masters under autocast, where expert_B arrives cast
+        return (grad_z.to(ctx.z_dtype), None, grad_B.to(ctx.param_dtype), grad_regressor.to(ctx.mim_dtype),
+                None, None, None, None)
 
 
 class CLoRAELinear(nn.Module):
@@ -519,19 +538,22 @@ class CLoRAELinear(nn.Module):
             # Zero gate: both experts start with weight 0.5.
             self.gate = nn.Parameter(torch.zeros(2, d_in, **factory))
             # The masked path's per-column weights: α/r·g1 on the universal columns, α/r·g2 on the task columns,
-            # i.e. universal_column_scale + g2·column_gate_slope (g1 = 1 − g2).
+            # i.e. universal_column_scale + g2·column_gate_slope (g1 = 1 − g2); column_weights() casts them.
             universal = torch.arange(columns) < self.universal_rank
             self.register_buffer("universal_column_scale", (universal * config.scaling).to(**factory), persistent=False)
             self.register_buffer("column_gate_slope", torch.where(universal, -config.scaling, config.scaling).to(**factory),
                                  persistent=False)
         if config.uses_mim:
-            # VID regressor mu(D) = mim_scale * D + mim_shift and per-channel variance softplus(mim_var) + eps.
-            self.mim_scale = nn.Parameter(torch.ones(d_out, **factory))
-            self.mim_shift = nn.Parameter(torch.zeros(d_out, **factory))
+            # VID regressor mu(D) = scale * D + shift and per-channel variance softplus(var) + eps, one (d_out, 3)
+            # tensor [shift | scale | var]: ZeRO handles every parameter tensor on its own (about 17 kernels each
+            # per step under ZeRO-2 on a GPU), so three small tensors per layer cost more than one.
             init = math.log(math.expm1(MIM_INITIAL_VARIANCE - MIM_EPS))
-            self.mim_var = nn.Parameter(torch.full((d_out,), init, **factory))
+            regressor = torch.empty(d_out, 3, **factory)
+            regressor[:, PACKED_SHIFT], regressor[:, PACKED_SCALE], regressor[:, PACKED_VAR] = 0.0, 1.0, init
+            self.mim_regressor = nn.Parameter(regressor)
         self.routing: Optional[TaskRouting] = None
         self._mim_terms: list = []  # scalars (own-task path) and MaskedMIMInputs: mim_loss() sums them
+        self._cast_column_weights: tuple = (None, None)  # ((dtype, device), the buffers cast): column_weights()
         self.register_buffer("gate_task_sum", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
                              persistent=False)
         self.register_buffer("gate_token_count", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
@@ -610,15 +632,14 @@ class CLoRAELinear(nn.Module):
                                               segments, self.universal_rank, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(_OwnTaskMIMLoss.apply(
-                    z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_scale, self.mim_shift, self.mim_var, segments,
+                    z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_regressor, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
             gated = self.gate is not None
-            mim_params = (self.mim_scale, self.mim_shift, self.mim_var) if mim else (None, None, None)
+            column_weights = self.column_weights(x.dtype) if gated else (None, None)
             y, gate_prob, z, mim_packed = _MaskedDelta.apply(
-                base_out, x2, params["expert_A"], params["expert_B"], params["gate"], *mim_params, column_mask,
-                self.universal_column_scale if gated else None, self.column_gate_slope if gated else None,
-                self.config.scaling, dropout)
+                base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
+                self.mim_regressor if mim else None, column_mask, *column_weights, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
                     z, mim_packed, routing.mim_signs(*shape, self.universal_rank, self.task_rank, x.device),
@@ -626,6 +647,17 @@ class CLoRAELinear(nn.Module):
         if one_hot is not None:
             self.gate_task_sum.addmv_(one_hot.t(), gate_prob.to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def column_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(universal_column_scale, column_gate_slope) in `dtype`, cast once: DeepSpeed's bf16 keeps buffers fp32,
+        and a cast per layer call is a kernel per layer call on a launch-bound GPU step."""
+        scale, slope = self.universal_column_scale, self.column_gate_slope
+        if scale.dtype == dtype:
+            return scale, slope
+        key = (dtype, scale.device)
+        if self._cast_column_weights[0] != key:
+            self._cast_column_weights = (key, (scale.to(dtype), slope.to(dtype)))
+        return self._cast_column_weights[1]
 
     def pop_mim_terms(self) -> list:
         terms, self._mim_terms = self._mim_terms, []

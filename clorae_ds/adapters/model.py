@@ -16,7 +16,8 @@ from .layer import CLoRAELinear, mim_loss
 from .routing import TaskRouting
 
 EXPERT_PARAMS = ("expert_A", "expert_B", "gate")
-MIM_PARAMS = ("mim_scale", "mim_shift", "mim_var")
+MIM_PARAMS = ("mim_regressor",)
+LEGACY_MIM_PARAMS = ("mim_shift", "mim_scale", "mim_var")  # before one mim_regressor: its columns, in order
 
 
 def apply_clorae(model: nn.Module, config: CLoRAEConfig) -> nn.Module:
@@ -199,7 +200,7 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise AdapterConfigError(f"missing {ADAPTER_WEIGHTS_NAME} in {directory!r}")
-    tensors = load_file(weights_path)
+    tensors = _pack_legacy_mim(load_file(weights_path))
     params = dict(model.named_parameters())
     expected = {name for name in params if is_trainable(model, name)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -213,6 +214,16 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
                                          f"model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
     return model
+
+
+def _pack_legacy_mim(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter files written before a layer's MIM regressor became one (d_out, 3) tensor hold three vectors per
+    layer (mim_shift, mim_scale, mim_var): stacked here into the regressor's columns."""
+    for name in [n for n in tensors if n.endswith(".mim_scale")]:
+        prefix = name[:-len("mim_scale")]
+        if all(prefix + leaf in tensors for leaf in LEGACY_MIM_PARAMS):
+            tensors[prefix + "mim_regressor"] = torch.stack([tensors.pop(prefix + leaf) for leaf in LEGACY_MIM_PARAMS], 1)
+    return tensors
 
 
 def numel(param: torch.Tensor) -> int:
