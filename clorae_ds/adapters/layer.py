@@ -145,9 +145,10 @@ class _MaskedDelta(torch.autograd.Function):
     """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and coef = column_mask ⊙ (α/r)·gate-per-
     column. Returns (y, gate_prob, z, mim_packed): gate_prob (tokens,) each token's task-expert weight g2 for routing
     statistics (not differentiable); with MIM on (mim_regressor given), z itself and mim_packed = [B | regressor]
-    = [B | shift | scale | var] (d_out, R + 3), a fresh copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of
-    layers at once. Their gradients come back into this node's backward and join the delta's there, so each
-    parameter gets one gradient per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
+    = [B | shift | scale | var] (d_out, R + 3), a fresh copy of what this layer's MIM term needs, which
+    _GroupMIMLoss reads for a group of layers at once. Their gradients come back into this node's backward and
+    join the delta's there, so each parameter gets one gradient per step (ZeRO-2 reduces each once) and only when
+    ZeRO-3 has gathered it."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_mask, universal_column_scale,

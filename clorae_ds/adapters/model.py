@@ -222,7 +222,8 @@ def _pack_legacy_mim(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for name in [n for n in tensors if n.endswith(".mim_scale")]:
         prefix = name[:-len("mim_scale")]
         if all(prefix + leaf in tensors for leaf in LEGACY_MIM_PARAMS):
-            tensors[prefix + "mim_regressor"] = torch.stack([tensors.pop(prefix + leaf) for leaf in LEGACY_MIM_PARAMS], 1)
+            columns = [tensors.pop(prefix + leaf) for leaf in LEGACY_MIM_PARAMS]
+            tensors[prefix + "mim_regressor"] = torch.stack(columns, 1)
     return tensors
 
 
