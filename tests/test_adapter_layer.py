@@ -80,8 +80,9 @@ def test_hand_written_backward_matches_numerical_gradients(mode, case):
     assert torch.autograd.gradcheck(run, (x, *params))
 
 
-def test_dropout_applies_to_expert_inputs_only():
-    layer = make_layer("clorae", dropout=0.5).train()
+@pytest.mark.parametrize("path", ["own_task", "masked"])
+def test_dropout_applies_to_the_adapter_branch_input_which_experts_and_gate_read(path):
+    layer = make_layer("clorae", dropout=0.5, expert_path=path).train()
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     task_ids = torch.tensor(ORDERS["sorted"])
     torch.manual_seed(1)
@@ -89,6 +90,12 @@ def test_dropout_applies_to_expert_inputs_only():
     torch.manual_seed(1)
     y2 = layer(x, task_ids)
     torch.testing.assert_close(y1, y2)  # the mask comes from torch's RNG: reproducible under a seed
+    torch.manual_seed(1)
+    dropped = layer_module._dropout(x.detach().reshape(-1, 6), 0.5)[0].view_as(x)
+    base = F.linear(x, layer.base.weight, layer.base.bias)
+    # eq. 8 on drop(x) for the experts and the gate alike; the frozen base on x itself
+    expected = base + eq8_by_hand(layer, dropped, task_ids) - F.linear(dropped, layer.base.weight, layer.base.bias)
+    torch.testing.assert_close(y1, expected)
     assert not torch.allclose(y1, layer.eval()(x, task_ids))
     y1.sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -423,14 +430,12 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     sorted_batch = task_ids == sorted(task_ids)
     columns = layer.universal_rank + (layer.task_rank if sorted_batch else layer.expert_A.shape[0] - 6)
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
-    adapter = 2 * tokens * columns * (d_in + d_out) * 3  # down and up projections: forward, weight grads, input grads
-    # On the CPU the two products whose output is `columns` wide (down-projection, gradient into the rank space)
-    # run padded with zeros to a multiple of 8 (layer._rank_padding).
-    adapter += 2 * tokens * (-columns % 8) * (d_in + d_out)
-    gate = 0
-    if mode == "clorae":
-        # Two logits per token forward; the gradients of their difference's weight (matrix-vector) and of the
-        # input (outer product); the masked pass maps d loss / d coef to d loss / d g2 by a matrix-vector product;
-        # the routing statistics sum g2 per task.
-        gate = 2 * tokens * d_in * (2 + 2) + (0 if sorted_batch else 2 * tokens * columns) + 2 * tokens * 3
+    # The down-projection [A; gate row] (one row more with a gate): forward, weight grads, input grads; the
+    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU the down-projection's
+    # width and that gradient's run padded with zeros to a multiple of 8 (layer._rank_padding).
+    gated = mode == "clorae"
+    down_width = columns + gated + (-(columns + gated) % 8)
+    adapter = 2 * tokens * down_width * d_in * 3 + 2 * tokens * d_out * (2 * columns + columns + (-columns % 8))
+    # The routing statistics sum (g1, g2) per task (the gate's own work is elementwise, which is not counted).
+    gate = 2 * tokens * 3 * 2 if gated else 0
     assert counter.get_total_flops() == base + adapter + gate

@@ -32,7 +32,7 @@ class CLoRAEConfig:
     rank: int = 8
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     alpha: float = 16.0
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the adapter branch's input, which the experts and the gate read
     target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "wi", "wo"])
     mode: str = "clorae"
     mim_beta: float = 0.01

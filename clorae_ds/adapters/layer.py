@@ -5,12 +5,14 @@ columns laid out [universal | task 0 | ... | task N-1]. Two paths compute the sa
 - own-task (_OwnTaskDelta + _OwnTaskMIMLoss): a batch sorted by task runs segment by segment through each
   task's K = r + r_t columns [universal | own task], the fewest FLOPs;
 - masked (_MaskedDelta): any batch runs as one low-rank pass, z = drop(x)·Aᵀ over all R columns, each token's
-  columns scaled by α/r times its gate weight and zeroed outside its own task (a per-token column mask built
+  columns scaled by α/r times its gate weight and zeroed outside its own task (per-token column weights built
   once per step), y += (z ⊙ coef)·Bᵀ: a fixed handful of kernels whatever the task mix, at the price of N·r_t
   instead of r_t task columns in the thin matmuls. Its MIM terms are computed at collection (mim_loss), every
   layer call of the same routing and shapes in one batched _GroupMIMLoss. On CPU, where per-kernel overhead
   dominates at small ranks, this is the faster path (`auto` takes it).
-Either way every rank touches the same two tensors every step, and absent tasks' experts get exact zero
+On both paths the gate's logits come from the same down-projection as the experts (one more row, _gate_row), so
+the gate reads the adapter's input after dropout as the experts do (the same input at evaluation).
+On either path every rank touches the same two tensors every step, and absent tasks' experts get exact zero
 gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). The low-rank work is written as
 autograd Functions with hand-written backwards: the delta is accumulated into the base output in place, and
 nothing is saved that autograd would not need. Products whose output is R (or K) wide pad the rank to a
@@ -100,33 +102,49 @@ def _zeros_along(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
     return t.new_zeros(shape)
 
 
+def _padded_cat(parts: list, dim: int) -> torch.Tensor:
+    """cat(parts, dim) with zeros added along dim up to _rank_padding's width; parts[0] itself when alone and
+    already that wide."""
+    pad = _rank_padding(sum(part.shape[dim] for part in parts), parts[0])
+    if len(parts) == 1 and not pad:
+        return parts[0]
+    return torch.cat(parts + [_zeros_along(parts[0], dim, pad)] if pad else parts, dim)
+
+
 def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
     """x·weightᵀ (rank_dim 0: weight is (R, d)) or x·weight (rank_dim 1: weight is (d, R)), a (tokens, R) result,
     computed with R padded (_rank_padding) and the pad sliced off."""
     rank = weight.shape[rank_dim]
-    pad = _rank_padding(rank, weight)
-    if pad:
-        weight = torch.cat([weight, _zeros_along(weight, rank_dim, pad)], rank_dim)
-    out = x @ (weight.t() if rank_dim == 0 else weight)
-    return out[:, :rank] if pad else out
+    padded = _padded_cat([weight], rank_dim)
+    out = x @ (padded.t() if rank_dim == 0 else padded)
+    return out[:, :rank] if padded is not weight else out
 
 
-def _task_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """g2 = softmax(W_g·x)[1], the task expert's gate weight per token (g1 = 1 − g2). Written so a sample's output
-    does not depend on its batch: the logits from a 2-column product and the softmax along them (CPU BLAS's
-    matrix-vector product, and a sigmoid vectorised along the tokens, round a row by its neighbours)."""
-    return torch.softmax(_at_least_fp32(F.linear(x, gate)), dim=-1)[:, 1].to(x.dtype)
+def _gate_row(gate: Optional[torch.Tensor]) -> list:
+    """The gate as one more row of a down-projection ([] without a gate): W_g[1] − W_g[0], whose product with a
+    token is the logit difference l from which g2 = softmax(W_g·x)[1] = softmax([0, l])[1] (_task_gate). Read
+    by the same product as the experts' rows, it costs one column of a matmul that is padded anyway, where a
+    product of its own, and a matrix-vector product and an outer product in the backward, cost three small
+    kernels more (on CPU 0.15 ms of a 384-wide layer call at 720 tokens)."""
+    return [] if gate is None else [(gate[1] - gate[0])[None]]
 
 
-def _gate_backward(grad_prob: torch.Tensor, prob: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
-                   grad_x: Optional[torch.Tensor]) -> torch.Tensor:
-    """d loss / d W_g (2, d_in) from d loss / d g2 per token; d loss / d x added into grad_x."""
-    p = _at_least_fp32(prob)
-    grad_logit = (_at_least_fp32(grad_prob) * (p - p * p)).to(x.dtype)  # d/d (W_g[1] − W_g[0])·x
-    grad_w = grad_logit @ x
-    if grad_x is not None:
-        grad_x.addr_(grad_logit, gate[1] - gate[0])
-    return torch.stack([-grad_w, grad_w])
+def _task_gate(logit: torch.Tensor) -> torch.Tensor:
+    """(g1, g2) = softmax([0, l]) per token (tokens, 2), fp32 at least, from the logit differences l (a column of a
+    down-projection's output). A softmax along each row of a (tokens, 2) tensor, so that a sample's gate does not
+    depend on its batch: a sigmoid vectorised along the tokens rounds a row by its position (vector body or scalar
+    tail)."""
+    return torch.softmax(F.pad(_at_least_fp32(logit)[:, None], (1, 0)), dim=-1)
+
+
+def _gate_logit_grad(grad_prob: torch.Tensor, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d l from d loss / d g2 per token: dg2/dl = g1·g2."""
+    return (_at_least_fp32(grad_prob) * gates[:, 0] * gates[:, 1]).to(dtype)
+
+
+def _gate_grad(grad_row: torch.Tensor) -> torch.Tensor:
+    """d loss / d W_g (2, d_in) from d loss / d (W_g[1] − W_g[0])."""
+    return torch.stack([-grad_row, grad_row])
 
 
 def _vid_value(residual_sq: torch.Tensor, variance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -142,80 +160,84 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 
 
 class _MaskedDelta(torch.autograd.Function):
-    """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with z = drop(x)·Aᵀ and coef = column_mask ⊙ (α/r)·gate-per-
-    column. Returns (y, gate_prob, z, mim_packed): gate_prob (tokens,) each token's task-expert weight g2 for routing
-    statistics (not differentiable); with MIM on (mim_regressor given), z itself and mim_packed = [B | regressor]
-    = [B | shift | scale | var] (d_out, R + 3), a fresh copy of what this layer's MIM term needs, which
-    _GroupMIMLoss reads for a group of layers at once. Their gradients come back into this node's backward and
-    join the delta's there, so each parameter gets one gradient per step (ZeRO-2 reduces each once) and only when
-    ZeRO-3 has gathered it."""
+    """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; W_g[1] − W_g[0]]ᵀ (_gate_row) and
+    coef = column_base + g2·column_slope (TaskRouting.column_coefficients: α/r·g1 on the universal columns, α/r·g2
+    on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([0, l]). Returns (y, gates, z, mim_packed):
+    gates (tokens, 2) each token's (g1, g2) for routing statistics (not differentiable); with MIM on
+    (mim_regressor given), z itself and mim_packed = [B | regressor] = [B | shift | scale | var] (d_out, R + 3),
+    a fresh copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of layers at once.
+    Their gradients come back into this node's backward and join the delta's there, so each parameter gets one
+    gradient per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_mask, universal_column_scale,
-                column_gate_slope, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_base, column_slope, scaling,
+                dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        z = _thin_mm(xd, expert_A, 0)
-        gate_prob = None
+        R = expert_A.shape[0]
+        down = _padded_cat([expert_A] + _gate_row(gate), 0)  # [A | gate row | zero pad]
+        z_and_logit = xd @ down.t()
+        z = z_and_logit[:, :R]
+        gates = None
+        coef = column_base  # (tokens, R) or None (every column α/r)
         if gate is not None:
-            gate_prob = _task_gate(x, gate)
-            # (tokens, R): g1·α/r on universal columns, g2·α/r on task columns
-            coef = torch.addcmul(universal_column_scale, gate_prob[:, None], column_gate_slope)
-            if column_mask is not None:
-                coef.mul_(column_mask)
-        elif column_mask is not None:
-            coef = column_mask * scaling
-        else:
-            coef = None
+            gates = _task_gate(z_and_logit[:, R])
+            coef = torch.addcmul(column_base, gates[:, 1:].to(x.dtype), column_slope)
         zc = z * coef if coef is not None else z
         base_out.addmm_(zc, expert_B.t(), alpha=1.0 if coef is not None else scaling)
         ctx.mark_dirty(base_out)
-        if gate_prob is not None:
-            ctx.mark_non_differentiable(gate_prob)
+        if gates is not None:
+            ctx.mark_non_differentiable(gates)
         mim_packed = None
         if mim_regressor is not None:  # cat promotes bf16 B to an fp32 regressor's dtype (autocast's masters)
             mim_packed = _at_least_fp32(torch.cat([expert_B, mim_regressor], 1))
         ctx.scaling, ctx.dropout = scaling, dropout
         ctx.mim_dtype = None if mim_regressor is None else mim_regressor.dtype
-        ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, column_mask,
-                              column_gate_slope, gate_prob, coef, zc, z if gate_prob is not None else None)
-        return base_out, gate_prob, (z if mim_packed is not None else None), mim_packed
+        ctx.save_for_backward(x if keep is None else xd, keep, down, expert_B, column_slope, gates, coef, zc,
+                              z if gates is not None else None)
+        return base_out, gates, (z if mim_packed is not None else None), mim_packed
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_gate_prob, grad_z_mim, grad_packed):
-        x, xd, keep, expert_A, expert_B, gate, column_mask, column_gate_slope, gate_prob, coef, zc, z = \
-            ctx.saved_tensors
-        if xd is None:
-            xd = x
+    def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_packed):
+        xd, keep, down, expert_B, column_slope, gates, coef, zc, z = ctx.saved_tensors
+        R = expert_B.shape[1]
         if grad_y is None:
-            grad_y = x.new_zeros(x.shape[0], expert_B.shape[0])
+            grad_y = xd.new_zeros(xd.shape[0], expert_B.shape[0])
         grad_coefd = _thin_mm(grad_y, expert_B, 1)  # d loss / d (z ⊙ coef), (tokens, R)
         grad_B = (zc.t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
         if coef is None:
             grad_B.mul_(ctx.scaling)
-        grad_z = grad_coefd * coef if coef is not None else grad_coefd * ctx.scaling
+        # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
+        # gradients and one product x's
+        grad_down_out = grad_y.new_empty(grad_y.shape[0], down.shape[0])
+        grad_z = grad_down_out[:, :R]
+        if grad_z_mim is None:
+            torch.mul(grad_coefd, coef if coef is not None else ctx.scaling, out=grad_z)
+        elif coef is not None:  # MIM's gradient joins in the same kernel
+            torch.addcmul(grad_z_mim, grad_coefd, coef, out=grad_z)
+        else:
+            torch.add(grad_z_mim, grad_coefd, alpha=ctx.scaling, out=grad_z)
         grad_regressor = None
-        if grad_z_mim is not None:
-            grad_z.add_(grad_z_mim)
         if grad_packed is not None:
-            R = expert_B.shape[1]
             grad_B.add_(grad_packed[:, :R])
             grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
-        grad_A = grad_z.t() @ xd
-        grad_x = grad_gate = None
+        gated = gates is not None
+        if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2
+            grad_prob = (grad_coefd * z).mul_(column_slope).sum(1)
+            grad_down_out[:, R] = _gate_logit_grad(grad_prob, gates, xd.dtype)
+        if down.shape[0] > R + gated:
+            grad_down_out[:, R + gated:].zero_()
+        grad_down = grad_down_out.t() @ xd
+        grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_z @ expert_A
+            grad_x = grad_down_out @ down
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        if gate_prob is not None:
-            grad_coef = grad_coefd * z
-            if column_mask is not None:
-                grad_coef.mul_(column_mask)
-            grad_gate = _gate_backward(grad_coef @ column_gate_slope, gate_prob, x, gate, grad_x)
-        return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 5
+        grad_gate = _gate_grad(grad_down[R]) if gated else None
+        return (grad_y, grad_x, grad_down[:R], grad_B, grad_gate, grad_regressor) + (None,) * 4
 
 
 class MaskedMIMInputs(NamedTuple):
@@ -278,10 +300,12 @@ class _GroupMIMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, signs, real_tokens, universal_rank, detach_teacher, *tensors):
         count = len(tensors) // 2
-        z = _at_least_fp32(torch.stack(tensors[:count]))  # (L, T, R)
+        z = torch.stack(tensors[:count])  # (L, T, R)
         packed = _at_least_fp32(torch.stack(tensors[count:]))  # (L, d_out, R + 3)
         R, r = z.shape[2], universal_rank
-        Z = torch.cat([z, z.new_ones(1, 1, 1).expand(count, z.shape[1], 1)], 2).mul_(signs)  # [−z_U, own z_t, 1]
+        Z = z.new_empty(count, z.shape[1], R + 1, dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 1] ⊙ real
+        torch.mul(z, signs[:, :R], out=Z[..., :R])
+        Z[..., R] = signs[:, R]
         M = _regressed_experts(packed, r)
         variance = F.softplus(packed[..., R + PACKED_VAR]) + MIM_EPS  # (L, d_out)
         MC = M @ (Z.transpose(1, 2) @ Z)
@@ -302,8 +326,9 @@ class _GroupMIMLoss(torch.autograd.Function):
         # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
         # expert's unless the teacher is detached), then to z through the signs.
         first = r if ctx.detach_teacher else 0
-        grad_z = Z.new_zeros(Z.shape[0], Z.shape[1], R)
-        grad_z[..., first:] = (Z @ (M.transpose(1, 2) @ (M[..., first:R] * weight))).mul_(signs[:, first:R])
+        grad_z = Z.new_empty(Z.shape[0], Z.shape[1], R)
+        grad_z[..., :first].zero_()
+        torch.mul(Z @ (M.transpose(1, 2) @ (M[..., first:R] * weight)), signs[:, first:R], out=grad_z[..., first:])
         grad_packed = torch.zeros_like(packed)
         grad_packed[..., r:R] = MC[..., r:R] * (weight * packed[..., R + PACKED_SCALE, None])
         if not ctx.detach_teacher:
@@ -317,9 +342,10 @@ class _GroupMIMLoss(torch.autograd.Function):
 
 class _OwnTaskDelta(torch.autograd.Function):
     """The delta of _MaskedDelta for a batch whose tasks come in contiguous row segments (the collator sorts
-    each batch by task): each segment runs through its own K = r + r_t columns [universal | own task] only,
-    accumulated into the base output in place. Returns (y, z, gate_prob) with z (tokens, K) each row's own
-    columns (for the MIM loss); gate_prob (tokens,), g2, is for routing statistics (not differentiable)."""
+    each batch by task): each segment runs through its own K = r + r_t columns [universal | own task] only (and
+    the gate row), accumulated into the base output in place. Returns (y, z, gates) with z (tokens, K) each
+    row's own columns (for the MIM loss); gates (tokens, 2), (g1, g2), are for routing statistics (not
+    differentiable)."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, gate, segments, universal_rank, scaling, dropout):
@@ -329,33 +355,33 @@ class _OwnTaskDelta(torch.autograd.Function):
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        gate_prob = _task_gate(x, gate) if gate is not None else None
-        views = _segment_views(segments, expert_A, expert_B, r)
+        views = _segment_views(segments, expert_A, expert_B, gate, r)
         K = r + segments[0][2] - segments[0][1]
-        z = x.new_empty(x.shape[0], views[0][2][0].shape[0])  # padded; the pad columns sliced off below
+        z_and_logit = x.new_empty(x.shape[0], views[0][2][0].shape[0])  # [z | l | pad]
         for _, (start, stop), (A_seg, _) in views:
-            torch.mm(xd[start:stop], A_seg.t(), out=z[start:stop])
-        z = z[:, :K]
-        zc = _gated(z, gate_prob, r, scaling)
+            torch.mm(xd[start:stop], A_seg.t(), out=z_and_logit[start:stop])
+        z = z_and_logit[:, :K]
+        gates = _task_gate(z_and_logit[:, K]) if gate is not None else None
+        task_weight = gates[:, 1:].to(x.dtype) if gates is not None else None
+        zc = _gated(z, task_weight, r, scaling)
         for _, (start, stop), (_, B_seg) in views:
             base_out[start:stop].addmm_(zc[start:stop], B_seg[:, :K].t())
         ctx.mark_dirty(base_out)
-        if gate_prob is not None:
-            ctx.mark_non_differentiable(gate_prob)
+        if gates is not None:
+            ctx.mark_non_differentiable(gates)
         ctx.segments, ctx.r, ctx.scaling, ctx.dropout = segments, r, scaling, dropout
-        ctx.save_for_backward(x, xd if keep is not None else None, keep, expert_A, expert_B, gate, gate_prob, z)
-        return base_out, z, gate_prob
+        ctx.save_for_backward(x if keep is None else xd, keep, expert_A, expert_B, gate, gates, task_weight, z)
+        return base_out, z, gates
 
     @staticmethod
-    def backward(ctx, grad_y, grad_z_extra, _grad_gate_prob):
-        x, xd, keep, expert_A, expert_B, gate, gate_prob, z = ctx.saved_tensors
-        xd = x if xd is None else xd
+    def backward(ctx, grad_y, grad_z_extra, _grad_gates):
+        xd, keep, expert_A, expert_B, gate, gates, task_weight, z = ctx.saved_tensors
         r, scaling = ctx.r, ctx.scaling
         if grad_y is None:
-            grad_y = x.new_zeros(x.shape[0], expert_B.shape[0])
-        zc = _gated(z, gate_prob, r, scaling)
+            grad_y = xd.new_zeros(xd.shape[0], expert_B.shape[0])
+        zc = _gated(z, task_weight, r, scaling)
         grad_A, grad_B = torch.zeros_like(expert_A), torch.zeros_like(expert_B)
-        views = _segment_views(ctx.segments, expert_A, expert_B, r)
+        views = _segment_views(ctx.segments, expert_A, expert_B, gate, r)
         K = z.shape[1]
         grad_zc = z.new_empty(z.shape[0], views[0][2][1].shape[1])
         for _, (start, stop), (_, B_seg) in views:
@@ -365,50 +391,59 @@ class _OwnTaskDelta(torch.autograd.Function):
             grad_B_seg = (zc[start:stop].t() @ grad_y[start:stop]).t()  # (d_out, K)
             grad_B[:, :r] += grad_B_seg[:, :r]
             grad_B[:, task_columns] += grad_B_seg[:, r:]
-        grad_z = _gated(grad_zc, gate_prob, r, scaling)
+        # d loss / d [z | l | pad], the segments' down-projection outputs
+        grad_down_out = z.new_empty(z.shape[0], views[0][2][0].shape[0])
+        grad_z = _gated(grad_zc, task_weight, r, scaling, out=grad_down_out[:, :K])
         if grad_z_extra is not None:
-            grad_z = grad_z + grad_z_extra
-        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[1] else None
+            grad_z.add_(grad_z_extra)
+        gated = gates is not None
+        if gated:  # d loss / d g2, g1 = 1 − g2
+            grad_prob = ((grad_zc[:, r:] * z[:, r:]).sum(1) - (grad_zc[:, :r] * z[:, :r]).sum(1)) * scaling
+            grad_down_out[:, K] = _gate_logit_grad(grad_prob, gates, xd.dtype)
+        if grad_down_out.shape[1] > K + gated:
+            grad_down_out[:, K + gated:].zero_()
+        grad_x = xd.new_empty(xd.shape) if ctx.needs_input_grad[1] else None
+        grad_gate_row = xd.new_zeros(xd.shape[1]) if gated else None
         for task_columns, (start, stop), (A_seg, _) in views:
-            grad_A_seg = grad_z[start:stop].t() @ xd[start:stop]
+            grad_A_seg = grad_down_out[start:stop].t() @ xd[start:stop]
             grad_A[:r] += grad_A_seg[:r]
-            grad_A[task_columns] += grad_A_seg[r:]
+            grad_A[task_columns] += grad_A_seg[r:K]
+            if gated:
+                grad_gate_row += grad_A_seg[K]
             if grad_x is not None:
-                torch.mm(grad_z[start:stop], A_seg[:K], out=grad_x[start:stop])
+                torch.mm(grad_down_out[start:stop], A_seg, out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
             grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        grad_gate = None
-        if gate_prob is not None:  # d loss / d g2, g1 = 1 − g2
-            grad_prob = ((grad_zc[:, r:] * z[:, r:]).sum(1) - (grad_zc[:, :r] * z[:, :r]).sum(1)) * scaling
-            grad_gate = _gate_backward(grad_prob, gate_prob, x, gate, grad_x)
+        grad_gate = _gate_grad(grad_gate_row) if gated else None
         return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
 
 
-def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int) -> torch.Tensor:
-    """[universal | one task's] columns of a fused expert tensor along `dim`, zero-padded (_rank_padding): a view
-    when adjacent (task 0) and not padded, a small copy otherwise."""
-    pad = _rank_padding(r + last - first, fused)
-    if first == r and not pad:
+def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int, extra: list = ()) -> torch.Tensor:
+    """[universal | one task's | extra] columns of a fused expert tensor along `dim`, zero-padded (_padded_cat): a
+    view when adjacent (task 0), with no extra and no pad, a small copy otherwise."""
+    if first == r and not extra and not _rank_padding(last, fused):
         return fused.narrow(dim, 0, last)
-    parts = [fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)]
-    return torch.cat(parts + [_zeros_along(fused, dim, pad)] if pad else parts, dim)
+    return _padded_cat([fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)] + list(extra), dim)
 
 
-def _segment_views(segments, expert_A, expert_B, r) -> list:
-    """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')), K' the
-    segment's K = r + r_t columns zero-padded (_rank_padding)."""
+def _segment_views(segments, expert_A, expert_B, gate, r) -> list:
+    """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')): A_seg the
+    segment's K = r + r_t rows and the gate row (_gate_row), B_seg its K columns, each zero-padded
+    (_rank_padding)."""
+    gate_row = _gate_row(gate)
     return [(slice(first, last), (start, stop),
-             (_own_columns(expert_A, r, first, last, 0), _own_columns(expert_B, r, first, last, 1)))
+             (_own_columns(expert_A, r, first, last, 0, gate_row), _own_columns(expert_B, r, first, last, 1)))
             for _, first, last, start, stop in segments]
 
 
-def _gated(z: torch.Tensor, gate_prob: Optional[torch.Tensor], r: int, scaling: float) -> torch.Tensor:
-    """Rank-space activations times α/r and each token's gate weight: g1 = 1 − g2 on the universal columns, g2 on
-    the task's (no gate: α/r alone)."""
-    if gate_prob is None:
-        return z * scaling
-    weight = gate_prob[:, None] * scaling
-    out = torch.empty_like(z)
+def _gated(z: torch.Tensor, task_weight: Optional[torch.Tensor], r: int, scaling: float,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rank-space activations times α/r and each token's gate weight: g1 = 1 − g2 on the universal columns, g2
+    (task_weight, (tokens, 1)) on the task's (no gate: α/r alone); into `out` when given."""
+    out = torch.empty_like(z) if out is None else out
+    if task_weight is None:
+        return torch.mul(z, scaling, out=out)
+    weight = task_weight * scaling
     torch.mul(z[:, :r], scaling - weight, out=out[:, :r])
     torch.mul(z[:, r:], weight, out=out[:, r:])
     return out
@@ -538,12 +573,6 @@ class CLoRAELinear(nn.Module):
         if config.uses_gate:
             # Zero gate: both experts start with weight 0.5.
             self.gate = nn.Parameter(torch.zeros(2, d_in, **factory))
-            # The masked path's per-column weights: α/r·g1 on the universal columns, α/r·g2 on the task columns,
-            # i.e. universal_column_scale + g2·column_gate_slope (g1 = 1 − g2); column_weights() casts them.
-            universal = torch.arange(columns) < self.universal_rank
-            self.register_buffer("universal_column_scale", (universal * config.scaling).to(**factory), persistent=False)
-            self.register_buffer("column_gate_slope", torch.where(universal, -config.scaling, config.scaling).to(**factory),
-                                 persistent=False)
         if config.uses_mim:
             # VID regressor mu(D) = scale * D + shift and per-channel variance softplus(var) + eps, one (d_out, 3)
             # tensor [shift | scale | var]: ZeRO handles every parameter tensor on its own (about 17 kernels each
@@ -554,10 +583,8 @@ class CLoRAELinear(nn.Module):
             self.mim_regressor = nn.Parameter(regressor)
         self.routing: Optional[TaskRouting] = None
         self._mim_terms: list = []  # scalars (own-task path) and MaskedMIMInputs: mim_loss() sums them
-        self._cast_column_weights: tuple = (None, None)  # ((dtype, device), the buffers cast): column_weights()
-        self.register_buffer("gate_task_sum", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
-                             persistent=False)
-        self.register_buffer("gate_token_count", torch.zeros(n, dtype=torch.float32, device=base.weight.device),
+        # Per task, Σ g1 and Σ g2 over the tokens routed with record_stats (their sum counts the tokens)
+        self.register_buffer("gate_stats", torch.zeros(n, 2, dtype=torch.float32, device=base.weight.device),
                              persistent=False)
 
     @property
@@ -606,7 +633,7 @@ class CLoRAELinear(nn.Module):
             base_out = self.base(x2)
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
-        column_mask = one_hot = segments = None
+        column_base = column_slope = one_hot = segments = None
         if self.task_rank:
             if task_ids is not None:
                 routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
@@ -622,43 +649,31 @@ class CLoRAELinear(nn.Module):
             if path == "own_task":
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:
-                column_mask = routing.column_mask(*shape, self.universal_rank, self.task_rank, x.device, x.dtype)
+                column_base, column_slope = routing.column_coefficients(
+                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.gate is not None, x.device,
+                    x.dtype)
             if self.gate is not None and routing.record_stats:
-                one_hot = routing.one_hot(*shape, x.device, self.gate_task_sum.dtype)
-                self.gate_token_count.add_(routing.task_token_counts(*shape, x.device))  # add_: no Module.__setattr__
+                one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
         mim = self.config.uses_mim and self.training and torch.is_grad_enabled()
         if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
-            y, z, gate_prob = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
+            y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
                                               segments, self.universal_rank, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(_OwnTaskMIMLoss.apply(
                     z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_regressor, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
-            gated = self.gate is not None
-            column_weights = self.column_weights(x.dtype) if gated else (None, None)
-            y, gate_prob, z, mim_packed = _MaskedDelta.apply(
+            y, gates, z, mim_packed = _MaskedDelta.apply(
                 base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
-                self.mim_regressor if mim else None, column_mask, *column_weights, self.config.scaling, dropout)
+                self.mim_regressor if mim else None, column_base, column_slope, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
                     z, mim_packed, routing.mim_signs(*shape, self.universal_rank, self.task_rank, x.device),
                     routing.real_token_count(*shape, x.device), self.universal_rank, self.config.mim_detach_teacher))
-        if one_hot is not None:
-            self.gate_task_sum.addmv_(one_hot.t(), gate_prob.to(one_hot.dtype))
+        if one_hot is not None:  # addmm_: no Module.__setattr__
+            self.gate_stats.addmm_(one_hot.t(), gates.to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
-
-    def column_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(universal_column_scale, column_gate_slope) in `dtype`, cast once: DeepSpeed's bf16 keeps buffers fp32,
-        and a cast per layer call is a kernel per layer call on a launch-bound GPU step."""
-        scale, slope = self.universal_column_scale, self.column_gate_slope
-        if scale.dtype == dtype:
-            return scale, slope
-        key = (dtype, scale.device)
-        if self._cast_column_weights[0] != key:
-            self._cast_column_weights = (key, (scale.to(dtype), slope.to(dtype)))
-        return self._cast_column_weights[1]
 
     def pop_mim_terms(self) -> list:
         terms, self._mim_terms = self._mim_terms, []

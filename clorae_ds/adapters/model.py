@@ -143,10 +143,9 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tenso
     for name, layer in clorae_layers(model):
         if layer.gate is None:
             continue
-        stats[name] = layer.gate_task_sum / layer.gate_token_count
+        stats[name] = layer.gate_stats[:, 1] / layer.gate_stats.sum(1)
         if reset:
-            layer.gate_task_sum.zero_()
-            layer.gate_token_count.zero_()
+            layer.gate_stats.zero_()
     return stats
 
 

@@ -1,8 +1,8 @@
 """Which task expert each token of a batch uses.
 
 A `TaskRouting` is built once per model call from the batch's task ids and shared by every adapted layer.
-It turns the ids into per-token tensors (a one-hot task matrix, an expert-column mask and the real-token mask
-of the MIM loss) once per shape,
+It turns the ids into per-token tensors (a one-hot task matrix, an expert-column mask and the masked path's
+column weights, the real-token mask of the MIM loss) once per shape,
 so the layers' hot path does no host work and no host-device synchronisation. Pass task ids that live on
 the CPU (the collator's do).
 """
@@ -62,13 +62,6 @@ class TaskRouting:
             self._cache[key] = torch.nn.functional.one_hot(tasks, self.num_tasks).to(device=device, dtype=dtype)
         return self._cache[key]
 
-    def task_token_counts(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:
-        key = ("counts", batch, tokens_per_sample, str(device))
-        if key not in self._cache:
-            tasks = self.token_tasks(batch, tokens_per_sample)
-            self._cache[key] = torch.bincount(tasks, minlength=self.num_tasks).float().to(device)
-        return self._cache[key]
-
     def column_mask(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device,
                     dtype) -> torch.Tensor:
         """(tokens, r + N·r_t): 1 on the universal expert's columns and on the columns of the token's own
@@ -79,6 +72,23 @@ class TaskRouting:
             task_columns = torch.nn.functional.one_hot(tasks, self.num_tasks).repeat_interleave(task_rank, dim=1)
             mask = torch.cat([torch.ones(len(tasks), universal_rank, dtype=task_columns.dtype), task_columns], 1)
             self._cache[key] = mask.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def column_coefficients(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int,
+                            scaling: float, gated: bool, device, dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(base, slope), each (tokens, r + N·r_t), such that the masked path's per-token column weights are
+        base + g2·slope: α/r·g1 = α/r·(1 − g2) on the universal columns, α/r·g2 on the token's own task columns,
+        0 on every other task's columns. Without a gate, (α/r on the token's columns, None)."""
+        key = ("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gated, str(device), dtype)
+        if key not in self._cache:
+            mask = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
+            if gated:
+                universal = torch.arange(mask.shape[1], device=device) < universal_rank
+                base = mask * (universal * scaling)
+                slope = mask * torch.where(universal, -scaling, scaling)
+                self._cache[key] = (base.to(dtype), slope.to(dtype))
+            else:
+                self._cache[key] = ((mask * scaling).to(dtype), None)
         return self._cache[key]
 
     def token_mask(self, batch: int, tokens_per_sample: int, device, dtype) -> Optional[torch.Tensor]:
