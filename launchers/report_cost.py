@@ -64,21 +64,9 @@ def _matrix_vector_flops(a_shape, b_shape, *args, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1]
 
 
-def _accumulating_matrix_vector_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
-    return _matrix_vector_flops(a_shape, b_shape)
-
-
-def _outer_product_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
-    return 2 * a_shape[0] * b_shape[0]
-
-
 # torch's counter knows the out-of-place matrix-matrix products only. The adapter accumulates its up-projection
-# into the base output in place (addmm_); its gate's backward takes the gradient of the logit difference's weight
-# as a matrix-vector product and adds an outer product into the input's gradient (addr_); its routing statistics
-# sum the gate per task (addmv_).
-UNCOUNTED_MATMULS = {torch.ops.aten.addmm_: _accumulating_matmul_flops, torch.ops.aten.mv: _matrix_vector_flops,
-                     torch.ops.aten.addr_: _outer_product_flops,
-                     torch.ops.aten.addmv_: _accumulating_matrix_vector_flops}
+# into the base output in place (addmm_), and its MIM term takes per-channel column sums as matrix-vector products.
+UNCOUNTED_MATMULS = {torch.ops.aten.addmm_: _accumulating_matmul_flops, torch.ops.aten.mv: _matrix_vector_flops}
 
 
 def flop_counter() -> FlopCounterMode:

@@ -431,11 +431,12 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     columns = layer.universal_rank + (layer.task_rank if sorted_batch else layer.expert_A.shape[0] - 6)
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
     # The down-projection [A; gate row] (one row more with a gate): forward, weight grads, input grads; the
-    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU the down-projection's
-    # width and that gradient's run padded with zeros to a multiple of 8 (layer._rank_padding).
+    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU the two products whose
+    # output is that many columns wide (the down-projection's forward, the gradient into the rank space) run padded
+    # with zeros to a multiple of 8 (layer._rank_padding).
     gated = mode == "clorae"
-    down_width = columns + gated + (-(columns + gated) % 8)
-    adapter = 2 * tokens * down_width * d_in * 3 + 2 * tokens * d_out * (2 * columns + columns + (-columns % 8))
+    down = columns + gated
+    adapter = 2 * tokens * d_in * (down + (-down % 8) + 2 * down) + 2 * tokens * d_out * (3 * columns + (-columns % 8))
     # The routing statistics sum (g1, g2) per task (the gate's own work is elementwise, which is not counted).
     gate = 2 * tokens * 3 * 2 if gated else 0
     assert counter.get_total_flops() == base + adapter + gate

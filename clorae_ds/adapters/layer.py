@@ -210,9 +210,10 @@ class _MaskedDelta(torch.autograd.Function):
         grad_B = (zc.t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
         if coef is None:
             grad_B.mul_(ctx.scaling)
-        # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
-        # gradients and one product x's
-        grad_down_out = grad_y.new_empty(grad_y.shape[0], down.shape[0])
+        # d loss / d [z | l], the down-projection's output without its pad, so that one product gives A's and the
+        # gate's gradients and one product x's
+        gated = gates is not None
+        grad_down_out = grad_y.new_empty(grad_y.shape[0], R + gated)
         grad_z = grad_down_out[:, :R]
         if grad_z_mim is None:
             torch.mul(grad_coefd, coef if coef is not None else ctx.scaling, out=grad_z)
@@ -224,16 +225,13 @@ class _MaskedDelta(torch.autograd.Function):
         if grad_packed is not None:
             grad_B.add_(grad_packed[:, :R])
             grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
-        gated = gates is not None
         if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2
             grad_prob = (grad_coefd * z).mul_(column_slope).sum(1)
             grad_down_out[:, R] = _gate_logit_grad(grad_prob, gates, xd.dtype)
-        if down.shape[0] > R + gated:
-            grad_down_out[:, R + gated:].zero_()
         grad_down = grad_down_out.t() @ xd
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_down_out @ down
+            grad_x = grad_down_out @ down[:R + gated]
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_gate = _gate_grad(grad_down[R]) if gated else None
@@ -391,17 +389,15 @@ class _OwnTaskDelta(torch.autograd.Function):
             grad_B_seg = (zc[start:stop].t() @ grad_y[start:stop]).t()  # (d_out, K)
             grad_B[:, :r] += grad_B_seg[:, :r]
             grad_B[:, task_columns] += grad_B_seg[:, r:]
-        # d loss / d [z | l | pad], the segments' down-projection outputs
-        grad_down_out = z.new_empty(z.shape[0], views[0][2][0].shape[0])
+        # d loss / d [z | l], the segments' down-projection outputs without their pad
+        gated = gates is not None
+        grad_down_out = z.new_empty(z.shape[0], K + gated)
         grad_z = _gated(grad_zc, task_weight, r, scaling, out=grad_down_out[:, :K])
         if grad_z_extra is not None:
             grad_z.add_(grad_z_extra)
-        gated = gates is not None
         if gated:  # d loss / d g2, g1 = 1 − g2
             grad_prob = ((grad_zc[:, r:] * z[:, r:]).sum(1) - (grad_zc[:, :r] * z[:, :r]).sum(1)) * scaling
             grad_down_out[:, K] = _gate_logit_grad(grad_prob, gates, xd.dtype)
-        if grad_down_out.shape[1] > K + gated:
-            grad_down_out[:, K + gated:].zero_()
         grad_x = xd.new_empty(xd.shape) if ctx.needs_input_grad[1] else None
         grad_gate_row = xd.new_zeros(xd.shape[1]) if gated else None
         for task_columns, (start, stop), (A_seg, _) in views:
@@ -411,7 +407,7 @@ class _OwnTaskDelta(torch.autograd.Function):
             if gated:
                 grad_gate_row += grad_A_seg[K]
             if grad_x is not None:
-                torch.mm(grad_down_out[start:stop], A_seg, out=grad_x[start:stop])
+                torch.mm(grad_down_out[start:stop], A_seg[:K + gated], out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
             grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_gate = _gate_grad(grad_gate_row) if gated else None
