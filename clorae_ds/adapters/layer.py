@@ -213,14 +213,14 @@ class _MaskedDelta(torch.autograd.Function):
         # d loss / d [z | l], the down-projection's output without its pad, so that one product gives A's and the
         # gate's gradients and one product x's
         gated = gates is not None
-        grad_down_out = grad_y.new_empty(grad_y.shape[0], R + gated)
-        grad_z = grad_down_out[:, :R]
+        grad_down_out = grad_y.new_empty(grad_y.shape[0], R + 1) if gated else None
+        grad_z = grad_down_out[:, :R] if gated else None  # written in place, or fresh without a gate
         if grad_z_mim is None:
-            torch.mul(grad_coefd, coef if coef is not None else ctx.scaling, out=grad_z)
+            grad_z = torch.mul(grad_coefd, coef if coef is not None else ctx.scaling, out=grad_z)
         elif coef is not None:  # MIM's gradient joins in the same kernel
-            torch.addcmul(grad_z_mim, grad_coefd, coef, out=grad_z)
+            grad_z = torch.addcmul(grad_z_mim, grad_coefd, coef, out=grad_z)
         else:
-            torch.add(grad_z_mim, grad_coefd, alpha=ctx.scaling, out=grad_z)
+            grad_z = torch.add(grad_z_mim, grad_coefd, alpha=ctx.scaling, out=grad_z)
         grad_regressor = None
         if grad_packed is not None:
             grad_B.add_(grad_packed[:, :R])
@@ -228,14 +228,16 @@ class _MaskedDelta(torch.autograd.Function):
         if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2
             grad_prob = (grad_coefd * z).mul_(column_slope).sum(1)
             grad_down_out[:, R] = _gate_logit_grad(grad_prob, gates, xd.dtype)
+        else:
+            grad_down_out = grad_z
         grad_down = grad_down_out.t() @ xd
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_down_out @ down[:R + gated]
+            grad_x = grad_down_out @ (down if down.shape[0] == R + gated else down[:R + gated])
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        grad_gate = _gate_grad(grad_down[R]) if gated else None
-        return (grad_y, grad_x, grad_down[:R], grad_B, grad_gate, grad_regressor) + (None,) * 4
+        grad_A, grad_gate = (grad_down[:R], _gate_grad(grad_down[R])) if gated else (grad_down, None)
+        return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 4
 
 
 class MaskedMIMInputs(NamedTuple):
