@@ -233,7 +233,7 @@ class _MaskedDelta(torch.autograd.Function):
         grad_down = grad_down_out.t() @ xd
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_down_out @ (down if down.shape[0] == R + gated else down[:R + gated])
+            grad_x = grad_down_out @ down[:R + gated]
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_A, grad_gate = (grad_down[:R], _gate_grad(grad_down[R])) if gated else (grad_down, None)
