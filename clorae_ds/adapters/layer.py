@@ -111,13 +111,18 @@ def _padded_cat(parts: list, dim: int) -> torch.Tensor:
     return torch.cat(parts + [_zeros_along(parts[0], dim, pad)] if pad else parts, dim)
 
 
-def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int) -> torch.Tensor:
-    """x·weightᵀ (rank_dim 0: weight is (R, d)) or x·weight (rank_dim 1: weight is (d, R)), a (tokens, R) result,
-    computed with R padded (_rank_padding) and the pad sliced off."""
-    rank = weight.shape[rank_dim]
-    padded = _padded_cat([weight], rank_dim)
+def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int) -> torch.Tensor:
+    """x·weightᵀ (rank_dim 0: weight is (≥ R, d)) or x·weight (rank_dim 1: weight is (d, ≥ R)) on weight's first
+    R = rank rows or columns, a (tokens, R) result, computed with R padded (_rank_padding) and the pad sliced off.
+    Columns of weight past R serve as the pad where there are enough of them (whatever they hold: their outputs
+    are sliced off); zeros are added otherwise."""
+    width = rank + _rank_padding(rank, weight)
+    if weight.shape[rank_dim] >= width:
+        padded = weight.narrow(rank_dim, 0, width)
+    else:
+        padded = _padded_cat([weight.narrow(rank_dim, 0, rank)], rank_dim)
     out = x @ (padded.t() if rank_dim == 0 else padded)
-    return out[:, :rank] if padded is not weight else out
+    return out[:, :rank] if width > rank else out
 
 
 def _gate_row(gate: Optional[torch.Tensor]) -> list:
@@ -126,25 +131,28 @@ def _gate_row(gate: Optional[torch.Tensor]) -> list:
     by the same product as the experts' rows, it costs one column of a matmul that is padded anyway, where a
     product of its own, and a matrix-vector product and an outer product in the backward, cost three small
     kernels more (on CPU 0.15 ms of a 384-wide layer call at 720 tokens)."""
-    return [] if gate is None else [(gate[1] - gate[0])[None]]
+    return [] if gate is None else [gate[1:] - gate[:1]]
 
 
-def _task_gate(logit: torch.Tensor) -> torch.Tensor:
-    """(g1, g2) = softmax([0, l]) per token (tokens, 2), fp32 at least, from the logit differences l (a column of a
-    down-projection's output). A softmax along each row of a (tokens, 2) tensor, so that a sample's gate does not
-    depend on its batch: a sigmoid vectorised along the tokens rounds a row by its position (vector body or scalar
-    tail)."""
-    return torch.softmax(F.pad(_at_least_fp32(logit)[:, None], (1, 0)), dim=-1)
+_LOGIT_PAIRS: dict = {}  # per device, fp32 [0, 1]: a logit column times it is [0, l]
 
 
-def _gate_logit_grad(grad_prob: torch.Tensor, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d l from d loss / d g2 per token: dg2/dl = g1·g2."""
-    return (_at_least_fp32(grad_prob) * gates[:, 0] * gates[:, 1]).to(dtype)
+def _task_gate(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((g1, g2) (tokens, 2), g1·g2 (tokens, 1)), fp32 at least, from the logit differences l (tokens, 1), a column
+    of a down-projection's output: (g1, g2) = softmax([0, l]), and g1·g2 = dg2/dl for the backward. [0, l] is l
+    times an fp32 [0, 1] (one kernel, which also promotes a bf16 l), and the softmax runs along each row of that
+    (tokens, 2) tensor, so that a sample's gate does not depend on its batch: a sigmoid vectorised along the tokens
+    rounds a row by its position (vector body or scalar tail)."""
+    pair = _LOGIT_PAIRS.get(logit.device)
+    if pair is None:
+        pair = _LOGIT_PAIRS[logit.device] = torch.tensor([0.0, 1.0], device=logit.device)
+    gates = torch.softmax(logit * pair, dim=-1)
+    return gates, gates.prod(1, keepdim=True)
 
 
 def _gate_grad(grad_row: torch.Tensor) -> torch.Tensor:
-    """d loss / d W_g (2, d_in) from d loss / d (W_g[1] − W_g[0])."""
-    return torch.stack([-grad_row, grad_row])
+    """d loss / d W_g (2, d_in) from d loss / d (W_g[1] − W_g[0]) (1, d_in)."""
+    return torch.cat([-grad_row, grad_row])
 
 
 def _vid_value(residual_sq: torch.Tensor, variance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -181,10 +189,10 @@ class _MaskedDelta(torch.autograd.Function):
         down = _padded_cat([expert_A] + _gate_row(gate), 0)  # [A | gate row | zero pad]
         z_and_logit = xd @ down.t()
         z = z_and_logit[:, :R]
-        gates = None
+        gates = gate_slope = None
         coef = column_base  # (tokens, R) or None (every column α/r)
         if gate is not None:
-            gates = _task_gate(z_and_logit[:, R])
+            gates, gate_slope = _task_gate(z_and_logit[:, R:R + 1])
             coef = torch.addcmul(column_base, gates[:, 1:].to(x.dtype), column_slope)
         zc = z * coef if coef is not None else z
         base_out.addmm_(zc, expert_B.t(), alpha=1.0 if coef is not None else scaling)
@@ -196,23 +204,26 @@ class _MaskedDelta(torch.autograd.Function):
             mim_packed = _at_least_fp32(torch.cat([expert_B, mim_regressor], 1))
         ctx.scaling, ctx.dropout = scaling, dropout
         ctx.mim_dtype = None if mim_regressor is None else mim_regressor.dtype
-        ctx.save_for_backward(x if keep is None else xd, keep, down, expert_B, column_slope, gates, coef, zc,
+        # The backward's product with B runs on mim_packed's columns where it has them: B and the regressor's
+        # columns as its pad (_thin_mm).
+        up = mim_packed if mim_packed is not None and mim_packed.dtype == expert_B.dtype else expert_B
+        ctx.save_for_backward(x if keep is None else xd, keep, down, up, column_slope, gate_slope, coef, zc,
                               z if gates is not None else None)
         return base_out, gates, (z if mim_packed is not None else None), mim_packed
 
     @staticmethod
     def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_packed):
-        xd, keep, down, expert_B, column_slope, gates, coef, zc, z = ctx.saved_tensors
-        R = expert_B.shape[1]
+        xd, keep, down, up, column_slope, gate_slope, coef, zc, z = ctx.saved_tensors
+        R = zc.shape[1]
         if grad_y is None:
-            grad_y = xd.new_zeros(xd.shape[0], expert_B.shape[0])
-        grad_coefd = _thin_mm(grad_y, expert_B, 1)  # d loss / d (z ⊙ coef), (tokens, R)
+            grad_y = xd.new_zeros(xd.shape[0], up.shape[0])
+        grad_coefd = _thin_mm(grad_y, up, 1, R)  # d loss / d (z ⊙ coef), (tokens, R)
         grad_B = (zc.t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
         if coef is None:
             grad_B.mul_(ctx.scaling)
         # d loss / d [z | l], the down-projection's output without its pad, so that one product gives A's and the
         # gate's gradients and one product x's
-        gated = gates is not None
+        gated = gate_slope is not None
         grad_down_out = grad_y.new_empty(grad_y.shape[0], R + 1) if gated else None
         grad_z = grad_down_out[:, :R] if gated else None  # written in place, or fresh without a gate
         if grad_z_mim is None:
@@ -225,9 +236,9 @@ class _MaskedDelta(torch.autograd.Function):
         if grad_packed is not None:
             grad_B.add_(grad_packed[:, :R])
             grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
-        if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2
-            grad_prob = (grad_coefd * z).mul_(column_slope).sum(1)
-            grad_down_out[:, R] = _gate_logit_grad(grad_prob, gates, xd.dtype)
+        if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2, times dg2/dl
+            grad_prob = (grad_coefd * z).mul_(column_slope).sum(1, keepdim=True)
+            torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:])
         else:
             grad_down_out = grad_z
         grad_down = grad_down_out.t() @ xd
@@ -236,7 +247,7 @@ class _MaskedDelta(torch.autograd.Function):
             grad_x = grad_down_out @ down[:R + gated]
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        grad_A, grad_gate = (grad_down[:R], _gate_grad(grad_down[R])) if gated else (grad_down, None)
+        grad_A, grad_gate = (grad_down[:R], _gate_grad(grad_down[R:])) if gated else (grad_down, None)
         return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 4
 
 
@@ -361,7 +372,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         for _, (start, stop), (A_seg, _) in views:
             torch.mm(xd[start:stop], A_seg.t(), out=z_and_logit[start:stop])
         z = z_and_logit[:, :K]
-        gates = _task_gate(z_and_logit[:, K]) if gate is not None else None
+        gates, gate_slope = _task_gate(z_and_logit[:, K:K + 1]) if gate is not None else (None, None)
         task_weight = gates[:, 1:].to(x.dtype) if gates is not None else None
         zc = _gated(z, task_weight, r, scaling)
         for _, (start, stop), (_, B_seg) in views:
@@ -370,12 +381,12 @@ class _OwnTaskDelta(torch.autograd.Function):
         if gates is not None:
             ctx.mark_non_differentiable(gates)
         ctx.segments, ctx.r, ctx.scaling, ctx.dropout = segments, r, scaling, dropout
-        ctx.save_for_backward(x if keep is None else xd, keep, expert_A, expert_B, gate, gates, task_weight, z)
+        ctx.save_for_backward(x if keep is None else xd, keep, expert_A, expert_B, gate, gate_slope, task_weight, z)
         return base_out, z, gates
 
     @staticmethod
     def backward(ctx, grad_y, grad_z_extra, _grad_gates):
-        xd, keep, expert_A, expert_B, gate, gates, task_weight, z = ctx.saved_tensors
+        xd, keep, expert_A, expert_B, gate, gate_slope, task_weight, z = ctx.saved_tensors
         r, scaling = ctx.r, ctx.scaling
         if grad_y is None:
             grad_y = xd.new_zeros(xd.shape[0], expert_B.shape[0])
@@ -392,22 +403,23 @@ class _OwnTaskDelta(torch.autograd.Function):
             grad_B[:, :r] += grad_B_seg[:, :r]
             grad_B[:, task_columns] += grad_B_seg[:, r:]
         # d loss / d [z | l], the segments' down-projection outputs without their pad
-        gated = gates is not None
+        gated = gate_slope is not None
         grad_down_out = z.new_empty(z.shape[0], K + gated)
         grad_z = _gated(grad_zc, task_weight, r, scaling, out=grad_down_out[:, :K])
         if grad_z_extra is not None:
             grad_z.add_(grad_z_extra)
-        if gated:  # d loss / d g2, g1 = 1 − g2
-            grad_prob = ((grad_zc[:, r:] * z[:, r:]).sum(1) - (grad_zc[:, :r] * z[:, :r]).sum(1)) * scaling
-            grad_down_out[:, K] = _gate_logit_grad(grad_prob, gates, xd.dtype)
+        if gated:  # d loss / d g2 (g1 = 1 − g2), times dg2/dl
+            grad_prob = ((grad_zc[:, r:] * z[:, r:]).sum(1, keepdim=True)
+                         - (grad_zc[:, :r] * z[:, :r]).sum(1, keepdim=True)) * scaling
+            torch.mul(grad_prob, gate_slope, out=grad_down_out[:, K:])
         grad_x = xd.new_empty(xd.shape) if ctx.needs_input_grad[1] else None
-        grad_gate_row = xd.new_zeros(xd.shape[1]) if gated else None
+        grad_gate_row = xd.new_zeros(1, xd.shape[1]) if gated else None
         for task_columns, (start, stop), (A_seg, _) in views:
             grad_A_seg = grad_down_out[start:stop].t() @ xd[start:stop]
             grad_A[:r] += grad_A_seg[:r]
             grad_A[task_columns] += grad_A_seg[r:K]
             if gated:
-                grad_gate_row += grad_A_seg[K]
+                grad_gate_row += grad_A_seg[K:]
             if grad_x is not None:
                 torch.mm(grad_down_out[start:stop], A_seg[:K + gated], out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
