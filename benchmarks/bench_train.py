@@ -5,7 +5,9 @@ same batches, and what a user pays per step for C-LoRAE against LoRA r16 (the un
 which splits that price between MIM and the gate with the task experts. Those three adapters train in one
 process under ZeRO-0, step by step in turn on the same batch (the order rotating), so each step's ratio compares
 arms timed seconds apart; the ratio kept is the median over every round's steps. Measured one after the other
-in one run.
+in one run. Every arm trains in the precision the engine's configs give on this machine — bf16 where the CPU has
+bf16 instructions (load_ds_config's fallback), fp32 elsewhere — the plain loop's model cast to match; the last JSON
+line names it (`precision`).
 
     python benchmarks/bench_train.py [--steps 15] [--rounds 5]
 
@@ -108,17 +110,16 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     transformers.logging.set_verbosity_error()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(2 if world == 1 else 1)
-    config = None
-    if mode != "plain":
-        from clorae_ds.train.engine import load_ds_config
-
-        config = load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world)
+    config = None if mode == "plain" else engine_config(ds_config, world)
     if mode == "paired":
         paired_worker(config, steps)  # exits the process
         return
     built = build_model(adapter_mode)
     batches, tokens = embedded_batches(built.tokenizer, 8, steps + 3, rank, world)
-    step = training_step(built.model.train(), config, steps + 3)
+    model = built.model.train()
+    if mode == "plain" and engine_bf16():  # the engine arms' precision, so that the overhead compares like with like
+        model.to(torch.bfloat16)
+    step = training_step(model, config, steps + 3)
 
     for batch in batches[:3]:
         step(batch)
@@ -136,6 +137,18 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
               flush=True)
     sys.stdout.flush()
     os._exit(0)
+
+
+def engine_config(ds_config: str, world: int) -> dict:
+    from clorae_ds.train.engine import load_ds_config
+
+    return load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world)
+
+
+def engine_bf16() -> bool:
+    """Whether the engine arms train in bf16: the configs enable it, and load_ds_config keeps it where the hardware
+    has bf16 (a CPU with AVX512-BF16 or AMX-BF16), falling back to fp32 elsewhere."""
+    return engine_config("zero0.json", 1).get("bf16", {}).get("enabled", False)
 
 
 def paired_worker(config: dict, steps: int) -> None:
@@ -223,7 +236,7 @@ def main(argv=None) -> int:
     print(f"C-LoRAE over LoRA per step, median of each round's steps: "
           f"{', '.join(f'{r:.3f}' for r in step_rounds)}; "
           f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}")
-    print(json.dumps({"plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds, "steps": args.steps,
+    print(json.dumps({"precision": "bf16" if engine_bf16() else "fp32", "plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds, "steps": args.steps,
                       "clorae_over_lora_step": round(step_ratio, 4),
                       "clorae_over_lora_step_each_round": [round(r, 4) for r in step_rounds],
                       "clorae_without_mim_over_lora_step": round(without_mim_ratio, 4),

@@ -117,7 +117,9 @@ def train_section(measured: dict, machine: str) -> list:
     lines = ["## Engine overhead: DeepSpeed vs a plain loop", "",
              "MiniLM encoder-decoder + C-LoRAE r 16, batch 8 per rank, the same batches; the arms run in turn for "
              f"{result['rounds']} rounds and the medians are kept (drift between rounds is ±10-30 % on a shared 2-core "
-             f"machine). Target: the engine costs at most 10 %. Measured here ({machine}): `{command_text('train')}`",
+             f"machine). Target: the engine costs at most 10 %. Measured here ({machine}): `{command_text('train')}`"
+             + (f", every arm in {result['precision']} (the engine's configs on this CPU; the plain loop's model cast "
+                "to match)" if "precision" in result else ""),
              "", "| arm | ranks | tokens/s (median) | s/step | vs plain | every round |", "|---|---|---|---|---|---|"]
     plain = result["plain_tokens_per_s"]
     for arm in result["arms"]:

@@ -1,4 +1,6 @@
 """The C-LoRAE layer against method.md eq. 3-8, its gradients, MIM, and its errors."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,6 +286,25 @@ def test_bf16_parameters_with_an_fp32_buffer_train():
     y = layer.train()(torch.randn(3, 4, 6, dtype=torch.bfloat16), torch.tensor([0, 1, 2]))
     (y.float().square().mean() + collect_mim_loss(layer).float()).backward()
     assert torch.isfinite(layer.expert_B.grad.float()).all()
+
+
+@pytest.mark.parametrize("path", ["own_task", "masked"])
+def test_mim_value_keeps_fp32_precision_under_bf16_parameters(path):
+    """Summed over a model's layers MIM is tens (mostly ½·log σ²), where bf16 moves in steps of 0.125-0.25: its
+    value stays fp32 so that the logged trend shows. Here one layer's σ² ≈ 5e21 puts it near 25."""
+    layer = make_layer("clorae", dtype=torch.float32, expert_path=path)
+    with torch.no_grad():
+        layer.mim_regressor[:, PACKED_VAR] = 5e21
+    for param in layer.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    x, task_ids = torch.randn(3, 4, 6, dtype=torch.bfloat16), torch.tensor([0, 1, 2])
+    layer.train()(x, task_ids)
+    mim = collect_mim_loss(layer)
+    reference = copy.deepcopy(layer).double()  # the same bf16 values, in fp64
+    reference(x.double(), task_ids)
+    expected = collect_mim_loss(reference)
+    assert mim.dtype == torch.float32 and 20 < expected.item() < 30
+    assert abs(mim.item() - expected.item()) < 1e-3
 
 
 @pytest.mark.parametrize("path", ["own_task", "masked"])

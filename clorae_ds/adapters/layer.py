@@ -324,7 +324,9 @@ class _GroupMIMLoss(torch.autograd.Function):
         ctx.save_for_backward(signs, real_tokens, packed, Z, MC, residual_sq, variance)  # M̃ rebuilt from packed
         ctx.r, ctx.detach_teacher = r, detach_teacher
         ctx.dtypes = (tensors[0].dtype, tensors[count].dtype)
-        return _vid_value(residual_sq, variance, real_tokens).to(tensors[0].dtype)
+        # fp32 at least, whatever z's dtype: summed over a model's layers MIM is some 57 (mostly ½·log σ²), where a
+        # bf16 value moves in steps of 0.25 and its logged trend is lost
+        return _vid_value(residual_sq, variance, real_tokens)
 
     @staticmethod
     def backward(ctx, grad_mim):
@@ -519,7 +521,7 @@ class _OwnTaskMIMLoss(torch.autograd.Function):
         ctx.blocks, ctx.B_shape = blocks, B.shape
         ctx.param_dtype, ctx.mim_dtype, ctx.z_dtype = expert_B.dtype, regressor.dtype, z.dtype
         ctx.universal_rank, ctx.detach_teacher = r, detach_teacher
-        return loss.to(z.dtype)
+        return loss  # fp32 at least, as _GroupMIMLoss's
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -221,13 +221,17 @@ def zero_stage(ds_config: dict) -> int:
 
 
 def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: int) -> tuple[torch.nn.Module, bool]:
-    """The model for inference under a DeepSpeed config: (module, zero3). ZeRO-3 partitions the parameters across
-    ranks; stages 0-2 shard only optimizer state and gradients, which inference has none of, so the model stays
-    whole on every rank (DeepSpeed would refuse stage 1-2 without an optimizer)."""
+    """The model for inference under a DeepSpeed config: (module, zero3), in the config's precision at every stage
+    (bf16 where load_ds_config keeps it). ZeRO-3 partitions the parameters across ranks; stages 0-2 shard only
+    optimizer state and gradients, which inference has none of, so the model stays whole on every rank (DeepSpeed
+    would refuse stage 1-2 without an optimizer)."""
     import deepspeed
 
     config = load_ds_config(ds_config_path, world_size)
     if zero_stage(config) < 3:
+        if config.get("bf16", {}).get("enabled"):  # parameters only, as DeepSpeed's bf16 casts them (buffers stay fp32)
+            for param in model.parameters():
+                param.data = param.data.to(torch.bfloat16)
         return model, False
     model.always_run_image_modules = True  # every rank gathers the visual side's parameters at every call
     engine, *_ = deepspeed.initialize(model=model, config=config)
