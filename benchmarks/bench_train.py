@@ -148,7 +148,9 @@ def engine_config(ds_config: str, world: int) -> dict:
 def engine_bf16() -> bool:
     """Whether the engine arms train in bf16: the configs enable it, and load_ds_config keeps it where the hardware
     has bf16 (a CPU with AVX512-BF16 or AMX-BF16), falling back to fp32 elsewhere."""
-    return engine_config("zero0.json", 1).get("bf16", {}).get("enabled", False)
+    from clorae_ds.train.engine import bf16_enabled
+
+    return bf16_enabled(engine_config("zero0.json", 1))
 
 
 def paired_worker(config: dict, steps: int) -> None:
@@ -236,7 +238,8 @@ def main(argv=None) -> int:
     print(f"C-LoRAE over LoRA per step, median of each round's steps: "
           f"{', '.join(f'{r:.3f}' for r in step_rounds)}; "
           f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}")
-    print(json.dumps({"precision": "bf16" if engine_bf16() else "fp32", "plain_tokens_per_s": round(plain, 1), **overhead, "rounds": args.rounds, "steps": args.steps,
+    print(json.dumps({"precision": "bf16" if engine_bf16() else "fp32", "plain_tokens_per_s": round(plain, 1),
+                      **overhead, "rounds": args.rounds, "steps": args.steps,
                       "clorae_over_lora_step": round(step_ratio, 4),
                       "clorae_over_lora_step_each_round": [round(r, 4) for r in step_rounds],
                       "clorae_without_mim_over_lora_step": round(without_mim_ratio, 4),

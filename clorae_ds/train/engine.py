@@ -125,9 +125,13 @@ def load_ds_config(path: str, world_size: int) -> dict:
             f"{path}: train_batch_size {total} != micro batch {micro} x gradient accumulation {accumulation} x "
             f"world size {world_size}; remove train_batch_size or make them agree")
     config["train_batch_size"] = micro * accumulation * world_size
-    if config.get("bf16", {}).get("enabled") and not bf16_supported():
+    if bf16_enabled(config) and not bf16_supported():
         config["bf16"] = {"enabled": False}
     return config
+
+
+def bf16_enabled(ds_config: dict) -> bool:
+    return bool(ds_config.get("bf16", {}).get("enabled"))
 
 
 def bf16_supported() -> bool:
@@ -229,7 +233,7 @@ def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: in
 
     config = load_ds_config(ds_config_path, world_size)
     if zero_stage(config) < 3:
-        if config.get("bf16", {}).get("enabled"):  # parameters only, as DeepSpeed's bf16 casts them (buffers stay fp32)
+        if bf16_enabled(config):  # parameters only, as DeepSpeed's bf16 casts them (buffers stay fp32)
             for param in model.parameters():
                 param.data = param.data.to(torch.bfloat16)
         return model, False
