@@ -65,11 +65,17 @@ def test_expert_weight_shapes(mode):
     assert shapes == {k: expected[k] for k in uses}
 
 
+# Expert columns R = r + N·r_t: 12 (13 with the gate: the masked path pads both to 16 on the CPU), and 8 (9 with the
+# gate: the down-projection padded to 16, the products with B read 8 columns)
+RANKS = {"R12": {"rank": 6}, "R8": {"rank": 2, "task_rank": 2}}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
-def test_hand_written_backward_matches_numerical_gradients(mode, case):
+@pytest.mark.parametrize("ranks", RANKS)
+def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks):
     order, path = PATHS[case]
-    layer = make_layer(mode, mim_detach_teacher=False, expert_path=path).train()
+    layer = make_layer(mode, mim_detach_teacher=False, expert_path=path, **RANKS[ranks]).train()
     task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -448,16 +454,21 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     x = torch.randn(3, tokens // 3, d_in, requires_grad=True)
     with report_cost.flop_counter() as counter:
         layer(x, torch.tensor(task_ids)).square().sum().backward()
-    sorted_batch = task_ids == sorted(task_ids)
-    columns = layer.universal_rank + (layer.task_rank if sorted_batch else layer.expert_A.shape[0] - 6)
+    masked = mode == "universal_only" or task_ids != sorted(task_ids)
+    columns = layer.universal_rank + (layer.expert_A.shape[0] - 6 if masked else layer.task_rank)
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
     # The down-projection [A; gate row] (one row more with a gate): forward, weight grads, input grads; the
-    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU the two products whose
-    # output is that many columns wide (the down-projection's forward, the gradient into the rank space) run padded
-    # with zeros to a multiple of 8 (layer._rank_padding).
+    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU products run padded
+    # with zeros to a multiple of 8 columns (layer._rank_padding): the own-task path's two whose output is that
+    # many columns wide (the down-projection's forward, the gradient into the rank space); the masked path's
+    # rank space is the down-projection's padded width throughout, but for B's gradient, and its products with B
+    # read B's columns padded.
     gated = mode == "clorae"
     down = columns + gated
-    adapter = 2 * tokens * d_in * (down + (-down % 8) + 2 * down) + 2 * tokens * d_out * (3 * columns + (-columns % 8))
+    if masked:
+        adapter = 2 * tokens * d_in * 3 * (down + -down % 8) + 2 * tokens * d_out * (2 * (columns + -columns % 8) + columns)
+    else:
+        adapter = 2 * tokens * d_in * (down + (-down % 8) + 2 * down) + 2 * tokens * d_out * (3 * columns + (-columns % 8))
     # The routing statistics sum (g1, g2) per task (the gate's own work is elementwise, which is not counted).
     gate = 2 * tokens * 3 * 2 if gated else 0
     assert counter.get_total_flops() == base + adapter + gate

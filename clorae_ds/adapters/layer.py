@@ -15,8 +15,8 @@ the gate reads the adapter's input after dropout as the experts do (the same inp
 On either path every rank touches the same two tensors every step, and absent tasks' experts get exact zero
 gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). The low-rank work is written as
 autograd Functions with hand-written backwards: the delta is accumulated into the base output in place, and
-nothing is saved that autograd would not need. Products whose output is R (or K) wide pad the rank to a
-multiple of 8 on CPU (_rank_padding).
+nothing is saved that autograd would not need. On CPU rank-space widths are padded with zeros to a multiple of 8
+(_rank_padding): the own-task path's products whose output is K wide, the masked path's whole rank space.
 
 The MIM term is exact and computed in rank space from Gram matrices: O(T·K² + d_out·K²) matmul work per layer
 call, in a fixed number of kernels per group of layer calls on the masked path. Computing it elementwise from the
@@ -111,18 +111,13 @@ def _padded_cat(parts: list, dim: int) -> torch.Tensor:
     return torch.cat(parts + [_zeros_along(parts[0], dim, pad)] if pad else parts, dim)
 
 
-def _thin_mm(x: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int) -> torch.Tensor:
-    """x·weightᵀ (rank_dim 0: weight is (≥ R, d)) or x·weight (rank_dim 1: weight is (d, ≥ R)) on weight's first
-    R = rank rows or columns, a (tokens, R) result, computed with R padded (_rank_padding) and the pad sliced off.
-    Columns of weight past R serve as the pad where there are enough of them (whatever they hold: their outputs
-    are sliced off); zeros are added otherwise."""
-    width = rank + _rank_padding(rank, weight)
-    if weight.shape[rank_dim] >= width:
-        padded = weight.narrow(rank_dim, 0, width)
-    else:
-        padded = _padded_cat([weight.narrow(rank_dim, 0, rank)], rank_dim)
-    out = x @ (padded.t() if rank_dim == 0 else padded)
-    return out[:, :rank] if width > rank else out
+def _per_row(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (tokens, 1) column to multiply into a (tokens, width) tensor: on CPU in bf16 or fp16 expanded to a
+    contiguous copy first, as CPU kernels broadcast a reduced-precision column slowly (an addcmul of 576 × 31 in
+    bf16: 33 µs broadcasting, 5 µs to expand and 5 µs on equal shapes; in fp32 5 µs either way)."""
+    if like.device.type == "cpu" and like.dtype in (torch.float16, torch.bfloat16):
+        return column.expand_as(like).contiguous()
+    return column
 
 
 def _gate_row(gate: Optional[torch.Tensor]) -> list:
@@ -170,12 +165,16 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 class _MaskedDelta(torch.autograd.Function):
     """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; W_g[1] − W_g[0]]ᵀ (_gate_row) and
     coef = column_base + g2·column_slope (TaskRouting.column_coefficients: α/r·g1 on the universal columns, α/r·g2
-    on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([0, l]). Returns (y, gates, z, mim_packed):
-    gates (tokens, 2) each token's (g1, g2) for routing statistics (not differentiable); with MIM on
-    (mim_regressor given), z itself and mim_packed = [B | regressor] = [B | shift | scale | var] (d_out, R + 3),
-    a fresh copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of layers at once.
-    Their gradients come back into this node's backward and join the delta's there, so each parameter gets one
-    gradient per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
+    on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([0, l]). Every rank-space tensor is as wide
+    as the down-projection's output W (R expert columns, the gate's column, _rank_padding's zeros), coef 0 past R,
+    so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
+    contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
+    R + _rank_padding(R) ≤ W. Returns (y, gates, z, mim_packed): gates (tokens, 2) each token's (g1, g2) for
+    routing statistics (not differentiable); with MIM on (mim_regressor given), the down-projection's output
+    [z | l | pad] (tokens, W) and mim_packed = [B | regressor] = [B | shift | scale | var] (d_out, R + 3), a fresh
+    copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of layers at once. Their
+    gradients come back into this node's backward and join the delta's there, so each parameter gets one gradient
+    per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_base, column_slope, scaling,
@@ -186,27 +185,26 @@ class _MaskedDelta(torch.autograd.Function):
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
         R = expert_A.shape[0]
-        down = _padded_cat([expert_A] + _gate_row(gate), 0)  # [A | gate row | zero pad]
-        z_and_logit = xd @ down.t()
-        z = z_and_logit[:, :R]
+        down = _padded_cat([expert_A] + _gate_row(gate), 0)  # [A | gate row | zero pad], (W, d_in)
+        up = _padded_cat([expert_B], 1)  # [B | zero pad], (d_out, U), U ≤ W
+        U = up.shape[1]
+        z = xd @ down.t()  # [z | l | pad]
         gates = gate_slope = None
-        coef = column_base  # (tokens, R) or None (every column α/r)
+        coef = column_base  # (tokens, W) or None (every column α/r)
         if gate is not None:
-            gates, gate_slope = _task_gate(z_and_logit[:, R:R + 1])
-            coef = torch.addcmul(column_base, gates[:, 1:].to(x.dtype), column_slope)
-        zc = z * coef if coef is not None else z
-        base_out.addmm_(zc, expert_B.t(), alpha=1.0 if coef is not None else scaling)
+            gates, gate_slope = _task_gate(z[:, R:R + 1])
+            task_weight = gates[:, 1:].to(x.dtype)
+            coef = torch.addcmul(column_base, _per_row(task_weight, column_slope), column_slope)
+        zc = z * coef if coef is not None else z  # 0 past R: the gate's column and the pad
+        base_out.addmm_(zc[:, :U], up.t(), alpha=1.0 if coef is not None else scaling)
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
         mim_packed = None
         if mim_regressor is not None:  # cat promotes bf16 B to an fp32 regressor's dtype (autocast's masters)
             mim_packed = _at_least_fp32(torch.cat([expert_B, mim_regressor], 1))
-        ctx.scaling, ctx.dropout = scaling, dropout
+        ctx.scaling, ctx.dropout, ctx.rank = scaling, dropout, R
         ctx.mim_dtype = None if mim_regressor is None else mim_regressor.dtype
-        # The backward's product with B runs on mim_packed's columns where it has them: B and the regressor's
-        # columns as its pad (_thin_mm).
-        up = mim_packed if mim_packed is not None and mim_packed.dtype == expert_B.dtype else expert_B
         ctx.save_for_backward(x if keep is None else xd, keep, down, up, column_slope, gate_slope, coef, zc,
                               z if gates is not None else None)
         return base_out, gates, (z if mim_packed is not None else None), mim_packed
@@ -214,40 +212,41 @@ class _MaskedDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_packed):
         xd, keep, down, up, column_slope, gate_slope, coef, zc, z = ctx.saved_tensors
-        R = zc.shape[1]
+        R, (W, U) = ctx.rank, (down.shape[0], up.shape[1])
         if grad_y is None:
             grad_y = xd.new_zeros(xd.shape[0], up.shape[0])
-        grad_coefd = _thin_mm(grad_y, up, 1, R)  # d loss / d (z ⊙ coef), (tokens, R)
-        grad_B = (zc.t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
+        grad_coefd = grad_y @ up  # d loss / d (z ⊙ coef), (tokens, U)
+        grad_B = (zc[:, :R].t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
         if coef is None:
             grad_B.mul_(ctx.scaling)
-        # d loss / d [z | l], the down-projection's output without its pad, so that one product gives A's and the
-        # gate's gradients and one product x's
-        gated = gate_slope is not None
-        grad_down_out = grad_y.new_empty(grad_y.shape[0], R + 1) if gated else None
-        grad_z = grad_down_out[:, :R] if gated else None  # written in place, or fresh without a gate
+        # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
+        # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
+        grad_down_out = grad_y.new_empty(grad_y.shape[0], W)
+        grad_z = grad_down_out[:, :U]  # all of it but where R is a multiple of 8 and a gate adds a column
+        if U < W:
+            grad_down_out[:, U:].zero_()
         if grad_z_mim is None:
-            grad_z = torch.mul(grad_coefd, coef if coef is not None else ctx.scaling, out=grad_z)
+            torch.mul(grad_coefd, coef[:, :U] if coef is not None else ctx.scaling, out=grad_z)
         elif coef is not None:  # MIM's gradient joins in the same kernel
-            grad_z = torch.addcmul(grad_z_mim, grad_coefd, coef, out=grad_z)
+            torch.addcmul(grad_z_mim[:, :U], grad_coefd, coef[:, :U], out=grad_z)
         else:
-            grad_z = torch.add(grad_z_mim, grad_coefd, alpha=ctx.scaling, out=grad_z)
+            torch.add(grad_z_mim[:, :U], grad_coefd, alpha=ctx.scaling, out=grad_z)
         grad_regressor = None
         if grad_packed is not None:
             grad_B.add_(grad_packed[:, :R])
             grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
-        if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2, times dg2/dl
-            grad_prob = (grad_coefd * z).mul_(column_slope).sum(1, keepdim=True)
-            torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:])
-        else:
-            grad_down_out = grad_z
+        if gate_slope is not None:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2,
+            # times dg2/dl
+            grad_prob = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
+            torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:R + 1])
         grad_down = grad_down_out.t() @ xd
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_down_out @ down[:R + gated]
+            grad_x = grad_down_out @ down
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        grad_A, grad_gate = (grad_down[:R], _gate_grad(grad_down[R:])) if gated else (grad_down, None)
+        grad_A = grad_down[:R]
+        grad_gate = _gate_grad(grad_down[R:R + 1]) if gate_slope is not None else None
         return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 4
 
 
@@ -287,37 +286,41 @@ def mim_loss(terms: list) -> Optional[torch.Tensor]:
     return torch.stack(scalars).sum() if len(scalars) > 1 else scalars[0]
 
 
-def _regressed_experts(packed: torch.Tensor, universal_rank: int) -> torch.Tensor:
-    """M̃ = [B_U, scale⊙B_task, shift] (layers, d_out, R + 1) from packed [B | shift | scale | var]."""
+def _regressed_experts(packed: torch.Tensor, universal_rank: int, width: int) -> torch.Tensor:
+    """M̃ = [B_U, scale⊙B_task, 0, shift] (layers, d_out, width + 1) from packed [B | shift | scale | var]: the
+    columns of Z̃ = [−z_U | z_task | 0 | 1], zero past R (the down-projection's gate column and pad)."""
     R = packed.shape[-1] - 3
-    M = packed[..., :R + PACKED_SHIFT + 1].clone()
-    M[..., universal_rank:R].mul_(packed[..., R + PACKED_SCALE, None])
+    M = packed.new_zeros(*packed.shape[:-1], width + 1)
+    torch.mul(packed[..., universal_rank:R], packed[..., R + PACKED_SCALE, None], out=M[..., universal_rank:R])
+    M[..., :universal_rank] = packed[..., :universal_rank]
+    M[..., width] = packed[..., R + PACKED_SHIFT]
     return M
 
 
 class _GroupMIMLoss(torch.autograd.Function):
     """Σ over a group of L masked-path layer calls (same routing, same shapes) of each call's MIM term (method.md
     §2): the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²], mu(D) = scale⊙D + shift,
-    σ² = softplus(var) + eps, exact, without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 1] (z through
-    the signs of TaskRouting.mim_signs: each token's own task columns only, all zero on padding) and
-    M̃ = [B_U, scale⊙B_task, shift], a real token's residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is
-    (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃: an (R+1)-square Gram over the tokens and M̃·C (d_out × (R+1)) per layer, which the
-    backward reuses for B, the regressor and the variance. The backward's M̃ᵀWM̃ is built only on the columns z's
-    gradient reaches — the task experts' when the teacher is detached. Batched over the group's layers (bmm),
-    computed in fp32 at least: the expansion cancels terms. Inputs: signs, real_tokens, r, detach_teacher, then
-    the L z's and the L packed [B | shift | scale | var] (_MaskedDelta's outputs, so the gradients go back
-    through that node)."""
+    σ² = softplus(var) + eps, exact, without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 0 | 1] (the
+    down-projection's output z, W wide, through the signs of TaskRouting.mim_signs: each token's own task columns
+    only, none past R, all zero on padding) and M̃ = [B_U, scale⊙B_task, 0, shift], a real token's residual is
+    v = M̃·Z̃_t, so channel c's Σ_t v_c² is (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃: a (W+1)-square Gram over the tokens and
+    M̃·C (d_out × (W+1)) per layer, which the backward reuses for B, the regressor and the variance. The
+    backward's M̃ᵀWM̃ is built only on the columns z's gradient reaches — the task experts' when the teacher is
+    detached. Batched over the group's layers (bmm), computed in fp32 at least: the expansion cancels terms.
+    Inputs: signs, real_tokens, r, detach_teacher, then the L z's and the L packed [B | shift | scale | var]
+    (_MaskedDelta's outputs, so the gradients go back through that node)."""
 
     @staticmethod
     def forward(ctx, signs, real_tokens, universal_rank, detach_teacher, *tensors):
         count = len(tensors) // 2
-        z = torch.stack(tensors[:count])  # (L, T, R)
+        z = torch.stack(tensors[:count])  # (L, T, W)
         packed = _at_least_fp32(torch.stack(tensors[count:]))  # (L, d_out, R + 3)
-        R, r = z.shape[2], universal_rank
-        Z = z.new_empty(count, z.shape[1], R + 1, dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 1] ⊙ real
-        torch.mul(z, signs[:, :R], out=Z[..., :R])
-        Z[..., R] = signs[:, R]
-        M = _regressed_experts(packed, r)
+        W, r = z.shape[2], universal_rank
+        Z = z.new_empty(count, z.shape[1], W + 1, dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 0, 1] ⊙ real
+        torch.mul(z, signs[:, :W], out=Z[..., :W])
+        Z[..., W] = signs[:, W]
+        M = _regressed_experts(packed, r, W)
+        R = packed.shape[2] - 3
         variance = F.softplus(packed[..., R + PACKED_VAR]) + MIM_EPS  # (L, d_out)
         MC = M @ (Z.transpose(1, 2) @ Z)
         residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
@@ -332,21 +335,22 @@ class _GroupMIMLoss(torch.autograd.Function):
     def backward(ctx, grad_mim):
         signs, tokens, packed, Z, MC, residual_sq, variance = ctx.saved_tensors
         r, (z_dtype, packed_dtype) = ctx.r, ctx.dtypes
-        M = _regressed_experts(packed, r)
-        R, d_out = Z.shape[2] - 1, M.shape[1]
+        W, R = Z.shape[2] - 1, packed.shape[2] - 3
+        M = _regressed_experts(packed, r, W)
+        d_out = M.shape[1]
         grad_mim = _at_least_fp32(grad_mim)
         weight = (grad_mim / (tokens * d_out * variance))[..., None]  # d mim / d M̃ = weight ⊙ M̃C, per channel
         # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
-        # expert's unless the teacher is detached), then to z through the signs.
+        # expert's unless the teacher is detached), then to z through the signs (zero past R).
         first = r if ctx.detach_teacher else 0
-        grad_z = Z.new_empty(Z.shape[0], Z.shape[1], R)
+        grad_z = Z.new_empty(Z.shape[0], Z.shape[1], W)
         grad_z[..., :first].zero_()
-        torch.mul(Z @ (M.transpose(1, 2) @ (M[..., first:R] * weight)), signs[:, first:R], out=grad_z[..., first:])
+        torch.mul(Z @ (M.transpose(1, 2) @ (M[..., first:W] * weight)), signs[:, first:W], out=grad_z[..., first:])
         grad_packed = torch.zeros_like(packed)
         grad_packed[..., r:R] = MC[..., r:R] * (weight * packed[..., R + PACKED_SCALE, None])
         if not ctx.detach_teacher:
             grad_packed[..., :r] = MC[..., :r] * weight
-        grad_packed[..., R + PACKED_SHIFT] = MC[..., R] * weight[..., 0]
+        grad_packed[..., R + PACKED_SHIFT] = MC[..., W] * weight[..., 0]
         grad_packed[..., R + PACKED_SCALE] = (MC[..., r:R] * packed[..., r:R]).sum(2) * weight[..., 0]
         grad_packed[..., R + PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance,
                                                          torch.sigmoid(packed[..., R + PACKED_VAR]), tokens)
@@ -662,8 +666,8 @@ class CLoRAELinear(nn.Module):
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:
                 column_base, column_slope = routing.column_coefficients(
-                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.gate is not None, x.device,
-                    x.dtype)
+                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.gate is not None,
+                    self._masked_width(x), x.device, x.dtype)
             if self.gate is not None and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
@@ -681,11 +685,16 @@ class CLoRAELinear(nn.Module):
                 self.mim_regressor if mim else None, column_base, column_slope, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
-                    z, mim_packed, routing.mim_signs(*shape, self.universal_rank, self.task_rank, x.device),
+                    z, mim_packed, routing.mim_signs(*shape, self.universal_rank, self.task_rank, self._masked_width(x), x.device),
                     routing.real_token_count(*shape, x.device), self.universal_rank, self.config.mim_detach_teacher))
         if one_hot is not None:  # addmm_: no Module.__setattr__
             self.gate_stats.addmm_(one_hot.t(), gates.to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _masked_width(self, x: torch.Tensor) -> int:
+        """W, the masked path's down-projection output width: the expert columns, the gate's, _rank_padding's."""
+        columns = self.universal_rank + self.config.num_tasks * self.task_rank + (self.gate is not None)
+        return columns + _rank_padding(columns, x)
 
     def pop_mim_terms(self) -> list:
         terms, self._mim_terms = self._mim_terms, []

@@ -75,13 +75,17 @@ class TaskRouting:
         return self._cache[key]
 
     def column_coefficients(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int,
-                            scaling: float, gated: bool, device, dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(base, slope), each (tokens, r + N·r_t), such that the masked path's per-token column weights are
+                            scaling: float, gated: bool, width: int, device,
+                            dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(base, slope), each (tokens, width), such that the masked path's per-token column weights are
         base + g2·slope: α/r·g1 = α/r·(1 − g2) on the universal columns, α/r·g2 on the token's own task columns,
-        0 on every other task's columns. Without a gate, (α/r on the token's columns, None)."""
-        key = ("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gated, str(device), dtype)
+        0 on every other task's columns and on the columns past r + N·r_t (the layer's gate column and pad).
+        Without a gate, (α/r on the token's columns, None)."""
+        key = ("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gated, width, str(device),
+               dtype)
         if key not in self._cache:
             mask = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
             if gated:
                 universal = torch.arange(mask.shape[1], device=device) < universal_rank
                 base = mask * (universal * scaling)
@@ -101,14 +105,16 @@ class TaskRouting:
             self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
         return self._cache[key]
 
-    def mim_signs(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device) -> torch.Tensor:
-        """(tokens, r + N·r_t + 1) fp32 signs of the masked path's MIM, all zero on padding rows: −1 on the
-        universal columns (the residual is mu(D) − U), 1 on the token's own task columns and on the last, constant
-        column, 0 on the other tasks' columns."""
-        key = ("mim_signs", batch, tokens_per_sample, universal_rank, task_rank, str(device))
+    def mim_signs(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, width: int,
+                  device) -> torch.Tensor:
+        """(tokens, width + 1) fp32 signs of the masked path's MIM, all zero on padding rows: −1 on the universal
+        columns (the residual is mu(D) − U), 1 on the token's own task columns and on the last, constant column,
+        0 on the other tasks' columns and on the columns past r + N·r_t (the layer's gate column and pad)."""
+        key = ("mim_signs", batch, tokens_per_sample, universal_rank, task_rank, width, str(device))
         if key not in self._cache:
             columns = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
             signs = torch.cat([-columns[:, :universal_rank], columns[:, universal_rank:],
+                               columns.new_zeros(len(columns), width - columns.shape[1]),
                                columns.new_ones(len(columns), 1)], 1)
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
             self._cache[key] = signs if real is None else signs * real
