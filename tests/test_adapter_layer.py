@@ -73,7 +73,11 @@ RANKS = {"R12": {"rank": 6}, "R8": {"rank": 2, "task_rank": 2}}
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
 @pytest.mark.parametrize("ranks", RANKS)
-def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks):
+@pytest.mark.parametrize("padding", ["cpu", "none"])
+def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, padding, monkeypatch):
+    """padding none: the rank-space widths a GPU runs (no zero columns), exercised here on the CPU."""
+    if padding == "none":
+        monkeypatch.setattr(layer_module, "_rank_padding", lambda width, tensor: 0)
     order, path = PATHS[case]
     layer = make_layer(mode, mim_detach_teacher=False, expert_path=path, **RANKS[ranks]).train()
     task_ids = torch.tensor(ORDERS[order])

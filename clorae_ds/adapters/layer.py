@@ -221,10 +221,11 @@ class _MaskedDelta(torch.autograd.Function):
             grad_B.mul_(ctx.scaling)
         # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
         # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
+        gated = gate_slope is not None
         grad_down_out = grad_y.new_empty(grad_y.shape[0], W)
-        grad_z = grad_down_out[:, :U]  # all of it but where R is a multiple of 8 and a gate adds a column
-        if U < W:
-            grad_down_out[:, U:].zero_()
+        grad_z = grad_down_out[:, :U]  # all of it on CPU but where R is a multiple of 8 and a gate adds a column
+        if max(U, R + gated) < W:  # pad columns the products with B do not reach
+            grad_down_out[:, max(U, R + gated):].zero_()
         if grad_z_mim is None:
             torch.mul(grad_coefd, coef[:, :U] if coef is not None else ctx.scaling, out=grad_z)
         elif coef is not None:  # MIM's gradient joins in the same kernel
@@ -235,8 +236,7 @@ class _MaskedDelta(torch.autograd.Function):
         if grad_packed is not None:
             grad_B.add_(grad_packed[:, :R])
             grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
-        if gate_slope is not None:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2,
-            # times dg2/dl
+        if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2, times dg2/dl
             grad_prob = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
             torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:R + 1])
         grad_down = grad_down_out.t() @ xd
@@ -246,7 +246,7 @@ class _MaskedDelta(torch.autograd.Function):
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_A = grad_down[:R]
-        grad_gate = _gate_grad(grad_down[R:R + 1]) if gate_slope is not None else None
+        grad_gate = _gate_grad(grad_down[R:R + 1]) if gated else None
         return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 4
 
 
