@@ -465,12 +465,12 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU products run padded
     # with zeros to a multiple of 8 columns (layer._rank_padding): the own-task path's two whose output is that
     # many columns wide (the down-projection's forward, the gradient into the rank space); the masked path's
-    # rank space is the down-projection's padded width throughout, but for B's gradient, and its products with B
-    # read B's columns padded.
+    # rank space is the down-projection's padded width throughout, and its products with B (B's gradient
+    # included) read B's columns padded.
     gated = mode == "clorae"
     down = columns + gated
     if masked:
-        adapter = 2 * tokens * d_in * 3 * (down + -down % 8) + 2 * tokens * d_out * (2 * (columns + -columns % 8) + columns)
+        adapter = 2 * tokens * d_in * 3 * (down + -down % 8) + 2 * tokens * d_out * 3 * (columns + -columns % 8)
     else:
         adapter = 2 * tokens * d_in * (down + (-down % 8) + 2 * down) + 2 * tokens * d_out * (3 * columns + (-columns % 8))
     # The routing statistics sum (g1, g2) per task (the gate's own work is elementwise, which is not counted).

@@ -42,8 +42,7 @@ from .routing import RoutingError, TaskRouting
 
 MIM_EPS = 1e-5
 MIM_INITIAL_VARIANCE = 5.0
-# The columns of a layer's mim_regressor (d_out, 3), and of the masked path's packed MIM inputs [B | regressor]
-# (d_out, R + 3) counted from R.
+# The columns of a layer's mim_regressor (d_out, 3).
 PACKED_SHIFT, PACKED_SCALE, PACKED_VAR = 0, 1, 2
 
 
@@ -169,12 +168,13 @@ class _MaskedDelta(torch.autograd.Function):
     as the down-projection's output W (R expert columns, the gate's column, _rank_padding's zeros), coef 0 past R,
     so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
     contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
-    R + _rank_padding(R) ≤ W. Returns (y, gates, z, mim_packed): gates (tokens, 2) each token's (g1, g2) for
-    routing statistics (not differentiable); with MIM on (mim_regressor given), the down-projection's output
-    [z | l | pad] (tokens, W) and mim_packed = [B | regressor] = [B | shift | scale | var] (d_out, R + 3), a fresh
-    copy of what this layer's MIM term needs, which _GroupMIMLoss reads for a group of layers at once. Their
-    gradients come back into this node's backward and join the delta's there, so each parameter gets one gradient
-    per step (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
+    U = R + _rank_padding(R) ≤ W. Returns (y, gates, z, mim_B, mim_regressor): gates (tokens, 2) each token's
+    (g1, g2) for routing statistics (not differentiable); with MIM on (mim_regressor given), what this layer's MIM
+    term needs, which _GroupMIMLoss reads for a group of layers at once: the down-projection's output
+    [z | l | pad] (tokens, W), B with its zero pad (d_out, U) and the regressor [shift | scale | var] (d_out, 3),
+    fresh tensors, never the parameters (ZeRO-3 releases those after the layer's forward). Their gradients come
+    back into this node's backward and join the delta's there, so each parameter gets one gradient per step
+    (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_base, column_slope, scaling,
@@ -200,25 +200,29 @@ class _MaskedDelta(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
-        mim_packed = None
-        if mim_regressor is not None:  # cat promotes bf16 B to an fp32 regressor's dtype (autocast's masters)
-            mim_packed = _at_least_fp32(torch.cat([expert_B, mim_regressor], 1))
+        mim = None, None, None
+        if mim_regressor is not None:
+            mim = z, (up if up is not expert_B else up.clone()), mim_regressor.clone()
         ctx.scaling, ctx.dropout, ctx.rank = scaling, dropout, R
-        ctx.mim_dtype = None if mim_regressor is None else mim_regressor.dtype
         ctx.save_for_backward(x if keep is None else xd, keep, down, up, column_slope, gate_slope, coef, zc,
                               z if gates is not None else None)
-        return base_out, gates, (z if mim_packed is not None else None), mim_packed
+        return (base_out, gates) + mim
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_packed):
+    def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_mim_B, grad_regressor):
         xd, keep, down, up, column_slope, gate_slope, coef, zc, z = ctx.saved_tensors
         R, (W, U) = ctx.rank, (down.shape[0], up.shape[1])
         if grad_y is None:
             grad_y = xd.new_zeros(xd.shape[0], up.shape[0])
         grad_coefd = grad_y @ up  # d loss / d (z ⊙ coef), (tokens, U)
-        grad_B = (zc[:, :R].t() @ grad_y).t()  # zᵀ·grad then transpose: faster than gradᵀ·z on CPU BLAS
+        # B's gradient U wide, sliced to R after MIM's joins it: products whose output is U wide run faster on CPU
+        # BLAS than 31 wide, and the sum of contiguous rows faster than a strided one (in bf16 41 µs against 10)
+        grad_B = grad_y.t() @ zc[:, :U]
         if coef is None:
             grad_B.mul_(ctx.scaling)
+        if grad_mim_B is not None:
+            grad_B.add_(grad_mim_B)
+        grad_B = grad_B[:, :R]
         # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
         # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
         gated = gate_slope is not None
@@ -232,10 +236,6 @@ class _MaskedDelta(torch.autograd.Function):
             torch.addcmul(grad_z_mim[:, :U], grad_coefd, coef[:, :U], out=grad_z)
         else:
             torch.add(grad_z_mim[:, :U], grad_coefd, alpha=ctx.scaling, out=grad_z)
-        grad_regressor = None
-        if grad_packed is not None:
-            grad_B.add_(grad_packed[:, :R])
-            grad_regressor = grad_packed[:, R:].to(ctx.mim_dtype)
         if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2, times dg2/dl
             grad_prob = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
             torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:R + 1])
@@ -251,19 +251,21 @@ class _MaskedDelta(torch.autograd.Function):
 
 
 class MaskedMIMInputs(NamedTuple):
-    """What a masked-path layer call leaves for its MIM term (_MaskedDelta's z and mim_packed, the routing's
+    """What a masked-path layer call leaves for its MIM term (_MaskedDelta's z, B and regressor, the routing's
     signs and real-token count); mim_loss() computes it together with the other calls of the same shapes."""
     z: torch.Tensor
-    packed: torch.Tensor
+    expert_B: torch.Tensor
+    regressor: torch.Tensor
     signs: torch.Tensor
     real_tokens: torch.Tensor
     universal_rank: int
+    rank: int  # R, B's expert columns (before its pad)
     detach_teacher: bool
 
     def group_key(self) -> tuple:
         # The routing caches one signs tensor (and one real-token count) per input shape: same signs, same rows.
-        return (id(self.signs), self.z.shape, self.z.dtype, self.packed.shape, self.universal_rank,
-                self.detach_teacher)
+        return (id(self.signs), self.z.shape, self.z.dtype, self.expert_B.shape, self.expert_B.dtype,
+                self.regressor.dtype, self.universal_rank, self.rank, self.detach_teacher)
 
 
 def mim_loss(terms: list) -> Optional[torch.Tensor]:
@@ -279,21 +281,23 @@ def mim_loss(terms: list) -> Optional[torch.Tensor]:
             groups.setdefault(term.group_key(), []).append(term)
     for group in groups.values():
         first = group[0]
-        scalars.append(_GroupMIMLoss.apply(first.signs, first.real_tokens, first.universal_rank, first.detach_teacher,
-                                           *(t.z for t in group), *(t.packed for t in group)))
+        scalars.append(_GroupMIMLoss.apply(first.signs, first.real_tokens, first.universal_rank, first.rank,
+                                           first.detach_teacher, *(t.z for t in group),
+                                           *(t.expert_B for t in group), *(t.regressor for t in group)))
     if not scalars:
         return None
     return torch.stack(scalars).sum() if len(scalars) > 1 else scalars[0]
 
 
-def _regressed_experts(packed: torch.Tensor, universal_rank: int, width: int) -> torch.Tensor:
-    """M̃ = [B_U, scale⊙B_task, 0, shift] (layers, d_out, width + 1) from packed [B | shift | scale | var]: the
-    columns of Z̃ = [−z_U | z_task | 0 | 1], zero past R (the down-projection's gate column and pad)."""
-    R = packed.shape[-1] - 3
-    M = packed.new_zeros(*packed.shape[:-1], width + 1)
-    torch.mul(packed[..., universal_rank:R], packed[..., R + PACKED_SCALE, None], out=M[..., universal_rank:R])
-    M[..., :universal_rank] = packed[..., :universal_rank]
-    M[..., width] = packed[..., R + PACKED_SHIFT]
+def _regressed_experts(expert_B: torch.Tensor, regressor: torch.Tensor, universal_rank: int, rank: int,
+                       width: int) -> torch.Tensor:
+    """M̃ = [B_U, scale⊙B_task, 0, shift] (layers, d_out, width + 1) from B (layers, d_out, ≥ rank: its zero pad
+    included) and the regressor [shift | scale | var]: the columns of Z̃ = [−z_U | z_task | 0 | 1], zero past R
+    (the down-projection's gate column and pad)."""
+    M = expert_B.new_zeros(*expert_B.shape[:-1], width + 1)
+    M[..., :universal_rank] = expert_B[..., :universal_rank]
+    torch.mul(expert_B[..., universal_rank:rank], regressor[..., PACKED_SCALE, None], out=M[..., universal_rank:rank])
+    M[..., width] = regressor[..., PACKED_SHIFT]
     return M
 
 
@@ -307,37 +311,35 @@ class _GroupMIMLoss(torch.autograd.Function):
     M̃·C (d_out × (W+1)) per layer, which the backward reuses for B, the regressor and the variance. The
     backward's M̃ᵀWM̃ is built only on the columns z's gradient reaches — the task experts' when the teacher is
     detached. Batched over the group's layers (bmm), computed in fp32 at least: the expansion cancels terms.
-    Inputs: signs, real_tokens, r, detach_teacher, then the L z's and the L packed [B | shift | scale | var]
+    Inputs: signs, real_tokens, r, R, detach_teacher, then the L z's, the L B's and the L regressors
     (_MaskedDelta's outputs, so the gradients go back through that node)."""
 
     @staticmethod
-    def forward(ctx, signs, real_tokens, universal_rank, detach_teacher, *tensors):
-        count = len(tensors) // 2
+    def forward(ctx, signs, real_tokens, universal_rank, rank, detach_teacher, *tensors):
+        count = len(tensors) // 3
         z = torch.stack(tensors[:count])  # (L, T, W)
-        packed = _at_least_fp32(torch.stack(tensors[count:]))  # (L, d_out, R + 3)
+        B = _at_least_fp32(torch.stack(tensors[count:2 * count]))  # (L, d_out, U)
+        regressor = _at_least_fp32(torch.stack(tensors[2 * count:]))  # (L, d_out, 3)
         W, r = z.shape[2], universal_rank
         Z = z.new_empty(count, z.shape[1], W + 1, dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 0, 1] ⊙ real
         torch.mul(z, signs[:, :W], out=Z[..., :W])
         Z[..., W] = signs[:, W]
-        M = _regressed_experts(packed, r, W)
-        R = packed.shape[2] - 3
-        variance = F.softplus(packed[..., R + PACKED_VAR]) + MIM_EPS  # (L, d_out)
+        M = _regressed_experts(B, regressor, r, rank, W)
+        variance = F.softplus(regressor[..., PACKED_VAR]) + MIM_EPS  # (L, d_out)
         MC = M @ (Z.transpose(1, 2) @ Z)
         residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
-        ctx.save_for_backward(signs, real_tokens, packed, Z, MC, residual_sq, variance)  # M̃ rebuilt from packed
-        ctx.r, ctx.detach_teacher = r, detach_teacher
-        ctx.dtypes = (tensors[0].dtype, tensors[count].dtype)
+        ctx.save_for_backward(signs, real_tokens, B, regressor, M, Z, MC, residual_sq, variance)
+        ctx.r, ctx.rank, ctx.detach_teacher = r, rank, detach_teacher
+        ctx.dtypes = tuple(tensors[i * count].dtype for i in range(3))
         # fp32 at least, whatever z's dtype: summed over a model's layers MIM is some 57 (mostly ½·log σ²), where a
         # bf16 value moves in steps of 0.25 and its logged trend is lost
         return _vid_value(residual_sq, variance, real_tokens)
 
     @staticmethod
     def backward(ctx, grad_mim):
-        signs, tokens, packed, Z, MC, residual_sq, variance = ctx.saved_tensors
-        r, (z_dtype, packed_dtype) = ctx.r, ctx.dtypes
-        W, R = Z.shape[2] - 1, packed.shape[2] - 3
-        M = _regressed_experts(packed, r, W)
-        d_out = M.shape[1]
+        signs, tokens, B, regressor, M, Z, MC, residual_sq, variance = ctx.saved_tensors
+        r, R, (z_dtype, B_dtype, regressor_dtype) = ctx.r, ctx.rank, ctx.dtypes
+        W, d_out = Z.shape[2] - 1, M.shape[1]
         grad_mim = _at_least_fp32(grad_mim)
         weight = (grad_mim / (tokens * d_out * variance))[..., None]  # d mim / d M̃ = weight ⊙ M̃C, per channel
         # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), needed only on the columns z reaches: the task experts' (and the universal
@@ -346,15 +348,17 @@ class _GroupMIMLoss(torch.autograd.Function):
         grad_z = Z.new_empty(Z.shape[0], Z.shape[1], W)
         grad_z[..., :first].zero_()
         torch.mul(Z @ (M.transpose(1, 2) @ (M[..., first:W] * weight)), signs[:, first:W], out=grad_z[..., first:])
-        grad_packed = torch.zeros_like(packed)
-        grad_packed[..., r:R] = MC[..., r:R] * (weight * packed[..., R + PACKED_SCALE, None])
+        grad_B = torch.zeros_like(B)  # its pad's gradient stays 0
+        grad_B[..., r:R] = MC[..., r:R] * (weight * regressor[..., PACKED_SCALE, None])
         if not ctx.detach_teacher:
-            grad_packed[..., :r] = MC[..., :r] * weight
-        grad_packed[..., R + PACKED_SHIFT] = MC[..., W] * weight[..., 0]
-        grad_packed[..., R + PACKED_SCALE] = (MC[..., r:R] * packed[..., r:R]).sum(2) * weight[..., 0]
-        grad_packed[..., R + PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance,
-                                                         torch.sigmoid(packed[..., R + PACKED_VAR]), tokens)
-        return (None,) * 4 + grad_z.to(z_dtype).unbind(0) + grad_packed.to(packed_dtype).unbind(0)
+            grad_B[..., :r] = MC[..., :r] * weight
+        grad_regressor = torch.empty_like(regressor)
+        grad_regressor[..., PACKED_SHIFT] = MC[..., W] * weight[..., 0]
+        grad_regressor[..., PACKED_SCALE] = (MC[..., r:R] * B[..., r:R]).sum(2) * weight[..., 0]
+        grad_regressor[..., PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance,
+                                                        torch.sigmoid(regressor[..., PACKED_VAR]), tokens)
+        return ((None,) * 5 + grad_z.to(z_dtype).unbind(0) + grad_B.to(B_dtype).unbind(0)
+                + grad_regressor.to(regressor_dtype).unbind(0))
 
 
 class _OwnTaskDelta(torch.autograd.Function):
@@ -680,13 +684,15 @@ class CLoRAELinear(nn.Module):
                     z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_regressor, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
-            y, gates, z, mim_packed = _MaskedDelta.apply(
+            y, gates, z, mim_B, mim_regressor = _MaskedDelta.apply(
                 base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
                 self.mim_regressor if mim else None, column_base, column_slope, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
-                    z, mim_packed, routing.mim_signs(*shape, self.universal_rank, self.task_rank, self._masked_width(x), x.device),
-                    routing.real_token_count(*shape, x.device), self.universal_rank, self.config.mim_detach_teacher))
+                    z, mim_B, mim_regressor,
+                    routing.mim_signs(*shape, self.universal_rank, self.task_rank, self._masked_width(x), x.device),
+                    routing.real_token_count(*shape, x.device), self.universal_rank, params["expert_A"].shape[0],
+                    self.config.mim_detach_teacher))
         if one_hot is not None:  # addmm_: no Module.__setattr__
             self.gate_stats.addmm_(one_hot.t(), gates.to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
