@@ -96,8 +96,10 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "rank space: the token Gram C = Z̃ᵀZ̃ and M̃·C (d_out × (R + 1), every channel's residual), on the "
               "masked path for all the layer calls of one routing and shape at once (batched, at collection), by blocks per "
               "layer call on the own-task path; the backward builds "
-              "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU the products whose output is R or K "
-              "wide run padded to a multiple of 8 (MKL runs odd widths up to 2x slower). On a GPU the small shape "
+              "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU rank-space widths run padded with zeros "
+              "to a multiple of 8: MKL runs odd widths up to 2x slower, and the masked pass keeps its whole rank space "
+              "that wide, so that its elementwise work reads whole rows (a strided bf16 operand runs 4-8x slower on "
+              "CPU). On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
               "counts kernels."]
     if "universal_only" in arms:
