@@ -583,7 +583,7 @@ class CLoRAELinear(nn.Module):
         n, d_in, d_out = config.num_tasks, base.in_features, base.out_features
         self.universal_rank = config.rank if config.uses_universal else 0
         self.task_rank = config.expert_task_rank if config.uses_task_experts else 0
-        columns = self.universal_rank + n * self.task_rank
+        self.expert_columns = columns = self.universal_rank + n * self.task_rank  # R
         # LoRA init: A kaiming-uniform (as nn.Linear, fan-in d_in for every expert), B zero, so the adapted
         # model starts equal to the base model.
         self.expert_A = nn.Parameter(torch.empty(columns, d_in, **factory))
@@ -653,7 +653,7 @@ class CLoRAELinear(nn.Module):
             base_out = self.base(x2)
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
-        column_base = column_slope = one_hot = segments = None
+        column_base = column_slope = width = one_hot = segments = None
         if self.task_rank:
             if task_ids is not None:
                 routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
@@ -669,9 +669,10 @@ class CLoRAELinear(nn.Module):
             if path == "own_task":
                 segments = routing.segments(*shape, self.universal_rank, self.task_rank)
             if segments is None:
+                width = self._masked_width(x)
                 column_base, column_slope = routing.column_coefficients(
-                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.gate is not None,
-                    self._masked_width(x), x.device, x.dtype)
+                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.gate is not None, width,
+                    x.device, x.dtype)
             if self.gate is not None and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
@@ -690,8 +691,8 @@ class CLoRAELinear(nn.Module):
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
                     z, mim_B, mim_regressor,
-                    routing.mim_signs(*shape, self.universal_rank, self.task_rank, self._masked_width(x), x.device),
-                    routing.real_token_count(*shape, x.device), self.universal_rank, params["expert_A"].shape[0],
+                    routing.mim_signs(*shape, self.universal_rank, self.task_rank, width, x.device),
+                    routing.real_token_count(*shape, x.device), self.universal_rank, self.expert_columns,
                     self.config.mim_detach_teacher))
         if one_hot is not None:  # addmm_: no Module.__setattr__
             self.gate_stats.addmm_(one_hot.t(), gates.to(one_hot.dtype))
@@ -699,7 +700,7 @@ class CLoRAELinear(nn.Module):
 
     def _masked_width(self, x: torch.Tensor) -> int:
         """W, the masked path's down-projection output width: the expert columns, the gate's, _rank_padding's."""
-        columns = self.universal_rank + self.config.num_tasks * self.task_rank + (self.gate is not None)
+        columns = self.expert_columns + (self.gate is not None)
         return columns + _rank_padding(columns, x)
 
     def pop_mim_terms(self) -> list:
