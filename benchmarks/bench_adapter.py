@@ -31,7 +31,7 @@ class LoopCLoRAELinear(nn.Module):
 
     def __init__(self, layer: CLoRAELinear):
         super().__init__()
-        self.layer, self.base, self.config, self.gate = layer, layer.base, layer.config, layer.gate
+        self.layer, self.base, self.config = layer, layer.base, layer.config
         self.dropout = nn.Dropout(layer.config.dropout)
         self.task_ids = None
         self.weight = layer.base.weight
@@ -39,7 +39,7 @@ class LoopCLoRAELinear(nn.Module):
     def forward(self, x):
         w = self.layer.split_experts(self.layer.expert_A, self.layer.expert_B)
         xd = self.dropout(x)
-        gates = torch.softmax(x @ self.gate.t(), dim=-1)
+        gates = torch.softmax(x @ torch.stack([-w["gate_row"], w["gate_row"]]).t(), dim=-1)  # W_g = [−p; p]
         universal = xd @ w["universal_A"].t() @ w["universal_B"].t()
         task = torch.zeros_like(universal)
         for n in range(self.config.num_tasks):

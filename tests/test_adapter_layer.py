@@ -258,8 +258,10 @@ def test_where_mim_gradient_reaches_with_a_detached_teacher():
     apply_clorae(model, CLoRAEConfig(rank=6, alpha=12, dropout=0.0, target_modules=["0", "1"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "expert_B" in name or "gate" in name:
+            if "expert_B" in name:
                 param.normal_()
+            elif "expert_A" in name:  # the gate row
+                param[-1].normal_()
     with task_routing(model.train(), torch.tensor([0, 1, 2])):
         model(torch.randn(3, 2, 6, dtype=torch.float64))
         model[0].pop_mim_terms()  # keep only the second layer's MIM term
@@ -375,7 +377,7 @@ def test_every_parameter_gets_a_gradient_whatever_the_tasks(path):
 
 def test_routing_stats_track_gate_weight_per_task():
     layer = make_layer("clorae")
-    nn.init.zeros_(layer.gate)
+    nn.init.zeros_(layer.expert_A[-1])
     layer.eval()(torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 0, 2]))
     model = nn.Sequential(layer)
     stats = routing_stats(model)["0"]
@@ -391,13 +393,46 @@ def test_routing_stats_track_gate_weight_per_task():
     assert routing_stats(model)["0"][1].item() == pytest.approx(0.5)
 
 
+def test_gate_row_trains_as_the_two_row_gate_under_adam():
+    """The gate stored as p (W_g = [−p; p]) trains under AdamW exactly as the paper's two-row W_g from its zero
+    init: eq. 8 by hand with a separate (2, d_in) W_g, both trained five steps on the same batches."""
+    layer = make_layer("clorae", dropout=0.0).train()
+    with torch.no_grad():
+        layer.expert_A[-1].zero_()  # the zero init, from which W_g's rows stay opposite
+    reference = {k: v.clone().requires_grad_() for k, v in layer.expert_weights().items()}
+    assert torch.count_nonzero(reference["gate"]) == 0
+    ours = torch.optim.AdamW([layer.expert_A, layer.expert_B], lr=0.05, eps=1e-12, weight_decay=0.1)
+    theirs = torch.optim.AdamW(list(reference.values()), lr=0.05, eps=1e-12, weight_decay=0.1)
+    r, R = layer.universal_rank, layer.expert_columns
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 4, 6, dtype=torch.float64, generator=generator)
+        task_ids, target = torch.tensor([0, 2, 1]), torch.randn(3, 4, 5, dtype=torch.float64, generator=generator)
+        (layer(x, task_ids) - target).square().sum().backward()
+        universal = x @ reference["universal_A"].T @ reference["universal_B"].T
+        task = torch.einsum("bsi,bri,bor->bso", x, reference["task_A"][task_ids], reference["task_B"][task_ids])
+        g = torch.softmax(x @ reference["gate"].T, dim=-1)
+        by_hand = F.linear(x, layer.base.weight, layer.base.bias) + layer.config.scaling * (
+            g[..., :1] * universal + g[..., 1:] * task)
+        (by_hand - target).square().sum().backward()
+        for optimizer in (ours, theirs):
+            optimizer.step()
+            optimizer.zero_grad()
+    trained = layer.expert_weights()
+    assert torch.count_nonzero(trained["gate"]) > 0
+    for name, weight in reference.items():
+        torch.testing.assert_close(trained[name], weight.detach(), msg=name)
+    assert torch.equal(layer.expert_A[r:R].detach().view_as(trained["task_A"]), trained["task_A"])
+
+
 def test_trainable_parameter_count_matches_formula():
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(20, 12))
     apply_clorae(model, CLoRAEConfig(rank=8, tasks=["a", "b", "c"], target_modules=["proj"]))
     report = parameter_report(model)
     r, r_t, n, d_in, d_out = 8, 2, 3, 20, 12
-    assert report["expert_params"] == (r + n * r_t) * (d_in + d_out) + 2 * d_in == report["expert_params_formula"]
+    # method.md §1's (r + N·r_t)(d_in + d_out) + 2·d_in, the gate's two opposite rows stored as one
+    assert report["expert_params"] == (r + n * r_t) * (d_in + d_out) + d_in == report["expert_params_formula"]
     assert report["mim_params"] == 3 * d_out
     assert report["trainable_params"] == report["expert_params"] + report["mim_params"]
 
@@ -459,7 +494,7 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     with report_cost.flop_counter() as counter:
         layer(x, torch.tensor(task_ids)).square().sum().backward()
     masked = mode == "universal_only" or task_ids != sorted(task_ids)
-    columns = layer.universal_rank + (layer.expert_A.shape[0] - 6 if masked else layer.task_rank)
+    columns = layer.universal_rank + (layer.expert_columns - 6 if masked else layer.task_rank)
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
     # The down-projection [A; gate row] (one row more with a gate): forward, weight grads, input grads; the
     # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU products run padded

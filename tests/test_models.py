@@ -343,3 +343,25 @@ def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_d
     load_adapter(fresh.model, directory)
     for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model)):
         torch.testing.assert_close(new.mim_regressor, old.mim_regressor)
+
+
+def test_load_adapter_reads_a_file_with_the_legacy_two_row_gate(tokenizer_dir, tmp_path):
+    """Files saved before the gate became expert_A's last row hold W_g (2, d_in) apart: any two rows with the
+    same difference are the same gate (softmax over the two logits), and they load as the row p = ΔW_g / 2."""
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    path = os.path.join(directory, "adapter_model.safetensors")
+    legacy = {}
+    for name, tensor in load_file(path).items():
+        if name.endswith(".expert_A"):
+            p = tensor[-1]
+            legacy[name] = tensor[:-1].contiguous()
+            legacy[name[:-len("expert_A")] + "gate"] = torch.stack([-p, p]) + torch.randn_like(p)  # a shifted W_g
+        else:
+            legacy[name] = tensor
+    save_file(legacy, path)
+    fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    load_adapter(fresh.model, directory)
+    for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model)):
+        torch.testing.assert_close(new.expert_A, old.expert_A)

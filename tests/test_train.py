@@ -197,7 +197,8 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
         tensors = load_file(os.path.join(summary_of(log)["adapter"], "adapter_model.safetensors"))
         columns = {t.shape[1] for n, t in tensors.items() if n.endswith("expert_B")}
         assert columns == {expect_columns}
-        assert any(n.endswith(".gate") for n in tensors) == (mode == "clorae")
+        rows = {t.shape[0] for n, t in tensors.items() if n.endswith("expert_A")}
+        assert rows == {expect_columns + (mode == "clorae")}  # and the gate's row
     accumulation = tmp_path / "accumulate.json"
     base = json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))
     accumulation.write_text(json.dumps({**base, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}))

@@ -1,7 +1,8 @@
 """The C-LoRAE linear layer: y = W0·x + (α/r)·(g1·U(x) + g2·D_n(x))  (method.md eq. 3-8).
 
 All experts of a layer are stored pre-fused: `expert_A` (R, d_in) and `expert_B` (d_out, R) with R = r + N·r_t
-columns laid out [universal | task 0 | ... | task N-1]. Two paths compute the same delta (config.expert_path):
+columns laid out [universal | task 0 | ... | task N-1]; with a gate, `expert_A` has one row more, the gate's p
+(W_g = [−p; p], _task_gate). Two paths compute the same delta (config.expert_path):
 - own-task (_OwnTaskDelta + _OwnTaskMIMLoss): a batch sorted by task runs segment by segment through each
   task's K = r + r_t columns [universal | own task], the fewest FLOPs;
 - masked (_MaskedDelta): any batch runs as one low-rank pass, z = drop(x)·Aᵀ over all R columns, each token's
@@ -10,9 +11,9 @@ columns laid out [universal | task 0 | ... | task N-1]. Two paths compute the sa
   instead of r_t task columns in the thin matmuls. Its MIM terms are computed at collection (mim_loss), every
   layer call of the same routing and shapes in one batched _GroupMIMLoss. On CPU, where per-kernel overhead
   dominates at small ranks, this is the faster path (`auto` takes it).
-On both paths the gate's logits come from the same down-projection as the experts (one more row, _gate_row), so
-the gate reads the adapter's input after dropout as the experts do (the same input at evaluation).
-On either path every rank touches the same two tensors every step, and absent tasks' experts get exact zero
+On both paths the gate's logit comes from the same down-projection as the experts (its row of expert_A), so the
+gate reads the adapter's input after dropout as the experts do (the same input at evaluation).
+On either path every rank touches the same tensors every step, and absent tasks' experts get exact zero
 gradients (ZeRO-3 gathers and reduces per parameter; ranks that differ hang). The low-rank work is written as
 autograd Functions with hand-written backwards: the delta is accumulated into the base output in place, and
 nothing is saved that autograd would not need. On CPU rank-space widths are padded with zeros to a multiple of 8
@@ -119,34 +120,24 @@ def _per_row(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return column
 
 
-def _gate_row(gate: Optional[torch.Tensor]) -> list:
-    """The gate as one more row of a down-projection ([] without a gate): W_g[1] − W_g[0], whose product with a
-    token is the logit difference l from which g2 = softmax(W_g·x)[1] = softmax([0, l])[1] (_task_gate). Read
-    by the same product as the experts' rows, it costs one column of a matmul that is padded anyway, where a
-    product of its own, and a matrix-vector product and an outer product in the backward, cost three small
-    kernels more (on CPU 0.15 ms of a 384-wide layer call at 720 tokens)."""
-    return [] if gate is None else [gate[1:] - gate[:1]]
-
-
-_LOGIT_PAIRS: dict = {}  # per device, fp32 [0, 1]: a logit column times it is [0, l]
+_LOGIT_PAIRS: dict = {}  # per device, fp32 [−1, 1]: a logit column times it is [−l, l]
 
 
 def _task_gate(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """((g1, g2) (tokens, 2), g1·g2 (tokens, 1)), fp32 at least, from the logit differences l (tokens, 1), a column
-    of a down-projection's output: (g1, g2) = softmax([0, l]), and g1·g2 = dg2/dl for the backward. [0, l] is l
-    times an fp32 [0, 1] (one kernel, which also promotes a bf16 l), and the softmax runs along each row of that
-    (tokens, 2) tensor, so that a sample's gate does not depend on its batch: a sigmoid vectorised along the tokens
-    rounds a row by its position (vector body or scalar tail)."""
+    """((g1, g2) (tokens, 2), 2·g1·g2 (tokens, 1)), fp32 at least, from l = p·x (tokens, 1), the gate row's column
+    of a down-projection's output: the expert-motivated gate softmax(W_g·x) with W_g = [−p; p] is softmax([−l, l]),
+    and 2·g1·g2 = dg2/dl for the backward. W_g trained as two rows from its zero init keeps W_g[0] = −W_g[1] (their
+    gradients are opposite), so storing p alone is the same gate, and under Adam, which is blind to a gradient's
+    scale, the same training; it saves a parameter tensor per layer, which DeepSpeed's optimiser wrappers handle one
+    by one (some 70 small ops per tensor per step), and the copy that joined a separate gate to the experts' rows.
+    [−l, l] is l times an fp32 [−1, 1] (one kernel, which also promotes a bf16 l), and the softmax runs along each
+    row of that (tokens, 2) tensor, so that a sample's gate does not depend on its batch: a sigmoid vectorised along
+    the tokens rounds a row by its position (vector body or scalar tail)."""
     pair = _LOGIT_PAIRS.get(logit.device)
     if pair is None:
-        pair = _LOGIT_PAIRS[logit.device] = torch.tensor([0.0, 1.0], device=logit.device)
+        pair = _LOGIT_PAIRS[logit.device] = torch.tensor([-1.0, 1.0], device=logit.device)
     gates = torch.softmax(logit * pair, dim=-1)
-    return gates, gates.prod(1, keepdim=True)
-
-
-def _gate_grad(grad_row: torch.Tensor) -> torch.Tensor:
-    """d loss / d W_g (2, d_in) from d loss / d (W_g[1] − W_g[0]) (1, d_in)."""
-    return torch.cat([-grad_row, grad_row])
+    return gates, gates.prod(1, keepdim=True).mul_(2.0)
 
 
 def _vid_value(residual_sq: torch.Tensor, variance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -162,9 +153,9 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 
 
 class _MaskedDelta(torch.autograd.Function):
-    """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; W_g[1] − W_g[0]]ᵀ (_gate_row) and
-    coef = column_base + g2·column_slope (TaskRouting.column_coefficients: α/r·g1 on the universal columns, α/r·g2
-    on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([0, l]). Every rank-space tensor is as wide
+    """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; p]ᵀ (expert_A, its gate row p last
+    where it has one) and coef = column_base + g2·column_slope (TaskRouting.column_coefficients: α/r·g1 on the
+    universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]). Every rank-space tensor is as wide
     as the down-projection's output W (R expert columns, the gate's column, _rank_padding's zeros), coef 0 past R,
     so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
     contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
@@ -177,21 +168,21 @@ class _MaskedDelta(torch.autograd.Function):
     (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, gate, mim_regressor, column_base, column_slope, scaling,
-                dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, mim_regressor, column_base, column_slope, scaling, dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        R = expert_A.shape[0]
-        down = _padded_cat([expert_A] + _gate_row(gate), 0)  # [A | gate row | zero pad], (W, d_in)
+        R = expert_B.shape[1]
+        gated = expert_A.shape[0] > R
+        down = _padded_cat([expert_A], 0)  # [A | gate row | zero pad], (W, d_in)
         up = _padded_cat([expert_B], 1)  # [B | zero pad], (d_out, U), U ≤ W
         U = up.shape[1]
         z = xd @ down.t()  # [z | l | pad]
         gates = gate_slope = None
         coef = column_base  # (tokens, W) or None (every column α/r)
-        if gate is not None:
+        if gated:
             gates, gate_slope = _task_gate(z[:, R:R + 1])
             task_weight = gates[:, 1:].to(x.dtype)
             coef = torch.addcmul(column_base, _per_row(task_weight, column_slope), column_slope)
@@ -239,15 +230,14 @@ class _MaskedDelta(torch.autograd.Function):
         if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2, times dg2/dl
             grad_prob = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
             torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:R + 1])
-        grad_down = grad_down_out.t() @ xd
+        grad_down = grad_down_out.t() @ xd  # A's gradient and the gate row's: all of it without a pad
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = grad_down_out @ down
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        grad_A = grad_down[:R]
-        grad_gate = _gate_grad(grad_down[R:R + 1]) if gated else None
-        return (grad_y, grad_x, grad_A, grad_B, grad_gate, grad_regressor) + (None,) * 4
+        grad_A = grad_down[:R + gated]
+        return (grad_y, grad_x, grad_A, grad_B, grad_regressor) + (None,) * 4
 
 
 class MaskedMIMInputs(NamedTuple):
@@ -369,20 +359,21 @@ class _OwnTaskDelta(torch.autograd.Function):
     differentiable)."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, gate, segments, universal_rank, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, segments, universal_rank, scaling, dropout):
         ctx.set_materialize_grads(False)
         r = universal_rank
         keep = None
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        views = _segment_views(segments, expert_A, expert_B, gate, r)
+        views = _segment_views(segments, expert_A, expert_B, r)
         K = r + segments[0][2] - segments[0][1]
         z_and_logit = x.new_empty(x.shape[0], views[0][2][0].shape[0])  # [z | l | pad]
         for _, (start, stop), (A_seg, _) in views:
             torch.mm(xd[start:stop], A_seg.t(), out=z_and_logit[start:stop])
         z = z_and_logit[:, :K]
-        gates, gate_slope = _task_gate(z_and_logit[:, K:K + 1]) if gate is not None else (None, None)
+        gated = expert_A.shape[0] > expert_B.shape[1]
+        gates, gate_slope = _task_gate(z_and_logit[:, K:K + 1]) if gated else (None, None)
         task_weight = gates[:, 1:].to(x.dtype) if gates is not None else None
         zc = _gated(z, task_weight, r, scaling)
         for _, (start, stop), (_, B_seg) in views:
@@ -391,18 +382,18 @@ class _OwnTaskDelta(torch.autograd.Function):
         if gates is not None:
             ctx.mark_non_differentiable(gates)
         ctx.segments, ctx.r, ctx.scaling, ctx.dropout = segments, r, scaling, dropout
-        ctx.save_for_backward(x if keep is None else xd, keep, expert_A, expert_B, gate, gate_slope, task_weight, z)
+        ctx.save_for_backward(x if keep is None else xd, keep, expert_A, expert_B, gate_slope, task_weight, z)
         return base_out, z, gates
 
     @staticmethod
     def backward(ctx, grad_y, grad_z_extra, _grad_gates):
-        xd, keep, expert_A, expert_B, gate, gate_slope, task_weight, z = ctx.saved_tensors
+        xd, keep, expert_A, expert_B, gate_slope, task_weight, z = ctx.saved_tensors
         r, scaling = ctx.r, ctx.scaling
         if grad_y is None:
             grad_y = xd.new_zeros(xd.shape[0], expert_B.shape[0])
         zc = _gated(z, task_weight, r, scaling)
         grad_A, grad_B = torch.zeros_like(expert_A), torch.zeros_like(expert_B)
-        views = _segment_views(ctx.segments, expert_A, expert_B, gate, r)
+        views = _segment_views(ctx.segments, expert_A, expert_B, r)
         K = z.shape[1]
         grad_zc = z.new_empty(z.shape[0], views[0][2][1].shape[1])
         for _, (start, stop), (_, B_seg) in views:
@@ -423,19 +414,17 @@ class _OwnTaskDelta(torch.autograd.Function):
                          - (grad_zc[:, :r] * z[:, :r]).sum(1, keepdim=True)) * scaling
             torch.mul(grad_prob, gate_slope, out=grad_down_out[:, K:])
         grad_x = xd.new_empty(xd.shape) if ctx.needs_input_grad[1] else None
-        grad_gate_row = xd.new_zeros(1, xd.shape[1]) if gated else None
         for task_columns, (start, stop), (A_seg, _) in views:
             grad_A_seg = grad_down_out[start:stop].t() @ xd[start:stop]
             grad_A[:r] += grad_A_seg[:r]
             grad_A[task_columns] += grad_A_seg[r:K]
-            if gated:
-                grad_gate_row += grad_A_seg[K:]
+            if gated:  # the gate row, last
+                grad_A[-1:] += grad_A_seg[K:]
             if grad_x is not None:
                 torch.mm(grad_down_out[start:stop], A_seg[:K + gated], out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
             grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        grad_gate = _gate_grad(grad_gate_row) if gated else None
-        return grad_y, grad_x, grad_A, grad_B, grad_gate, None, None, None, None
+        return grad_y, grad_x, grad_A, grad_B, None, None, None, None
 
 
 def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int, extra: list = ()) -> torch.Tensor:
@@ -446,11 +435,11 @@ def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int, e
     return _padded_cat([fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)] + list(extra), dim)
 
 
-def _segment_views(segments, expert_A, expert_B, gate, r) -> list:
+def _segment_views(segments, expert_A, expert_B, r) -> list:
     """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')): A_seg the
-    segment's K = r + r_t rows and the gate row (_gate_row), B_seg its K columns, each zero-padded
-    (_rank_padding)."""
-    gate_row = _gate_row(gate)
+    segment's K = r + r_t rows and the gate row (expert_A's last, where it has one more than B has columns),
+    B_seg its K columns, each zero-padded (_rank_padding)."""
+    gate_row = [expert_A[expert_B.shape[1]:]] if expert_A.shape[0] > expert_B.shape[1] else []
     return [(slice(first, last), (start, stop),
              (_own_columns(expert_A, r, first, last, 0, gate_row), _own_columns(expert_B, r, first, last, 1)))
             for _, first, last, start, stop in segments]
@@ -584,15 +573,13 @@ class CLoRAELinear(nn.Module):
         self.universal_rank = config.rank if config.uses_universal else 0
         self.task_rank = config.expert_task_rank if config.uses_task_experts else 0
         self.expert_columns = columns = self.universal_rank + n * self.task_rank  # R
+        self.uses_gate = config.uses_gate
         # LoRA init: A kaiming-uniform (as nn.Linear, fan-in d_in for every expert), B zero, so the adapted
-        # model starts equal to the base model.
-        self.expert_A = nn.Parameter(torch.empty(columns, d_in, **factory))
-        nn.init.kaiming_uniform_(self.expert_A, a=math.sqrt(5))
+        # model starts equal to the base model. The gate's row p of expert_A (W_g = [−p; p]) starts at zero: both
+        # experts start with weight 0.5.
+        self.expert_A = nn.Parameter(torch.zeros(columns + self.uses_gate, d_in, **factory))
+        nn.init.kaiming_uniform_(self.expert_A[:columns], a=math.sqrt(5))
         self.expert_B = nn.Parameter(torch.zeros(d_out, columns, **factory))
-        self.gate = None
-        if config.uses_gate:
-            # Zero gate: both experts start with weight 0.5.
-            self.gate = nn.Parameter(torch.zeros(2, d_in, **factory))
         if config.uses_mim:
             # VID regressor mu(D) = scale * D + shift and per-channel variance softplus(var) + eps, one (d_out, 3)
             # tensor [shift | scale | var]: ZeRO handles every parameter tensor on its own (about 17 kernels each
@@ -617,21 +604,26 @@ class CLoRAELinear(nn.Module):
         return self.base.bias
 
     def split_experts(self, fused_A: torch.Tensor, fused_B: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of fused (R, d_in) / (d_out, R) tensors — weights or their gradients — per expert:
-        universal_A (r, d_in), universal_B (d_out, r), task_A (N, r_t, d_in), task_B (N, d_out, r_t)."""
-        r, r_t, n = self.universal_rank, self.task_rank, self.config.num_tasks
+        """Views of fused (R [+ 1], d_in) / (d_out, R) tensors — weights or their gradients — per expert:
+        universal_A (r, d_in), universal_B (d_out, r), task_A (N, r_t, d_in), task_B (N, d_out, r_t), and with a
+        gate gate_row (d_in,), its p."""
+        r, r_t, n, R = self.universal_rank, self.task_rank, self.config.num_tasks, self.expert_columns
         parts = {}
         if r:
             parts["universal_A"], parts["universal_B"] = fused_A[:r], fused_B[:, :r]
         if r_t:
-            parts["task_A"] = fused_A[r:].view(n, r_t, -1)
+            parts["task_A"] = fused_A[r:R].view(n, r_t, -1)
             parts["task_B"] = fused_B[:, r:].reshape(-1, n, r_t).permute(1, 0, 2)
+        if self.uses_gate:
+            parts["gate_row"] = fused_A[R]
         return parts
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
+        """The experts' weights (split_experts) and the gate as the paper writes it, W_g (2, d_in) = [−p; p]."""
         weights = self.split_experts(self.expert_A.detach(), self.expert_B.detach())
-        if self.gate is not None:
-            weights["gate"] = self.gate.detach()
+        if self.uses_gate:
+            p = weights.pop("gate_row")
+            weights["gate"] = torch.stack([-p, p])
         return weights
 
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -645,9 +637,9 @@ class CLoRAELinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor], cast) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        params = {name: getattr(self, name) for name in ("expert_A", "expert_B", "gate")}
+        params = {name: getattr(self, name) for name in ("expert_A", "expert_B")}
         if cast is not None:
-            params = {name: p if p is None else p.to(cast) for name, p in params.items()}
+            params = {name: p.to(cast) for name, p in params.items()}
             base_out = F.linear(x2, self.base.weight.to(cast), None if self.base.bias is None else self.base.bias.to(cast))
         else:
             base_out = self.base(x2)
@@ -671,23 +663,23 @@ class CLoRAELinear(nn.Module):
             if segments is None:
                 width = self._masked_width(x)
                 column_base, column_slope = routing.column_coefficients(
-                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.gate is not None, width,
+                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.uses_gate, width,
                     x.device, x.dtype)
-            if self.gate is not None and routing.record_stats:
+            if self.uses_gate and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
         mim = self.config.uses_mim and self.training and torch.is_grad_enabled()
         if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
-            y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
-                                              segments, self.universal_rank, self.config.scaling, dropout)
+            y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], segments,
+                                              self.universal_rank, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(_OwnTaskMIMLoss.apply(
                     z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_regressor, segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
             y, gates, z, mim_B, mim_regressor = _MaskedDelta.apply(
-                base_out, x2, params["expert_A"], params["expert_B"], params["gate"],
-                self.mim_regressor if mim else None, column_base, column_slope, self.config.scaling, dropout)
+                base_out, x2, params["expert_A"], params["expert_B"], self.mim_regressor if mim else None,
+                column_base, column_slope, self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
                     z, mim_B, mim_regressor,
@@ -700,7 +692,7 @@ class CLoRAELinear(nn.Module):
 
     def _masked_width(self, x: torch.Tensor) -> int:
         """W, the masked path's down-projection output width: the expert columns, the gate's, _rank_padding's."""
-        columns = self.expert_columns + (self.gate is not None)
+        columns = self.expert_columns + self.uses_gate
         return columns + _rank_padding(columns, x)
 
     def pop_mim_terms(self) -> list:

@@ -15,7 +15,7 @@ from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterConfigErro
 from .layer import CLoRAELinear, mim_loss
 from .routing import TaskRouting
 
-EXPERT_PARAMS = ("expert_A", "expert_B", "gate")
+EXPERT_PARAMS = ("expert_A", "expert_B")  # the gate is expert_A's last row
 MIM_PARAMS = ("mim_regressor",)
 LEGACY_MIM_PARAMS = ("mim_shift", "mim_scale", "mim_var")  # before one mim_regressor: its columns, in order
 
@@ -141,7 +141,7 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tenso
     tokens) over the calls routed with record_stats=True since the last reset (method.md Fig. 6)."""
     stats = {}
     for name, layer in clorae_layers(model):
-        if layer.gate is None:
+        if not layer.uses_gate:
             continue
         stats[name] = layer.gate_stats[:, 1] / layer.gate_stats.sum(1)
         if reset:
@@ -199,7 +199,7 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise AdapterConfigError(f"missing {ADAPTER_WEIGHTS_NAME} in {directory!r}")
-    tensors = _pack_legacy_mim(load_file(weights_path))
+    tensors = _fold_legacy_gate(_pack_legacy_mim(load_file(weights_path)))
     params = dict(model.named_parameters())
     expected = {name for name in params if is_trainable(model, name)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -226,6 +226,17 @@ def _pack_legacy_mim(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return tensors
 
 
+def _fold_legacy_gate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter files written before the gate became expert_A's last row hold it as W_g (2, d_in): its row p (the
+    gate softmax([−p·x, p·x]) = softmax(W_g·x), p = (W_g[1] − W_g[0]) / 2) appended to expert_A."""
+    for name in [n for n in tensors if n.endswith(".gate")]:
+        prefix = name[:-len("gate")]
+        if prefix + "expert_A" in tensors:
+            gate = tensors.pop(name)
+            tensors[prefix + "expert_A"] = torch.cat([tensors[prefix + "expert_A"], (gate[1:] - gate[:1]) / 2])
+    return tensors
+
+
 def numel(param: torch.Tensor) -> int:
     """A parameter's full size, also under ZeRO-3 (a partitioned parameter holds an empty placeholder and
     keeps its real size in `ds_numel`)."""
@@ -234,7 +245,8 @@ def numel(param: torch.Tensor) -> int:
 
 def parameter_report(model: nn.Module) -> dict:
     """Trainable parameters by kind, with the per-layer formula check of method.md §1:
-    (r + N·r_t)(d_in + d_out) + 2·d_in per adapted linear (MIM regressors counted apart)."""
+    (r + N·r_t)(d_in + d_out) + 2·d_in per adapted linear (MIM regressors counted apart), less d_in with a gate:
+    its two rows W_g = [−p; p] are stored as p (CLoRAELinear's _task_gate says why that is the same gate)."""
     experts = mim = 0
     expected_experts = 0
     for _, layer in clorae_layers(model):
@@ -244,7 +256,7 @@ def parameter_report(model: nn.Module) -> dict:
         mim += sum(numel(getattr(layer, p)) for p in MIM_PARAMS if hasattr(layer, p))
         expected_experts += ((c.rank if c.uses_universal else 0)
                              + (c.num_tasks * c.expert_task_rank if c.uses_task_experts else 0)) * (d_in + d_out) \
-            + (2 * d_in if c.uses_gate else 0)
+            + (d_in if c.uses_gate else 0)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return {
