@@ -112,12 +112,12 @@ def _padded_cat(parts: list, dim: int) -> torch.Tensor:
 
 
 def _per_row(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (tokens, 1) column to multiply into a (tokens, width) tensor: on CPU in bf16 or fp16 expanded to a
-    contiguous copy first, as CPU kernels broadcast a reduced-precision column slowly (an addcmul of 576 × 31 in
-    bf16: 33 µs broadcasting, 5 µs to expand and 5 µs on equal shapes; in fp32 5 µs either way)."""
+    """A (tokens, 1) column in like's dtype, to multiply into like (tokens, width): on CPU in bf16 or fp16 expanded
+    to like's shape as it is cast (one copy kernel), as CPU kernels broadcast a reduced-precision column slowly (an
+    addcmul of 576 × 31 in bf16: 33 µs broadcasting, 5 µs on equal shapes; in fp32 5 µs either way)."""
     if like.device.type == "cpu" and like.dtype in (torch.float16, torch.bfloat16):
-        return column.expand_as(like).contiguous()
-    return column
+        return column.expand_as(like).to(like.dtype)
+    return column.to(like.dtype)
 
 
 _LOGIT_PAIRS: dict = {}  # per device, fp32 [−1, 1]: a logit column times it is [−l, l]
@@ -184,8 +184,7 @@ class _MaskedDelta(torch.autograd.Function):
         coef = column_base  # (tokens, W) or None (every column α/r)
         if gated:
             gates, gate_slope = _task_gate(z[:, R:R + 1])
-            task_weight = gates[:, 1:].to(x.dtype)
-            coef = torch.addcmul(column_base, _per_row(task_weight, column_slope), column_slope)
+            coef = torch.addcmul(column_base, _per_row(gates[:, 1:], column_slope), column_slope)
         zc = z * coef if coef is not None else z  # 0 past R: the gate's column and the pad
         base_out.addmm_(zc[:, :U], up.t(), alpha=1.0 if coef is not None else scaling)
         ctx.mark_dirty(base_out)

@@ -24,7 +24,10 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)  # identical initial weights on both ranks
-    built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir, adapter={"rank": 6, "dropout": 0.0, "expert_path": expert_path}).build()
+    # r 16: R + the gate row = 32 rows, which the masked pass reads as they are (no pad on the CPU either), so
+    # ZeRO-3's partitioned expert_A itself is what the layer's backward reads (as on a GPU, which pads nothing)
+    built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir,
+                        adapter={"rank": 16, "dropout": 0.0, "expert_path": expert_path}).build()
     model, tokenizer = built.model, built.tokenizer
     before = {name: layer.expert_weights()["task_B"].clone() for name, layer in clorae_layers(model)}
     ds_config = {
