@@ -280,30 +280,32 @@ def mim_loss(terms: list) -> Optional[torch.Tensor]:
 
 def _regressed_experts(expert_B: torch.Tensor, regressor: torch.Tensor, universal_rank: int, rank: int,
                        width: int) -> torch.Tensor:
-    """M̃ = [B_U, scale⊙B_task, 0, shift] (layers, d_out, width + 1) from B (layers, d_out, ≥ rank: its zero pad
+    """M̃ = [B_U, scale⊙B_task, shift, 0] (layers, d_out, width) from B (layers, d_out, ≥ rank: its zero pad
     included) and the regressor's rows [shift; scale; var] (layers, 3, d_out): the columns of Z̃ = [−z_U | z_task |
-    0 | 1], zero past R (the down-projection's gate column and pad)."""
-    M = expert_B.new_zeros(*expert_B.shape[:-1], width + 1)
+    1 | 0] (TaskRouting.mim_signs), zero past R + 1."""
+    M = expert_B.new_zeros(*expert_B.shape[:-1], width)
     M[..., :universal_rank] = expert_B[..., :universal_rank]
     torch.mul(expert_B[..., universal_rank:rank], regressor[:, PACKED_SCALE, :, None], out=M[..., universal_rank:rank])
-    M[..., width] = regressor[:, PACKED_SHIFT]
+    M[..., rank] = regressor[:, PACKED_SHIFT]
     return M
 
 
 class _GroupMIMLoss(torch.autograd.Function):
     """Σ over a group of L masked-path layer calls (same routing, same shapes) of each call's MIM term (method.md
     §2): the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²], mu(D) = scale⊙D + shift,
-    σ² = softplus(var) + eps, exact, without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 0 | 1] (the
-    down-projection's output z, W wide, through the signs of TaskRouting.mim_signs: each token's own task columns
-    only, none past R, all zero on padding) and M̃ = [B_U, scale⊙B_task, 0, shift], a real token's residual is
-    v = M̃·Z̃_t, so channel c's Σ_t v_c² is (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃: a (W+1)-square Gram over the tokens and
-    M̃·C (d_out × (W+1)) per layer, which the backward reuses for B, the regressor and the variance. The
-    backward's M̃ᵀWM̃ is zeroed on the columns z's gradient does not reach — the universal expert's when the teacher
-    is detached — so that z's gradient comes out of one product whole. Batched over the group's layers (bmm),
-    computed in fp32 at least (the expansion cancels terms); the regressors transposed to (L, 3, d_out), as CPU
-    kernels run a strided column 5-7× slower (softplus of 30 × 384: 144 µs against 20). The gradients are written
-    in the inputs' dtypes directly. Inputs: signs, real_tokens, r, R, detach_teacher, then the L z's, the L B's and
-    the L regressors (_MaskedDelta's outputs, so the gradients go back through that node)."""
+    σ² = softplus(var) + eps, exact, without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 1 | 0] (the
+    down-projection's output z through the signs of TaskRouting.mim_signs: each token's own task columns only,
+    the constant in column R, all zero on padding) and M̃ = [B_U, scale⊙B_task, shift, 0], a real token's
+    residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃: a square Gram over the tokens
+    and M̃·C (d_out × width) per layer, which the backward reuses for B, the regressor and the variance. Z̃ is as
+    wide as z where z has a column past R (the gate's or a pad: the constant takes it), else one wider: 32 rather
+    than 33 columns at the default's r 16, which the CPU's batched products run 30 % faster. The backward's
+    M̃ᵀWM̃ is zeroed on the columns z's gradient does not reach — past R, and the universal expert's when the
+    teacher is detached — so that z's gradient comes out of one product whole. Batched over the group's layers
+    (bmm), computed in fp32 at least (the expansion cancels terms); the regressors transposed to (L, 3, d_out), as
+    CPU kernels run a strided column 5-7× slower (softplus of 30 × 384: 144 µs against 20). The gradients are
+    written in the inputs' dtypes directly. Inputs: signs, real_tokens, r, R, detach_teacher, then the L z's, the
+    L B's and the L regressors (_MaskedDelta's outputs, so the gradients go back through that node)."""
 
     @staticmethod
     def forward(ctx, signs, real_tokens, universal_rank, rank, detach_teacher, *tensors):
@@ -312,16 +314,16 @@ class _GroupMIMLoss(torch.autograd.Function):
         B = _at_least_fp32(torch.stack(tensors[count:2 * count]))  # (L, d_out, U)
         regressor = _at_least_fp32(torch.stack(tensors[2 * count:]).transpose(1, 2).contiguous())  # (L, 3, d_out)
         W, r = z.shape[2], universal_rank
-        Z = z.new_empty(count, z.shape[1], W + 1, dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 0, 1] ⊙ real
+        Z = z.new_empty(count, z.shape[1], signs.shape[1], dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 1, 0]
         torch.mul(z, signs[:, :W], out=Z[..., :W])
-        Z[..., W] = signs[:, W]
-        M = _regressed_experts(B, regressor, r, rank, W)
+        Z[..., rank] = signs[:, rank]  # the constant, over z's gate or pad column
+        M = _regressed_experts(B, regressor, r, rank, Z.shape[2])
         variance = F.softplus(regressor[:, PACKED_VAR]) + MIM_EPS  # (L, d_out)
         MC = M @ (Z.transpose(1, 2) @ Z)
         residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
         ctx.save_for_backward(signs, real_tokens, B, regressor, M, Z, MC, residual_sq, variance)
         ctx.r, ctx.rank, ctx.detach_teacher = r, rank, detach_teacher
-        ctx.dtypes = tuple(tensors[i * count].dtype for i in range(3))
+        ctx.z_width, ctx.dtypes = W, tuple(tensors[i * count].dtype for i in range(3))
         # fp32 at least, whatever z's dtype: summed over a model's layers MIM is some 57 (mostly ½·log σ²), where a
         # bf16 value moves in steps of 0.25 and its logged trend is lost
         return _vid_value(residual_sq, variance, real_tokens)
@@ -329,13 +331,14 @@ class _GroupMIMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mim):
         signs, tokens, B, regressor, M, Z, MC, residual_sq, variance = ctx.saved_tensors
-        r, R, (z_dtype, B_dtype, regressor_dtype) = ctx.r, ctx.rank, ctx.dtypes
-        W, d_out = Z.shape[2] - 1, M.shape[1]
+        r, R, W, (z_dtype, B_dtype, regressor_dtype) = ctx.r, ctx.rank, ctx.z_width, ctx.dtypes
+        d_out = M.shape[1]
         grad_mim = _at_least_fp32(grad_mim)
         weight = (grad_mim / (tokens * d_out * variance))[..., None]  # d mim / d M̃ = weight ⊙ M̃C, per channel
-        # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), then to z through the signs (zero past R), on the columns z reaches: the
-        # task experts' (and the universal expert's unless the teacher is detached)
-        reach = M.transpose(1, 2) @ (M[..., :W] * weight)  # (L, W + 1, W)
+        # d mim / d Z̃ = Z̃·M̃ᵀ(weight ⊙ M̃), then to z through the signs, on the columns z reaches: the task experts'
+        # (and the universal expert's unless the teacher is detached), not the constant's nor any past R
+        reach = M.transpose(1, 2) @ (M[..., :W] * weight)  # (L, width, W)
+        reach[..., R:] = 0
         if ctx.detach_teacher:
             reach[..., :r] = 0
         grad_z = torch.mul(Z @ reach, signs[:, :W], out=Z.new_empty(Z.shape[0], Z.shape[1], W, dtype=z_dtype))
@@ -344,7 +347,7 @@ class _GroupMIMLoss(torch.autograd.Function):
         if not ctx.detach_teacher:
             torch.mul(MC[..., :r], weight, out=grad_B[..., :r])
         grad_regressor = torch.empty_like(regressor)  # (L, 3, d_out)
-        grad_regressor[:, PACKED_SHIFT] = MC[..., W] * weight[..., 0]
+        grad_regressor[:, PACKED_SHIFT] = MC[..., R] * weight[..., 0]
         grad_regressor[:, PACKED_SCALE] = (MC[..., r:R] * B[..., r:R]).sum(2) * weight[..., 0]
         grad_regressor[:, PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance,
                                                       torch.sigmoid(regressor[:, PACKED_VAR]), tokens)

@@ -107,15 +107,18 @@ class TaskRouting:
 
     def mim_signs(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, width: int,
                   device) -> torch.Tensor:
-        """(tokens, width + 1) fp32 signs of the masked path's MIM, all zero on padding rows: −1 on the universal
-        columns (the residual is mu(D) − U), 1 on the token's own task columns and on the last, constant column,
-        0 on the other tasks' columns and on the columns past r + N·r_t (the layer's gate column and pad)."""
+        """(tokens, max(width, R + 1)) fp32 signs of the masked path's MIM (R = r + N·r_t), all zero on padding
+        rows: −1 on the universal columns (the residual is mu(D) − U), 1 on the token's own task columns and on
+        column R, MIM's constant (the first column past the experts': the layer's gate column or pad, whose z MIM
+        does not read, so that MIM's tensors stay `width` wide where a column is free), 0 on the other tasks'
+        columns and past R."""
         key = ("mim_signs", batch, tokens_per_sample, universal_rank, task_rank, width, str(device))
         if key not in self._cache:
             columns = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
+            rank = columns.shape[1]
             signs = torch.cat([-columns[:, :universal_rank], columns[:, universal_rank:],
-                               columns.new_zeros(len(columns), width - columns.shape[1]),
-                               columns.new_ones(len(columns), 1)], 1)
+                               columns.new_ones(len(columns), 1),
+                               columns.new_zeros(len(columns), max(width, rank + 1) - rank - 1)], 1)
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
             self._cache[key] = signs if real is None else signs * real
         return self._cache[key]
