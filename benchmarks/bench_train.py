@@ -1,20 +1,21 @@
 """Training throughput of the embedded default (MiniLM encoder-decoder + C-LoRAE r16, batch 8) under the
 DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch loop on the same model and the
-same batches, and what a user pays per step for C-LoRAE against LoRA r16 (the universal expert alone, no MIM):
-`clorae_over_lora_step`, and the same for C-LoRAE without MIM (β 0: `clorae_without_mim_over_lora_step`),
-which splits that price between MIM and the gate with the task experts. Those three adapters train in one
-process under ZeRO-0, step by step in turn on the same batch (the order rotating), so each step's ratio compares
-arms timed seconds apart; the ratio kept is the median over every round's steps. Measured one after the other
-in one run. Every arm trains in the precision the engine's configs give on this machine — bf16 where the CPU has
+same batches (`zero0_1rank_overhead`, `zero2_1rank_overhead`: engine step / plain step − 1), and what a user pays
+per step for C-LoRAE against LoRA r16 (the universal expert alone, no MIM): `clorae_over_lora_step`, and the same
+for C-LoRAE without MIM (β 0: `clorae_without_mim_over_lora_step`), which splits that price between MIM and the
+gate with the task experts. The one-rank arms (the plain loop, C-LoRAE under ZeRO-0 and ZeRO-2, LoRA and C-LoRAE
+without MIM under ZeRO-0) train in one process, step by step in turn on the same batch (the order rotating), so
+each step's ratio compares arms timed seconds apart; every ratio kept is the median over every round's steps
+(arms in separate processes a minute apart drifted by 10-30 % on this machine, more than what they compared). Every arm trains in the precision the engine's configs give on this machine — bf16 where the CPU has
 bf16 instructions (load_ds_config's fallback), fp32 elsewhere — the plain loop's model cast to match; the last JSON
 line names it (`precision`).
 
     python benchmarks/bench_train.py [--steps 15] [--rounds 5]
 
 Each arm runs in its own process(es); batches are read from the embedded shards before timing, so only the
-training step is measured. The arms run in turn, `--rounds` times, and each arm's median is reported: on a
-shared machine throughput drifts by 10-30 % over minutes, which a single pass would attribute to the arms. Tokens = non-padding input + target tokens. 2-rank arms use one thread per rank
-(2 cores); 1-rank arms two threads.
+training step is measured. The one-rank process and the 2-rank arms run in turn, `--rounds` times, and each arm's median
+throughput is reported. Tokens = non-padding input + target tokens. 2-rank arms use one thread per rank (2 cores);
+1-rank arms two threads.
 """
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-# (label, loop, DeepSpeed config, ranks, adapter mode); "paired": LoRA, C-LoRAE and C-LoRAE without MIM
-# interleaved step by step in one process (ZeRO-0), each reported as an arm of its own.
-ARMS = [("plain loop", "plain", None, 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 1, "clorae"),
-        ("ZeRO-0, LoRA / C-LoRAE / without MIM, step by step", "paired", "zero0.json", 1, "paired"),
-        ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 1, "clorae"), ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2, "clorae"),
+# (label, loop, DeepSpeed config, ranks, adapter mode); "paired": the PAIRED arms interleaved step by step in one
+# process, each reported as an arm of its own.
+ARMS = [("one rank, step by step", "paired", None, 1, "paired"),
+        ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2, "clorae"),
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae")]
-PAIRED = [("ZeRO-0, LoRA", "universal_only"), ("ZeRO-0, C-LoRAE", "clorae"),
-          ("ZeRO-0, C-LoRAE without MIM", "clorae_without_mim")]
+# (label, DeepSpeed config or None for the plain loop, adapter mode)
+PAIRED = [("plain loop", None, "clorae"), ("DeepSpeed ZeRO-0", "zero0.json", "clorae"),
+          ("DeepSpeed ZeRO-2", "zero2.json", "clorae"), ("ZeRO-0, LoRA", "zero0.json", "universal_only"),
+          ("ZeRO-0, C-LoRAE without MIM", "zero0.json", "clorae_without_mim")]
 
 
 def embedded_batches(tokenizer, batch_size: int, count: int, rank: int = 0, world: int = 1) -> tuple:
@@ -110,16 +112,12 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     transformers.logging.set_verbosity_error()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(2 if world == 1 else 1)
-    config = None if mode == "plain" else engine_config(ds_config, world)
     if mode == "paired":
-        paired_worker(config, steps)  # exits the process
+        paired_worker(steps)  # exits the process
         return
     built = build_model(adapter_mode)
     batches, tokens = embedded_batches(built.tokenizer, 8, steps + 3, rank, world)
-    model = built.model.train()
-    if mode == "plain" and engine_bf16():  # the engine arms' precision, so that the overhead compares like with like
-        model.to(torch.bfloat16)
-    step = training_step(model, config, steps + 3)
+    step = training_step(built.model.train(), engine_config(ds_config, world), steps + 3)
 
     for batch in batches[:3]:
         step(batch)
@@ -127,11 +125,9 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
     for batch in batches[3:]:
         step(batch)
     elapsed = time.perf_counter() - start
-    rate = sum(tokens[3:]) / elapsed
-    if mode != "plain":
-        from clorae_ds.train.engine import sum_across_ranks
+    from clorae_ds.train.engine import sum_across_ranks
 
-        rate = sum_across_ranks([rate], "cpu")[0]
+    rate = sum_across_ranks([sum(tokens[3:]) / elapsed], "cpu")[0]  # every rank's tokens
     if rank == 0:
         print("RESULT " + json.dumps({"tokens_per_s": rate, "seconds_per_step": elapsed / (len(batches) - 3)}),
               flush=True)
@@ -153,14 +149,19 @@ def engine_bf16() -> bool:
     return bf16_enabled(engine_config("zero0.json", 1))
 
 
-def paired_worker(config: dict, steps: int) -> None:
-    """The PAIRED adapters in one process, one engine each, every batch through each of them in turn (the order
-    rotating with the batch): prints each arm's step times, step i of every arm on the same batch."""
+def paired_worker(steps: int) -> None:
+    """The PAIRED arms in one process, a model and a loop (or engine) each, every batch through each of them in
+    turn (the order rotating with the batch): prints each arm's step times, step i of every arm on the same batch."""
+    import torch
+
     steppers, tokenizer = [], None
-    for _, adapter_mode in PAIRED:
+    for _, ds_config, adapter_mode in PAIRED:
         built = build_model(adapter_mode)
         tokenizer = built.tokenizer
-        steppers.append(training_step(built.model.train(), config, steps + 3))
+        model = built.model.train()
+        if ds_config is None and engine_bf16():  # the engine arms' precision, so that the overhead compares like with like
+            model.to(torch.bfloat16)
+        steppers.append(training_step(model, engine_config(ds_config, 1) if ds_config else None, steps + 3))
     batches, tokens = embedded_batches(tokenizer, 8, steps + 3)
     seconds = [[] for _ in PAIRED]
     for i, batch in enumerate(batches):
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--worker", choices=["plain", "deepspeed", "paired"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["deepspeed", "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--ds", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--adapter-mode", default="clorae", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     results, arm_runs = [], {}
     for i, (label, mode, _, ranks, _) in enumerate(ARMS):
         if mode == "paired":  # one arm per adapter: seconds per step and tokens/s from its own steps
-            for k, (paired_label, _) in enumerate(PAIRED):
+            for k, (paired_label, _, _) in enumerate(PAIRED):
                 arm_runs[paired_label] = [r["step_seconds"][k] for r in runs[i]]
                 runs_k = [{"tokens_per_s": sum(r["tokens"]) / sum(r["step_seconds"][k]),
                            "seconds_per_step": statistics.mean(r["step_seconds"][k])} for r in runs[i]]
@@ -223,18 +224,17 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['arm']:28s} {r['ranks']:5d} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:8.3f} "
               f"{r['tokens_per_s'] / plain:9.3f}")
-    overhead = {f"zero{r['arm'][-1]}_{r['ranks']}rank_overhead": round(plain / r["tokens_per_s"] - 1, 4)
-                for r in results if r["ranks"] == 1 and r["arm"].startswith("DeepSpeed")}
-    lora = arm_runs["ZeRO-0, LoRA"]
 
-    def over_lora(label):  # per step, the arms timed on the same batch seconds apart; per round and over all
-        per_round = [[c / l for c, l in zip(arm_round, lora_round)]
-                     for arm_round, lora_round in zip(arm_runs[label], lora)]
+    def paired_ratio(label, baseline):  # per step, the arms timed on the same batch seconds apart; per round and over all
+        per_round = [[c / b for c, b in zip(arm_round, base_round)]
+                     for arm_round, base_round in zip(arm_runs[label], arm_runs[baseline])]
         return (statistics.median(r for ratios in per_round for r in ratios),
                 sorted(statistics.median(r) for r in per_round))
 
-    step_ratio, step_rounds = over_lora("ZeRO-0, C-LoRAE")
-    without_mim_ratio, without_mim_rounds = over_lora("ZeRO-0, C-LoRAE without MIM")
+    overhead = {f"zero{stage}_1rank_overhead": round(paired_ratio(f"DeepSpeed ZeRO-{stage}", "plain loop")[0] - 1, 4)
+                for stage in (0, 2)}
+    step_ratio, step_rounds = paired_ratio("DeepSpeed ZeRO-0", "ZeRO-0, LoRA")
+    without_mim_ratio, without_mim_rounds = paired_ratio("ZeRO-0, C-LoRAE without MIM", "ZeRO-0, LoRA")
     print(f"C-LoRAE over LoRA per step, median of each round's steps: "
           f"{', '.join(f'{r:.3f}' for r in step_rounds)}; "
           f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}")

@@ -117,9 +117,12 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
 def train_section(measured: dict, machine: str) -> list:
     result = measured["train"]
     lines = ["## Engine overhead: DeepSpeed vs a plain loop", "",
-             "MiniLM encoder-decoder + C-LoRAE r 16, batch 8 per rank, the same batches; the arms run in turn for "
-             f"{result['rounds']} rounds and the medians are kept (drift between rounds is ±10-30 % on a shared 2-core "
-             f"machine). Target: the engine costs at most 10 %. Measured here ({machine}): `{command_text('train')}`"
+             "MiniLM encoder-decoder + C-LoRAE r 16 (but where the arm says otherwise), batch 8 per rank, the same "
+             "batches. The one-rank arms train in one process, step by step in turn on the same batch (the order "
+             "rotating), and the 2-rank arms in processes of their own, all for "
+             f"{result['rounds']} rounds; throughputs are medians (drift between processes is ±10-30 % on a shared "
+             "2-core machine, hence the step-by-step arms). Target: the engine costs at most 10 %. Measured here "
+             f"({machine}): `{command_text('train')}`"
              + (f", every arm in {result['precision']} (the engine's configs on this CPU; the plain loop's model cast "
                 "to match)" if "precision" in result else ""),
              "", "| arm | ranks | tokens/s (median) | s/step | vs plain | every round |", "|---|---|---|---|---|---|"]
@@ -144,7 +147,7 @@ def train_section(measured: dict, machine: str) -> list:
                       "each round's median: "
                       + ", ".join(f"{r:.3f}" for r in result["clorae_without_mim_over_lora_step_each_round"])
                       + "), so MIM's share is the difference.")
-    lines += ["", "Overhead on one rank (plain / engine − 1): " +
+    lines += ["", "Overhead on one rank (engine step / plain step − 1, the median over every step's ratio): " +
               ", ".join(f"{k.split('_')[0].upper().replace('ZERO', 'ZeRO-')} {100 * v:+.1f} %"
                         for k, v in overheads.items()) +
               ". Two ranks share the same 2 cores (1 thread each), so their total is a parallel-efficiency figure, "
