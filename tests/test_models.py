@@ -320,6 +320,17 @@ def test_tokenizer_round_trips_any_text(tmp_path):
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
+def load_rewritten_adapter(tokenizer_dir, tmp_path, built, rewrite) -> list:
+    """Save built's adapter, rewrite its file's tensors as an older layout held them (rewrite(name, tensor) ->
+    {name: tensor}), load that into a fresh model: [(saved layer, loaded layer)]."""
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    path = os.path.join(directory, "adapter_model.safetensors")
+    save_file({k: v for name, tensor in load_file(path).items() for k, v in rewrite(name, tensor).items()}, path)
+    fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    load_adapter(fresh.model, directory)
+    return [(old, new) for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model))]
+
+
 def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_dir, tmp_path):
     """Files saved before a layer's MIM regressor became one (d_out, 3) tensor hold mim_shift / mim_scale /
     mim_var: they load into the regressor's columns."""
@@ -328,20 +339,15 @@ def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_d
     with torch.no_grad():
         for _, layer in clorae_layers(built.model):
             layer.mim_regressor.normal_()
-    directory = save_adapter(built.model, str(tmp_path / "adapter"))
-    path = os.path.join(directory, "adapter_model.safetensors")
-    legacy = {}
-    for name, tensor in load_file(path).items():
-        if name.endswith(".mim_regressor"):
-            prefix = name[:-len("mim_regressor")]
-            for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var")):
-                legacy[prefix + leaf] = tensor[:, column].contiguous()
-        else:
-            legacy[name] = tensor
-    save_file(legacy, path)
-    fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
-    load_adapter(fresh.model, directory)
-    for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model)):
+
+    def three_vectors(name, tensor):
+        if not name.endswith(".mim_regressor"):
+            return {name: tensor}
+        prefix = name[:-len("mim_regressor")]
+        return {prefix + leaf: tensor[:, column].contiguous()
+                for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var"))}
+
+    for old, new in load_rewritten_adapter(tokenizer_dir, tmp_path, built, three_vectors):
         torch.testing.assert_close(new.mim_regressor, old.mim_regressor)
 
 
@@ -350,18 +356,13 @@ def test_load_adapter_reads_a_file_with_the_legacy_two_row_gate(tokenizer_dir, t
     same difference are the same gate (softmax over the two logits), and they load as the row p = ΔW_g / 2."""
     built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
     randomize_adapter(built.model)
-    directory = save_adapter(built.model, str(tmp_path / "adapter"))
-    path = os.path.join(directory, "adapter_model.safetensors")
-    legacy = {}
-    for name, tensor in load_file(path).items():
-        if name.endswith(".expert_A"):
-            p = tensor[-1]
-            legacy[name] = tensor[:-1].contiguous()
-            legacy[name[:-len("expert_A")] + "gate"] = torch.stack([-p, p]) + torch.randn_like(p)  # a shifted W_g
-        else:
-            legacy[name] = tensor
-    save_file(legacy, path)
-    fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
-    load_adapter(fresh.model, directory)
-    for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model)):
+
+    def two_row_gate(name, tensor):
+        if not name.endswith(".expert_A"):
+            return {name: tensor}
+        p = tensor[-1]
+        return {name: tensor[:-1].contiguous(),
+                name[:-len("expert_A")] + "gate": torch.stack([-p, p]) + torch.randn_like(p)}  # a shifted W_g
+
+    for old, new in load_rewritten_adapter(tokenizer_dir, tmp_path, built, two_row_gate):
         torch.testing.assert_close(new.expert_A, old.expert_A)
