@@ -120,6 +120,11 @@ def _per_row(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return column.to(like.dtype)
 
 
+def _has_gate_row(expert_A: torch.Tensor, expert_B: torch.Tensor) -> bool:
+    """Whether expert_A carries the gate's row p after the R expert rows (B has R columns)."""
+    return expert_A.shape[0] > expert_B.shape[1]
+
+
 _LOGIT_PAIRS: dict = {}  # per device, fp32 [−1, 1]: a logit column times it is [−l, l]
 
 
@@ -155,9 +160,9 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 class _MaskedDelta(torch.autograd.Function):
     """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; p]ᵀ (expert_A, its gate row p last
     where it has one) and coef = column_base + g2·column_slope (TaskRouting.column_coefficients: α/r·g1 on the
-    universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]). Every rank-space tensor is as wide
-    as the down-projection's output W (R expert columns, the gate's column, _rank_padding's zeros), coef 0 past R,
-    so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
+    universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]). Every
+    rank-space tensor is as wide as the down-projection's output W (R expert columns, the gate's column,
+    _rank_padding's zeros), coef 0 past R, so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
     contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
     U = R + _rank_padding(R) ≤ W. Returns (y, gates, z, mim_B, mim_regressor): gates (tokens, 2) each token's
     (g1, g2) for routing statistics (not differentiable); with MIM on (mim_regressor given), what this layer's MIM
@@ -174,8 +179,7 @@ class _MaskedDelta(torch.autograd.Function):
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        R = expert_B.shape[1]
-        gated = expert_A.shape[0] > R
+        R, gated = expert_B.shape[1], _has_gate_row(expert_A, expert_B)
         down = _padded_cat([expert_A], 0)  # [A | gate row | zero pad], (W, d_in)
         up = _padded_cat([expert_B], 1)  # [B | zero pad], (d_out, U), U ≤ W
         U = up.shape[1]
@@ -376,7 +380,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         for _, (start, stop), (A_seg, _) in views:
             torch.mm(xd[start:stop], A_seg.t(), out=z_and_logit[start:stop])
         z = z_and_logit[:, :K]
-        gated = expert_A.shape[0] > expert_B.shape[1]
+        gated = _has_gate_row(expert_A, expert_B)
         gates, gate_slope = _task_gate(z_and_logit[:, K:K + 1]) if gated else (None, None)
         task_weight = gates[:, 1:].to(x.dtype) if gates is not None else None
         zc = _gated(z, task_weight, r, scaling)
@@ -443,7 +447,7 @@ def _segment_views(segments, expert_A, expert_B, r) -> list:
     """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')): A_seg the
     segment's K = r + r_t rows and the gate row (expert_A's last, where it has one more than B has columns),
     B_seg its K columns, each zero-padded (_rank_padding)."""
-    gate_row = [expert_A[expert_B.shape[1]:]] if expert_A.shape[0] > expert_B.shape[1] else []
+    gate_row = [expert_A[expert_B.shape[1]:]] if _has_gate_row(expert_A, expert_B) else []
     return [(slice(first, last), (start, stop),
              (_own_columns(expert_A, r, first, last, 0, gate_row), _own_columns(expert_B, r, first, last, 1)))
             for _, first, last, start, stop in segments]
