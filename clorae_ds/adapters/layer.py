@@ -211,11 +211,11 @@ class _MaskedDelta(torch.autograd.Function):
         grad_coefd = grad_y @ up  # d loss / d (z ⊙ coef), (tokens, U)
         # B's gradient U wide, sliced to R after MIM's joins it: products whose output is U wide run faster on CPU
         # BLAS than 31 wide, and the sum of contiguous rows faster than a strided one (in bf16 41 µs against 10)
-        grad_B = grad_y.t() @ zc[:, :U]
-        if coef is None:
-            grad_B.mul_(ctx.scaling)
-        if grad_mim_B is not None:
-            grad_B.add_(grad_mim_B)
+        alpha = 1.0 if coef is not None else ctx.scaling
+        if grad_mim_B is not None:  # MIM's gradient joins in the same kernel
+            grad_B = torch.addmm(grad_mim_B, grad_y.t(), zc[:, :U], alpha=alpha)
+        else:
+            grad_B = torch.mm(grad_y.t(), zc[:, :U]) if alpha == 1.0 else (grad_y.t() @ zc[:, :U]).mul_(alpha)
         grad_B = grad_B[:, :R]
         # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
         # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
@@ -350,13 +350,14 @@ class _GroupMIMLoss(torch.autograd.Function):
         torch.mul(MC[..., r:R], weight * regressor[:, PACKED_SCALE, :, None], out=grad_B[..., r:R])
         if not ctx.detach_teacher:
             torch.mul(MC[..., :r], weight, out=grad_B[..., :r])
-        grad_regressor = torch.empty_like(regressor)  # (L, 3, d_out)
-        grad_regressor[:, PACKED_SHIFT] = MC[..., R] * weight[..., 0]
-        grad_regressor[:, PACKED_SCALE] = (MC[..., r:R] * B[..., r:R]).sum(2) * weight[..., 0]
-        grad_regressor[:, PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance,
-                                                      torch.sigmoid(regressor[:, PACKED_VAR]), tokens)
-        return ((None,) * 5 + grad_z.unbind(0) + grad_B.unbind(0)
-                + grad_regressor.transpose(1, 2).to(regressor_dtype).unbind(0))
+        columns = [None] * 3  # (L, d_out) each, stacked into the regressors' (L, d_out, 3) layout
+        columns[PACKED_SHIFT] = MC[..., R] * weight[..., 0]
+        columns[PACKED_SCALE] = (MC[..., r:R] * B[..., r:R]).sum(2) * weight[..., 0]
+        columns[PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance, torch.sigmoid(regressor[:, PACKED_VAR]),
+                                            tokens)
+        # contiguous per layer, as each regressor is: autograd would copy a strided gradient before accumulating it
+        grad_regressor = torch.stack(columns, 2).to(regressor_dtype)
+        return (None,) * 5 + grad_z.unbind(0) + grad_B.unbind(0) + grad_regressor.unbind(0)
 
 
 class _OwnTaskDelta(torch.autograd.Function):
