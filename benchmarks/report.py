@@ -67,13 +67,15 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
              "3 tasks, a mixed batch of 8 x 128 tokens; forward + backward of the same loss, arms interleaved round "
              "by round, median kept. Target: C-LoRAE within 1.10x of peft LoRA.", "",
              f"Measured here ({machine}, {result['device']}, {result['dtype']}): `{command_text('adapter')}`", "",
-             "| arm | fwd+bwd ms | vs peft LoRA | trainable | saved activations MB |", "|---|---|---|---|---|"]
+             "| arm | fwd+bwd ms | vs peft LoRA | trainable | saved activations MB | ops per step |",
+             "|---|---|---|---|---|---|"]
     for arm, label in [("peft_lora", "peft LoRA r 64")] + ADAPTER_ARMS:
         if arm not in arms:
             continue
         r = arms[arm]
         lines.append(f"| {label} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_ms'] / arms['peft_lora']['fwd_bwd_ms']:.3f} | "
-                     f"{r['trainable_params'] / 1e6:.2f}M | {r['saved_activation_bytes'] / 2**20:.0f} |")
+                     f"{r['trainable_params'] / 1e6:.2f}M | {r['saved_activation_bytes'] / 2**20:.0f} | "
+                     f"{r.get('ops_per_step', '—')} |")
     lines += ["", f"Per-task loop over C-LoRAE without MIM (both without MIM): {result['loop_over_clorae']:.2f}x.", ""]
     runs = [r for r in device_runs if r["benchmark"] == "bench_adapter"]
     if runs:
