@@ -82,7 +82,7 @@ def training_step(model, ds_config=None, total_steps: int = 10_000):
     from clorae_ds.train.engine import DeepSpeedRunner, init_distributed
 
     ctx = init_distributed(600)
-    runner = DeepSpeedRunner(model, ds_config, parameter_groups(model, 1e-4, 1e-4, 1e-4, 0.0), (0.9, 0.999), 0,
+    runner = DeepSpeedRunner(model, ds_config, parameter_groups(model, 1e-4, 1e-4, 0.0), (0.9, 0.999), 0,
                              total_steps, "constant", ctx)
 
     def step(batch):

@@ -331,6 +331,26 @@ def load_rewritten_adapter(tokenizer_dir, tmp_path, built, rewrite) -> list:
     return [(old, new) for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model))]
 
 
+def separate_regressor(name, tensor):
+    """expert_B's last three columns written apart as mim_regressor (d_out, 3), as files did before they joined."""
+    if not name.endswith(".expert_B"):
+        return {name: tensor}
+    prefix = name[:-len("expert_B")]
+    return {name: tensor[:, :-3].contiguous(), prefix + "mim_regressor": tensor[:, -3:].contiguous()}
+
+
+def test_load_adapter_reads_a_file_with_a_separate_mim_regressor(tokenizer_dir, tmp_path):
+    """Files saved before the MIM regressor became expert_B's last columns hold it as mim_regressor (d_out, 3)."""
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    with torch.no_grad():
+        for _, layer in clorae_layers(built.model):
+            layer.mim_regressor.normal_()
+    for old, new in load_rewritten_adapter(tokenizer_dir, tmp_path, built, separate_regressor):
+        torch.testing.assert_close(new.expert_B, old.expert_B)
+        assert torch.count_nonzero(new.mim_regressor) == new.mim_regressor.numel()
+
+
 def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_dir, tmp_path):
     """Files saved before a layer's MIM regressor became one (d_out, 3) tensor hold mim_shift / mim_scale /
     mim_var: they load into the regressor's columns."""
@@ -341,14 +361,17 @@ def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_d
             layer.mim_regressor.normal_()
 
     def three_vectors(name, tensor):
-        if not name.endswith(".mim_regressor"):
-            return {name: tensor}
-        prefix = name[:-len("mim_regressor")]
-        return {prefix + leaf: tensor[:, column].contiguous()
-                for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var"))}
+        parts = separate_regressor(name, tensor)
+        regressor = parts.pop(name[:-len("expert_B")] + "mim_regressor", None) if name.endswith(".expert_B") else None
+        if regressor is None:
+            return parts
+        prefix = name[:-len("expert_B")]
+        return {**parts, **{prefix + leaf: regressor[:, column].contiguous()
+                            for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var"))}}
 
     for old, new in load_rewritten_adapter(tokenizer_dir, tmp_path, built, three_vectors):
-        torch.testing.assert_close(new.mim_regressor, old.mim_regressor)
+        torch.testing.assert_close(new.expert_B, old.expert_B)
+        assert torch.count_nonzero(new.mim_regressor) == new.mim_regressor.numel()
 
 
 def test_load_adapter_reads_a_file_with_the_legacy_two_row_gate(tokenizer_dir, tmp_path):

@@ -191,14 +191,14 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     from safetensors.torch import load_file
 
     config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 1})
-    for mode, expect_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
+    for mode, expert_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
         log = train("single", "zero0.json", config, f"model.adapter.mode={mode}", "loss.aml=false",
                     f"output.dir={tmp_path / mode}")
         tensors = load_file(os.path.join(summary_of(log)["adapter"], "adapter_model.safetensors"))
         columns = {t.shape[1] for n, t in tensors.items() if n.endswith("expert_B")}
-        assert columns == {expect_columns}
+        assert columns == {expert_columns + 3 * (mode == "clorae")}  # and the MIM regressor's
         rows = {t.shape[0] for n, t in tensors.items() if n.endswith("expert_A")}
-        assert rows == {expect_columns + (mode == "clorae")}  # and the gate's row
+        assert rows == {expert_columns + (mode == "clorae")}  # and the gate's row
     accumulation = tmp_path / "accumulate.json"
     base = json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))
     accumulation.write_text(json.dumps({**base, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}))

@@ -43,8 +43,9 @@ from .routing import RoutingError, TaskRouting
 
 MIM_EPS = 1e-5
 MIM_INITIAL_VARIANCE = 5.0
-# The columns of a layer's mim_regressor (d_out, 3).
+# The MIM regressor's columns [shift | scale | var], expert_B's last three where MIM is on (CLoRAELinear.mim_regressor).
 PACKED_SHIFT, PACKED_SCALE, PACKED_VAR = 0, 1, 2
+MIM_COLUMNS = 3
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -120,9 +121,13 @@ def _per_row(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return column.to(like.dtype)
 
 
-def _has_gate_row(expert_A: torch.Tensor, expert_B: torch.Tensor) -> bool:
-    """Whether expert_A carries the gate's row p after the R expert rows (B has R columns)."""
-    return expert_A.shape[0] > expert_B.shape[1]
+def _first_columns(t: torch.Tensor, count: int) -> torch.Tensor:
+    return t if t.shape[1] == count else t[:, :count]
+
+
+def _has_gate_row(expert_A: torch.Tensor, rank: int) -> bool:
+    """Whether expert_A carries the gate's row p after its R = rank expert rows."""
+    return expert_A.shape[0] > rank
 
 
 _LOGIT_PAIRS: dict = {}  # per device, fp32 [−1, 1]: a logit column times it is [−l, l]
@@ -164,25 +169,33 @@ class _MaskedDelta(torch.autograd.Function):
     rank-space tensor is as wide as the down-projection's output W (R expert columns, the gate's column,
     _rank_padding's zeros), coef 0 past R, so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
     contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
-    U = R + _rank_padding(R) ≤ W. Returns (y, gates, z, mim_B, mim_regressor): gates (tokens, 2) each token's
-    (g1, g2) for routing statistics (not differentiable); with MIM on (mim_regressor given), what this layer's MIM
+    U = R + _rank_padding(R) ≤ W: where expert_B carries the MIM regressor's columns after its R expert columns
+    (CLoRAELinear) and U ≤ R + 3, those columns are the pad, as coef is 0 past R (0 × a finite weight is 0 in the
+    product, and the gradient there is 0); otherwise a zero pad is joined. Returns (y, gates, z, mim_B): gates
+    (tokens, 2) each token's (g1, g2) for routing statistics (not differentiable); with `mim`, what this layer's MIM
     term needs, which _GroupMIMLoss reads for a group of layers at once: the down-projection's output
-    [z | l | pad] (tokens, W), B with its zero pad (d_out, U) and the regressor [shift | scale | var] (d_out, 3),
-    fresh tensors, never the parameters (ZeRO-3 releases those after the layer's forward). Their gradients come
-    back into this node's backward and join the delta's there, so each parameter gets one gradient per step
-    (ZeRO-2 reduces each once) and only when ZeRO-3 has gathered it."""
+    [z | l | pad] (tokens, W) and expert_B, experts and regressor, (d_out, R + 3), fresh tensors, never the
+    parameter (ZeRO-3 releases it after the layer's forward). Their gradients come back into this node's backward
+    and join the delta's there, so each parameter gets one gradient per step (ZeRO-2 reduces each once) and only
+    when ZeRO-3 has gathered it."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, mim_regressor, column_base, column_slope, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, rank, mim, column_base, column_slope, scaling, dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        R, gated = expert_B.shape[1], _has_gate_row(expert_A, expert_B)
+        R, gated = rank, _has_gate_row(expert_A, rank)
         down = _padded_cat([expert_A], 0)  # [A | gate row | zero pad], (W, d_in)
-        up = _padded_cat([expert_B], 1)  # [B | zero pad], (d_out, U), U ≤ W
-        U = up.shape[1]
+        U, P = R + _rank_padding(R, expert_B), expert_B.shape[1]
+        # [B | pad] (d_out, U), U ≤ W: expert_B's first U columns where its regressor columns reach U (coef is 0
+        # past R then), saved as expert_B itself (ZeRO-3 gathers the parameter again for the backward, not a view)
+        if P >= U and column_base is not None:
+            up_source = expert_B
+        else:
+            up_source = _padded_cat([expert_B if P == R else expert_B[:, :R]], 1)
+        up = _first_columns(up_source, U)
         z = xd @ down.t()  # [z | l | pad]
         gates = gate_slope = None
         coef = column_base  # (tokens, W) or None (every column α/r)
@@ -194,29 +207,33 @@ class _MaskedDelta(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
-        mim = None, None, None
-        if mim_regressor is not None:
-            mim = z, (up if up is not expert_B else up.clone()), mim_regressor.clone()
-        ctx.scaling, ctx.dropout, ctx.rank = scaling, dropout, R
-        ctx.save_for_backward(x if keep is None else xd, keep, down, up, column_slope, gate_slope, coef, zc,
+        mim_inputs = (z, expert_B.clone()) if mim else (None, None)
+        ctx.scaling, ctx.dropout, ctx.rank, ctx.B_width, ctx.up_width = scaling, dropout, R, P, U
+        ctx.save_for_backward(x if keep is None else xd, keep, down, up_source, column_slope, gate_slope, coef, zc,
                               z if gates is not None else None)
-        return (base_out, gates) + mim
+        return (base_out, gates) + mim_inputs
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_mim_B, grad_regressor):
-        xd, keep, down, up, column_slope, gate_slope, coef, zc, z = ctx.saved_tensors
-        R, (W, U) = ctx.rank, (down.shape[0], up.shape[1])
+    def backward(ctx, grad_y, _grad_gates, grad_z_mim, grad_mim_B):
+        xd, keep, down, up_source, column_slope, gate_slope, coef, zc, z = ctx.saved_tensors
+        R, P, U, W = ctx.rank, ctx.B_width, ctx.up_width, down.shape[0]
+        up = _first_columns(up_source, U)
         if grad_y is None:
             grad_y = xd.new_zeros(xd.shape[0], up.shape[0])
         grad_coefd = grad_y @ up  # d loss / d (z ⊙ coef), (tokens, U)
-        # B's gradient U wide, sliced to R after MIM's joins it: products whose output is U wide run faster on CPU
-        # BLAS than 31 wide, and the sum of contiguous rows faster than a strided one (in bf16 41 µs against 10)
+        # expert_B's gradient (d_out, P): MIM's (a fresh tensor) with the delta's added on the U columns the
+        # product reads, in one kernel (0 past R, as zc is); without MIM the delta's U wide, sliced to R: products
+        # whose output is U wide run faster on CPU BLAS than 31 wide
         alpha = 1.0 if coef is not None else ctx.scaling
-        if grad_mim_B is not None:  # MIM's gradient joins in the same kernel
-            grad_B = torch.addmm(grad_mim_B, grad_y.t(), zc[:, :U], alpha=alpha)
+        grad_B = grad_mim_B if grad_mim_B is not None else grad_y.new_zeros(grad_y.shape[1], P) if P > R else None
+        if grad_B is not None and U <= P:
+            grad_B[:, :U].addmm_(grad_y.t(), zc[:, :U], alpha=alpha)
         else:
-            grad_B = torch.mm(grad_y.t(), zc[:, :U]) if alpha == 1.0 else (grad_y.t() @ zc[:, :U]).mul_(alpha)
-        grad_B = grad_B[:, :R]
+            delta_B = torch.mm(grad_y.t(), zc[:, :U]) if alpha == 1.0 else (grad_y.t() @ zc[:, :U]).mul_(alpha)
+            if grad_B is None:
+                grad_B = delta_B[:, :R]
+            else:
+                grad_B[:, :R] += delta_B[:, :R]
         # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
         # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
         gated = gate_slope is not None
@@ -240,25 +257,25 @@ class _MaskedDelta(torch.autograd.Function):
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_A = grad_down[:R + gated]
-        return (grad_y, grad_x, grad_A, grad_B, grad_regressor) + (None,) * 4
+        return (grad_y, grad_x, grad_A, grad_B) + (None,) * 6
 
 
 class MaskedMIMInputs(NamedTuple):
-    """What a masked-path layer call leaves for its MIM term (_MaskedDelta's z, B and regressor, the routing's
-    signs and real-token count); mim_loss() computes it together with the other calls of the same shapes."""
+    """What a masked-path layer call leaves for its MIM term (_MaskedDelta's z and expert_B, experts and regressor,
+    the routing's signs and real-token count); mim_loss() computes it together with the other calls of the same
+    shapes."""
     z: torch.Tensor
     expert_B: torch.Tensor
-    regressor: torch.Tensor
     signs: torch.Tensor
     real_tokens: torch.Tensor
     universal_rank: int
-    rank: int  # R, B's expert columns (before its pad)
+    rank: int  # R, B's expert columns (the regressor's follow)
     detach_teacher: bool
 
     def group_key(self) -> tuple:
         # The routing caches one signs tensor (and one real-token count) per input shape: same signs, same rows.
         return (id(self.signs), self.z.shape, self.z.dtype, self.expert_B.shape, self.expert_B.dtype,
-                self.regressor.dtype, self.universal_rank, self.rank, self.detach_teacher)
+                self.universal_rank, self.rank, self.detach_teacher)
 
 
 def mim_loss(terms: list) -> Optional[torch.Tensor]:
@@ -276,7 +293,7 @@ def mim_loss(terms: list) -> Optional[torch.Tensor]:
         first = group[0]
         scalars.append(_GroupMIMLoss.apply(first.signs, first.real_tokens, first.universal_rank, first.rank,
                                            first.detach_teacher, *(t.z for t in group),
-                                           *(t.expert_B for t in group), *(t.regressor for t in group)))
+                                           *(t.expert_B for t in group)))
     if not scalars:
         return None
     return torch.stack(scalars).sum() if len(scalars) > 1 else scalars[0]
@@ -284,8 +301,8 @@ def mim_loss(terms: list) -> Optional[torch.Tensor]:
 
 def _regressed_experts(expert_B: torch.Tensor, regressor: torch.Tensor, universal_rank: int, rank: int,
                        width: int) -> torch.Tensor:
-    """M̃ = [B_U, scale⊙B_task, shift, 0] (layers, d_out, width) from B (layers, d_out, ≥ rank: its zero pad
-    included) and the regressor's rows [shift; scale; var] (layers, 3, d_out): the columns of Z̃ = [−z_U | z_task |
+    """M̃ = [B_U, scale⊙B_task, shift, 0] (layers, d_out, width) from B (layers, d_out, ≥ rank) and the regressor's
+    rows [shift; scale; var] (layers, 3, d_out): the columns of Z̃ = [−z_U | z_task |
     1 | 0] (TaskRouting.mim_signs), zero past R + 1."""
     M = expert_B.new_zeros(*expert_B.shape[:-1], width)
     M[..., :universal_rank] = expert_B[..., :universal_rank]
@@ -308,15 +325,16 @@ class _GroupMIMLoss(torch.autograd.Function):
     teacher is detached — so that z's gradient comes out of one product whole. Batched over the group's layers
     (bmm), computed in fp32 at least (the expansion cancels terms); the regressors transposed to (L, 3, d_out), as
     CPU kernels run a strided column 5-7× slower (softplus of 30 × 384: 144 µs against 20). The gradients are
-    written in the inputs' dtypes directly. Inputs: signs, real_tokens, r, R, detach_teacher, then the L z's, the
-    L B's and the L regressors (_MaskedDelta's outputs, so the gradients go back through that node)."""
+    written in the inputs' dtypes directly, expert_B's one tensor per layer (experts and regressor). Inputs: signs,
+    real_tokens, r, R, detach_teacher, then the L z's and the L expert_B's (_MaskedDelta's outputs, so the
+    gradients go back through that node)."""
 
     @staticmethod
     def forward(ctx, signs, real_tokens, universal_rank, rank, detach_teacher, *tensors):
-        count = len(tensors) // 3
+        count = len(tensors) // 2
         z = torch.stack(tensors[:count])  # (L, T, W)
-        B = _at_least_fp32(torch.stack(tensors[count:2 * count]))  # (L, d_out, U)
-        regressor = _at_least_fp32(torch.stack(tensors[2 * count:]).transpose(1, 2).contiguous())  # (L, 3, d_out)
+        B = _at_least_fp32(torch.stack(tensors[count:]))  # (L, d_out, R + 3): experts, then the regressor
+        regressor = B[..., rank:rank + MIM_COLUMNS].transpose(1, 2).contiguous()  # (L, 3, d_out)
         W, r = z.shape[2], universal_rank
         Z = z.new_empty(count, z.shape[1], signs.shape[1], dtype=_at_least_fp32(z).dtype)  # [−z_U, own z_t, 1, 0]
         torch.mul(z, signs[:, :W], out=Z[..., :W])
@@ -327,7 +345,7 @@ class _GroupMIMLoss(torch.autograd.Function):
         residual_sq = (MC * M).sum(2)  # Σ_t v_c² per layer and channel: the diagonal of M̃·C·M̃ᵀ
         ctx.save_for_backward(signs, real_tokens, B, regressor, M, Z, MC, residual_sq, variance)
         ctx.r, ctx.rank, ctx.detach_teacher = r, rank, detach_teacher
-        ctx.z_width, ctx.dtypes = W, tuple(tensors[i * count].dtype for i in range(3))
+        ctx.z_width, ctx.dtypes = W, (tensors[0].dtype, tensors[count].dtype)
         # fp32 at least, whatever z's dtype: summed over a model's layers MIM is some 57 (mostly ½·log σ²), where a
         # bf16 value moves in steps of 0.25 and its logged trend is lost
         return _vid_value(residual_sq, variance, real_tokens)
@@ -335,7 +353,7 @@ class _GroupMIMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mim):
         signs, tokens, B, regressor, M, Z, MC, residual_sq, variance = ctx.saved_tensors
-        r, R, W, (z_dtype, B_dtype, regressor_dtype) = ctx.r, ctx.rank, ctx.z_width, ctx.dtypes
+        r, R, W, (z_dtype, B_dtype) = ctx.r, ctx.rank, ctx.z_width, ctx.dtypes
         d_out = M.shape[1]
         grad_mim = _at_least_fp32(grad_mim)
         weight = (grad_mim / (tokens * d_out * variance))[..., None]  # d mim / d M̃ = weight ⊙ M̃C, per channel
@@ -346,18 +364,17 @@ class _GroupMIMLoss(torch.autograd.Function):
         if ctx.detach_teacher:
             reach[..., :r] = 0
         grad_z = torch.mul(Z @ reach, signs[:, :W], out=Z.new_empty(Z.shape[0], Z.shape[1], W, dtype=z_dtype))
-        grad_B = B.new_zeros(B.shape, dtype=B_dtype)  # its pad's gradient stays 0
+        grad_B = B.new_zeros(B.shape, dtype=B_dtype)
         torch.mul(MC[..., r:R], weight * regressor[:, PACKED_SCALE, :, None], out=grad_B[..., r:R])
         if not ctx.detach_teacher:
             torch.mul(MC[..., :r], weight, out=grad_B[..., :r])
-        columns = [None] * 3  # (L, d_out) each, stacked into the regressors' (L, d_out, 3) layout
+        columns = [None] * MIM_COLUMNS  # (L, d_out) each, into the regressor's columns of B
         columns[PACKED_SHIFT] = MC[..., R] * weight[..., 0]
         columns[PACKED_SCALE] = (MC[..., r:R] * B[..., r:R]).sum(2) * weight[..., 0]
         columns[PACKED_VAR] = _vid_var_grad(grad_mim, residual_sq, variance, torch.sigmoid(regressor[:, PACKED_VAR]),
                                             tokens)
-        # contiguous per layer, as each regressor is: autograd would copy a strided gradient before accumulating it
-        grad_regressor = torch.stack(columns, 2).to(regressor_dtype)
-        return (None,) * 5 + grad_z.unbind(0) + grad_B.unbind(0) + grad_regressor.unbind(0)
+        grad_B[..., R:R + MIM_COLUMNS] = torch.stack(columns, 2)
+        return (None,) * 5 + grad_z.unbind(0) + grad_B.unbind(0)
 
 
 class _OwnTaskDelta(torch.autograd.Function):
@@ -368,20 +385,20 @@ class _OwnTaskDelta(torch.autograd.Function):
     differentiable)."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, segments, universal_rank, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, segments, universal_rank, rank, scaling, dropout):
         ctx.set_materialize_grads(False)
         r = universal_rank
         keep = None
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        views = _segment_views(segments, expert_A, expert_B, r)
+        views = _segment_views(segments, expert_A, expert_B, r, rank)
         K = r + segments[0][2] - segments[0][1]
         z_and_logit = x.new_empty(x.shape[0], views[0][2][0].shape[0])  # [z | l | pad]
         for _, (start, stop), (A_seg, _) in views:
             torch.mm(xd[start:stop], A_seg.t(), out=z_and_logit[start:stop])
         z = z_and_logit[:, :K]
-        gated = _has_gate_row(expert_A, expert_B)
+        gated = _has_gate_row(expert_A, rank)
         gates, gate_slope = _task_gate(z_and_logit[:, K:K + 1]) if gated else (None, None)
         task_weight = gates[:, 1:].to(x.dtype) if gates is not None else None
         zc = _gated(z, task_weight, r, scaling)
@@ -390,7 +407,7 @@ class _OwnTaskDelta(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
-        ctx.segments, ctx.r, ctx.scaling, ctx.dropout = segments, r, scaling, dropout
+        ctx.segments, ctx.r, ctx.rank, ctx.scaling, ctx.dropout = segments, r, rank, scaling, dropout
         ctx.save_for_backward(x if keep is None else xd, keep, expert_A, expert_B, gate_slope, task_weight, z)
         return base_out, z, gates
 
@@ -402,7 +419,7 @@ class _OwnTaskDelta(torch.autograd.Function):
             grad_y = xd.new_zeros(xd.shape[0], expert_B.shape[0])
         zc = _gated(z, task_weight, r, scaling)
         grad_A, grad_B = torch.zeros_like(expert_A), torch.zeros_like(expert_B)
-        views = _segment_views(ctx.segments, expert_A, expert_B, r)
+        views = _segment_views(ctx.segments, expert_A, expert_B, r, ctx.rank)
         K = z.shape[1]
         grad_zc = z.new_empty(z.shape[0], views[0][2][1].shape[1])
         for _, (start, stop), (_, B_seg) in views:
@@ -433,7 +450,7 @@ class _OwnTaskDelta(torch.autograd.Function):
                 torch.mm(grad_down_out[start:stop], A_seg[:K + gated], out=grad_x[start:stop])
         if grad_x is not None and keep is not None:
             grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
-        return grad_y, grad_x, grad_A, grad_B, None, None, None, None
+        return grad_y, grad_x, grad_A, grad_B, None, None, None, None, None
 
 
 def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int, extra: list = ()) -> torch.Tensor:
@@ -444,11 +461,11 @@ def _own_columns(fused: torch.Tensor, r: int, first: int, last: int, dim: int, e
     return _padded_cat([fused.narrow(dim, 0, r), fused.narrow(dim, first, last - first)] + list(extra), dim)
 
 
-def _segment_views(segments, expert_A, expert_B, r) -> list:
+def _segment_views(segments, expert_A, expert_B, r, rank) -> list:
     """Per segment: its task's columns (a slice), its rows, and (A_seg (K', d_in), B_seg (d_out, K')): A_seg the
-    segment's K = r + r_t rows and the gate row (expert_A's last, where it has one more than B has columns),
+    segment's K = r + r_t rows and the gate row (expert_A's row R, where it has one),
     B_seg its K columns, each zero-padded (_rank_padding)."""
-    gate_row = [expert_A[expert_B.shape[1]:]] if _has_gate_row(expert_A, expert_B) else []
+    gate_row = [expert_A[rank:]] if _has_gate_row(expert_A, rank) else []
     return [(slice(first, last), (start, stop),
              (_own_columns(expert_A, r, first, last, 0, gate_row), _own_columns(expert_B, r, first, last, 1)))
             for _, first, last, start, stop in segments]
@@ -588,20 +605,30 @@ class CLoRAELinear(nn.Module):
         # experts start with weight 0.5.
         self.expert_A = nn.Parameter(torch.zeros(columns + self.uses_gate, d_in, **factory))
         nn.init.kaiming_uniform_(self.expert_A[:columns], a=math.sqrt(5))
-        self.expert_B = nn.Parameter(torch.zeros(d_out, columns, **factory))
+        # With MIM, expert_B's last three columns are the VID regressor [shift | scale | var] (mim_regressor):
+        # mu(D) = scale * D + shift, per-channel variance softplus(var) + eps, starting as the identity with
+        # variance 5. Every parameter tensor costs a step the same fixed work whatever its size (DeepSpeed's bf16
+        # optimiser wrapper some 67 small ops per tensor, ZeRO-2 on a GPU about 17 kernels), so the regressor rides
+        # on expert_B: C-LoRAE then has LoRA's two tensors per layer, and the masked pass's products read the
+        # regressor's columns as their pad (coef is 0 there) instead of a copy with a zero column.
+        self.expert_B = nn.Parameter(torch.zeros(d_out, columns + MIM_COLUMNS * config.uses_mim, **factory))
         if config.uses_mim:
-            # VID regressor mu(D) = scale * D + shift and per-channel variance softplus(var) + eps, one (d_out, 3)
-            # tensor [shift | scale | var]: ZeRO handles every parameter tensor on its own (about 17 kernels each
-            # per step under ZeRO-2 on a GPU), so three small tensors per layer cost more than one.
             init = math.log(math.expm1(MIM_INITIAL_VARIANCE - MIM_EPS))
-            regressor = torch.empty(d_out, 3, **factory)
-            regressor[:, PACKED_SHIFT], regressor[:, PACKED_SCALE], regressor[:, PACKED_VAR] = 0.0, 1.0, init
-            self.mim_regressor = nn.Parameter(regressor)
+            with torch.no_grad():
+                regressor = self.mim_regressor
+                regressor[:, PACKED_SHIFT], regressor[:, PACKED_SCALE], regressor[:, PACKED_VAR] = 0.0, 1.0, init
         self.routing: Optional[TaskRouting] = None
         self._mim_terms: list = []  # scalars (own-task path) and MaskedMIMInputs: mim_loss() sums them
         # Per task, Σ g1 and Σ g2 over the tokens routed with record_stats (their sum counts the tokens)
         self.register_buffer("gate_stats", torch.zeros(n, 2, dtype=torch.float32, device=base.weight.device),
                              persistent=False)
+
+    @property
+    def mim_regressor(self) -> torch.Tensor:
+        """The MIM regressor (d_out, 3), columns [shift | scale | var]: a view of expert_B's last three columns."""
+        if not self.config.uses_mim:
+            raise AttributeError("this layer has no MIM regressor (its config does not use MIM)")
+        return self.expert_B[:, self.expert_columns:]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -613,23 +640,27 @@ class CLoRAELinear(nn.Module):
         return self.base.bias
 
     def split_experts(self, fused_A: torch.Tensor, fused_B: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of fused (R [+ 1], d_in) / (d_out, R) tensors — weights or their gradients — per expert:
-        universal_A (r, d_in), universal_B (d_out, r), task_A (N, r_t, d_in), task_B (N, d_out, r_t), and with a
-        gate gate_row (d_in,), its p."""
+        """Views of fused (R [+ 1], d_in) / (d_out, R [+ 3]) tensors — weights or their gradients — per expert:
+        universal_A (r, d_in), universal_B (d_out, r), task_A (N, r_t, d_in), task_B (N, d_out, r_t), with a
+        gate gate_row (d_in,), its p, and with MIM mim_regressor (d_out, 3)."""
         r, r_t, n, R = self.universal_rank, self.task_rank, self.config.num_tasks, self.expert_columns
         parts = {}
         if r:
             parts["universal_A"], parts["universal_B"] = fused_A[:r], fused_B[:, :r]
         if r_t:
             parts["task_A"] = fused_A[r:R].view(n, r_t, -1)
-            parts["task_B"] = fused_B[:, r:].reshape(-1, n, r_t).permute(1, 0, 2)
+            parts["task_B"] = fused_B[:, r:R].reshape(-1, n, r_t).permute(1, 0, 2)
         if self.uses_gate:
             parts["gate_row"] = fused_A[R]
+        if self.config.uses_mim:
+            parts["mim_regressor"] = fused_B[:, R:]
         return parts
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
-        """The experts' weights (split_experts) and the gate as the paper writes it, W_g (2, d_in) = [−p; p]."""
+        """The experts' weights (split_experts, the MIM regressor left out) and the gate as the paper writes it,
+        W_g (2, d_in) = [−p; p]."""
         weights = self.split_experts(self.expert_A.detach(), self.expert_B.detach())
+        weights.pop("mim_regressor", None)
         if self.uses_gate:
             p = weights.pop("gate_row")
             weights["gate"] = torch.stack([-p, p])
@@ -677,21 +708,23 @@ class CLoRAELinear(nn.Module):
             if self.uses_gate and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
+        R = self.expert_columns
         mim = self.config.uses_mim and self.training and torch.is_grad_enabled()
         if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
             y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], segments,
-                                              self.universal_rank, self.config.scaling, dropout)
+                                              self.universal_rank, R, self.config.scaling, dropout)
             if mim:
+                B = params["expert_B"]
                 self._mim_terms.append(_OwnTaskMIMLoss.apply(
-                    z, routing.token_mask(*shape, x.device, x.dtype), params["expert_B"], self.mim_regressor, segments,
+                    z, routing.token_mask(*shape, x.device, x.dtype), B[:, :R], B[:, R:], segments,
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
-            y, gates, z, mim_B, mim_regressor = _MaskedDelta.apply(
-                base_out, x2, params["expert_A"], params["expert_B"], self.mim_regressor if mim else None,
-                column_base, column_slope, self.config.scaling, dropout)
+            y, gates, z, mim_B = _MaskedDelta.apply(
+                base_out, x2, params["expert_A"], params["expert_B"], R, mim, column_base, column_slope,
+                self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
-                    z, mim_B, mim_regressor,
+                    z, mim_B,
                     routing.mim_signs(*shape, self.universal_rank, self.task_rank, width, x.device),
                     routing.real_token_count(*shape, x.device), self.universal_rank, self.expert_columns,
                     self.config.mim_detach_teacher))

@@ -12,11 +12,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterConfigError, CLoRAEConfig, name_matches
-from .layer import CLoRAELinear, mim_loss
+from .layer import MIM_COLUMNS, CLoRAELinear, mim_loss
 from .routing import TaskRouting
 
-EXPERT_PARAMS = ("expert_A", "expert_B")  # the gate is expert_A's last row
-MIM_PARAMS = ("mim_regressor",)
+EXPERT_PARAMS = ("expert_A", "expert_B")  # the gate is expert_A's last row, the MIM regressor expert_B's last columns
 LEGACY_MIM_PARAMS = ("mim_shift", "mim_scale", "mim_var")  # before one mim_regressor: its columns, in order
 
 
@@ -66,18 +65,18 @@ def is_trainable(model: nn.Module, name: str) -> bool:
     if config is None:
         return True
     owner, _, leaf = name.rpartition(".")
-    if leaf in EXPERT_PARAMS + MIM_PARAMS and isinstance(model.get_submodule(owner), CLoRAELinear):
+    if leaf in EXPERT_PARAMS and isinstance(model.get_submodule(owner), CLoRAELinear):
         return True
     return inside_modules(owner, config.modules_to_save)
 
 
-def parameter_groups(model: torch.nn.Module, lr: float, mim_lr: float, new_module_lr: float,
+def parameter_groups(model: torch.nn.Module, lr: float, new_module_lr: float,
                      weight_decay: float) -> list[dict]:
-    """Adapter experts and gates; MIM regressors; new modules (and, in full fine-tuning, the pretrained
-    weights at `lr`). Only trainable parameters reach the optimiser."""
+    """Adapter experts, gates and MIM regressors; new modules (and, in full fine-tuning, the pretrained weights
+    at `lr`). Only trainable parameters reach the optimiser."""
     patterns = list(getattr(model, "new_module_patterns", ()))
 
-    groups = {"experts": [], "mim": [], "new_modules": [], "pretrained": []}
+    groups = {"experts": [], "new_modules": [], "pretrained": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -85,13 +84,11 @@ def parameter_groups(model: torch.nn.Module, lr: float, mim_lr: float, new_modul
         on_adapter = isinstance(model.get_submodule(owner), CLoRAELinear) if owner else False
         if on_adapter and leaf in EXPERT_PARAMS:
             groups["experts"].append(param)
-        elif on_adapter and leaf in MIM_PARAMS:
-            groups["mim"].append(param)
         elif inside_modules(owner, patterns):
             groups["new_modules"].append(param)
         else:
             groups["pretrained"].append(param)
-    rates = {"experts": lr, "mim": mim_lr, "new_modules": new_module_lr, "pretrained": lr}
+    rates = {"experts": lr, "new_modules": new_module_lr, "pretrained": lr}
     return [{"params": params, "lr": rates[name], "weight_decay": weight_decay, "name": name}
             for name, params in groups.items() if params]
 
@@ -199,7 +196,7 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise AdapterConfigError(f"missing {ADAPTER_WEIGHTS_NAME} in {directory!r}")
-    tensors = _fold_legacy_gate(_pack_legacy_mim(load_file(weights_path)))
+    tensors = _fold_legacy_mim(_fold_legacy_gate(_pack_legacy_mim(load_file(weights_path))))
     params = dict(model.named_parameters())
     expected = {name for name in params if is_trainable(model, name)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -226,6 +223,16 @@ def _pack_legacy_mim(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return tensors
 
 
+def _fold_legacy_mim(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter files written before the MIM regressor became expert_B's last columns hold it apart, as
+    mim_regressor (d_out, 3): appended to expert_B."""
+    for name in [n for n in tensors if n.endswith(".mim_regressor")]:
+        prefix = name[:-len("mim_regressor")]
+        if prefix + "expert_B" in tensors:
+            tensors[prefix + "expert_B"] = torch.cat([tensors[prefix + "expert_B"], tensors.pop(name)], 1)
+    return tensors
+
+
 def _fold_legacy_gate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adapter files written before the gate became expert_A's last row hold it as W_g (2, d_in): its row p (the
     gate softmax([−p·x, p·x]) = softmax(W_g·x), p = (W_g[1] − W_g[0]) / 2) appended to expert_A."""
@@ -245,15 +252,17 @@ def numel(param: torch.Tensor) -> int:
 
 def parameter_report(model: nn.Module) -> dict:
     """Trainable parameters by kind, with the per-layer formula check of method.md §1:
-    (r + N·r_t)(d_in + d_out) + 2·d_in per adapted linear (MIM regressors counted apart), less d_in with a gate:
-    its two rows W_g = [−p; p] are stored as p (CLoRAELinear's _task_gate says why that is the same gate)."""
+    (r + N·r_t)(d_in + d_out) + 2·d_in per adapted linear (MIM regressors counted apart, though stored as expert_B's
+    last 3 columns), less d_in with a gate: its two rows W_g = [−p; p] are stored as p (CLoRAELinear's _task_gate
+    says why that is the same gate)."""
     experts = mim = 0
     expected_experts = 0
     for _, layer in clorae_layers(model):
         c = layer.config
         d_in, d_out = layer.in_features, layer.out_features
-        experts += sum(numel(getattr(layer, p)) for p in EXPERT_PARAMS if getattr(layer, p) is not None)
-        mim += sum(numel(getattr(layer, p)) for p in MIM_PARAMS if hasattr(layer, p))
+        regressor = MIM_COLUMNS * d_out if c.uses_mim else 0
+        experts += sum(numel(getattr(layer, p)) for p in EXPERT_PARAMS if getattr(layer, p) is not None) - regressor
+        mim += regressor
         expected_experts += ((c.rank if c.uses_universal else 0)
                              + (c.num_tasks * c.expert_task_rank if c.uses_task_experts else 0)) * (d_in + d_out) \
             + (d_in if c.uses_gate else 0)

@@ -44,8 +44,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 8e-4  # adapter experts and gate
-    mim_lr: Optional[float] = None  # MIM regressors (default: lr)
+    lr: float = 8e-4  # adapter experts, gate and MIM regressor (one tensor per layer: CLoRAELinear)
     new_module_lr: float = 1e-3  # new modules (cross-attention from an encoder checkpoint, visual side)
     weight_decay: float = 0.0
     warmup_steps: int = 20

@@ -181,8 +181,7 @@ class Trainer:
         self.total_steps = config.schedule.max_steps or steps_per_epoch * config.schedule.epochs
 
         optim = config.optim
-        groups = parameter_groups(self.model, optim.lr, optim.mim_lr or optim.lr, optim.new_module_lr,
-                                  optim.weight_decay)
+        groups = parameter_groups(self.model, optim.lr, optim.new_module_lr, optim.weight_decay)
         self.runner = DeepSpeedRunner(self.model, self.ds_config, groups, optim.betas, optim.warmup_steps,
                                       self.total_steps, optim.decay, self.ctx)
         self.runner.time_phases = config.schedule.time_phases
