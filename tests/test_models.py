@@ -362,12 +362,12 @@ def test_load_adapter_reads_a_file_with_the_three_legacy_mim_vectors(tokenizer_d
 
     def three_vectors(name, tensor):
         parts = separate_regressor(name, tensor)
-        regressor = parts.pop(name[:-len("expert_B")] + "mim_regressor", None) if name.endswith(".expert_B") else None
-        if regressor is None:
-            return parts
         prefix = name[:-len("expert_B")]
-        return {**parts, **{prefix + leaf: regressor[:, column].contiguous()
-                            for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var"))}}
+        regressor = parts.pop(prefix + "mim_regressor", None)
+        if regressor is not None:
+            parts.update({prefix + leaf: regressor[:, column].contiguous()
+                          for column, leaf in enumerate(("mim_shift", "mim_scale", "mim_var"))})
+        return parts
 
     for old, new in load_rewritten_adapter(tokenizer_dir, tmp_path, built, three_vectors):
         torch.testing.assert_close(new.expert_B, old.expert_B)

@@ -225,15 +225,17 @@ class _MaskedDelta(torch.autograd.Function):
         # product reads, in one kernel (0 past R, as zc is); without MIM the delta's U wide, sliced to R: products
         # whose output is U wide run faster on CPU BLAS than 31 wide
         alpha = 1.0 if coef is not None else ctx.scaling
-        grad_B = grad_mim_B if grad_mim_B is not None else grad_y.new_zeros(grad_y.shape[1], P) if P > R else None
-        if grad_B is not None and U <= P:
-            grad_B[:, :U].addmm_(grad_y.t(), zc[:, :U], alpha=alpha)
+        if P == R:  # no regressor columns (no MIM)
+            grad_B = grad_y.t() @ zc[:, :U]
+            if alpha != 1.0:
+                grad_B.mul_(alpha)
+            grad_B = grad_B[:, :R]
         else:
-            delta_B = torch.mm(grad_y.t(), zc[:, :U]) if alpha == 1.0 else (grad_y.t() @ zc[:, :U]).mul_(alpha)
-            if grad_B is None:
-                grad_B = delta_B[:, :R]
-            else:
-                grad_B[:, :R] += delta_B[:, :R]
+            grad_B = grad_mim_B if grad_mim_B is not None else grad_y.new_zeros(grad_y.shape[1], P)
+            if U <= P:
+                grad_B[:, :U].addmm_(grad_y.t(), zc[:, :U], alpha=alpha)
+            else:  # a zero pad wider than the regressor's columns: the delta's gradient reaches the R expert columns
+                grad_B[:, :R].addmm_(grad_y.t(), zc[:, :R], alpha=alpha)
         # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
         # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
         gated = gate_slope is not None
