@@ -29,6 +29,14 @@ def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
     return layer
 
 
+def use_gpu_paths(monkeypatch):
+    """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths without a zero pad,
+    torch.native_dropout, the tanh-form gate (layer._gate_form)."""
+    monkeypatch.setattr(layer_module, "_rank_padding", lambda width, tensor: 0)
+    monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ())
+    monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
+
+
 def eq8_by_hand(layer, x, task_ids):
     """y = W0·x + b + (α/r)·(g1·B_U·A_U·x + g2·B_n·A_n·x) from expert_weights() alone."""
     w = layer.expert_weights()
@@ -46,7 +54,10 @@ def eq8_by_hand(layer, x, task_ids):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
-def test_output_equals_eq8_from_expert_weights(mode, case):
+@pytest.mark.parametrize("kernels", ["cpu", "gpu"])
+def test_output_equals_eq8_from_expert_weights(mode, case, kernels, monkeypatch):
+    if kernels == "gpu":
+        use_gpu_paths(monkeypatch)
     order, path = PATHS[case]
     layer = make_layer(mode, expert_path=path).eval()
     task_ids = torch.tensor(ORDERS[order])
@@ -73,11 +84,11 @@ RANKS = {"R12": {"rank": 6}, "R8": {"rank": 2, "task_rank": 2}}
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
 @pytest.mark.parametrize("ranks", RANKS)
-@pytest.mark.parametrize("padding", ["cpu", "none"])
-def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, padding, monkeypatch):
-    """padding none: the rank-space widths a GPU runs (no zero columns), exercised here on the CPU."""
-    if padding == "none":
-        monkeypatch.setattr(layer_module, "_rank_padding", lambda width, tensor: 0)
+@pytest.mark.parametrize("kernels", ["cpu", "gpu"])
+def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, kernels, monkeypatch):
+    """kernels gpu: the rank-space widths (no zero columns) and the gate form a GPU runs, here on the CPU."""
+    if kernels == "gpu":
+        use_gpu_paths(monkeypatch)
     order, path = PATHS[case]
     layer = make_layer(mode, mim_detach_teacher=False, expert_path=path, **RANKS[ranks]).train()
     task_ids = torch.tensor(ORDERS[order])
@@ -177,12 +188,12 @@ def direct_vid(layer, x, task_ids, real, detach_teacher=False):
 
 
 @pytest.mark.parametrize("case", PATHS)
-@pytest.mark.parametrize("mode,padding", [("clorae", "cpu"), ("clorae", "none"), ("no_gate", "cpu"), ("no_gate", "none")])
-def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(case, mode, padding, monkeypatch):
+@pytest.mark.parametrize("mode,kernels", [("clorae", "cpu"), ("clorae", "gpu"), ("no_gate", "cpu"), ("no_gate", "gpu")])
+def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(case, mode, kernels, monkeypatch):
     """The masked path's MIM puts its constant column in z's first column past the experts' (the gate's or a
-    pad) and adds one only where there is none: no gate and no pad (padding none, as on a GPU)."""
-    if padding == "none":
-        monkeypatch.setattr(layer_module, "_rank_padding", lambda width, tensor: 0)
+    pad) and adds one only where there is none: no gate and no pad (as on a GPU)."""
+    if kernels == "gpu":
+        use_gpu_paths(monkeypatch)
     order, path = PATHS[case]
     layer = make_layer(mode, mim_detach_teacher=False, expert_path=path).train()
     with torch.no_grad():
@@ -396,6 +407,36 @@ def test_routing_stats_track_gate_weight_per_task():
     with task_routing(model, torch.tensor([1, 1]), record_stats=True):
         layer(x)
     assert routing_stats(model)["0"][1].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_tanh_form_gate_gives_the_softmax_gates_outputs_gradients_and_statistics(dtype, monkeypatch):
+    """The masked path's gate as a GPU computes it, s = tanh(l) with column weights α/2r·(1 ± s), against the
+    row-wise softmax the CPU runs: the same layer output, parameter and input gradients, and gate statistics."""
+    layer = make_layer("clorae", dtype=dtype, d_in=16, d_out=24, expert_path="masked").train()
+    x = torch.randn(3, 5, 16, dtype=torch.float64).to(dtype)
+    task_ids = torch.tensor([2, 0, 1])
+
+    def run():
+        fresh = copy.deepcopy(layer)
+        x_in = x.clone().requires_grad_()
+        with task_routing(fresh, task_ids, record_stats=True):
+            y = fresh(x_in)
+            mim = collect_mim_loss(fresh)
+        (y.float().square().mean() + mim).backward()
+        return y, x_in.grad, fresh.expert_A.grad, fresh.expert_B.grad, routing_stats(nn.Sequential(fresh))["0"]
+
+    softmax_form = run()
+    monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
+    tanh_form = run()
+    tolerance = {} if dtype == torch.float64 else {"atol": 0.02, "rtol": 0.02}
+    for name, want, got in zip(["y", "x grad", "expert_A grad", "expert_B grad", "gate statistics"], softmax_form,
+                               tanh_form):
+        if name == "gate statistics" or dtype == torch.float64:
+            torch.testing.assert_close(got, want, msg=name, **tolerance)
+        else:  # bf16 gradients: the two forms round differently, so compare them as a whole
+            assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm(), name
+    assert 0.2 < softmax_form[-1].mean().item() < 0.8 and softmax_form[-1].std() > 0.01  # a gate far from 0.5
 
 
 def test_gate_row_trains_as_the_two_row_gate_under_adam():

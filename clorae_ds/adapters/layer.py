@@ -133,6 +133,13 @@ def _has_gate_row(expert_A: torch.Tensor, rank: int) -> bool:
 _LOGIT_PAIRS: dict = {}  # per device, fp32 [−1, 1]: a logit column times it is [−l, l]
 
 
+def _logit_pair(device: torch.device) -> torch.Tensor:
+    pair = _LOGIT_PAIRS.get(device)
+    if pair is None:
+        pair = _LOGIT_PAIRS[device] = torch.tensor([-1.0, 1.0], device=device)
+    return pair
+
+
 def _task_gate(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """((g1, g2) (tokens, 2), 2·g1·g2 (tokens, 1)), fp32 at least, from l = p·x (tokens, 1), the gate row's column
     of a down-projection's output: the expert-motivated gate softmax(W_g·x) with W_g = [−p; p] is softmax([−l, l]),
@@ -143,11 +150,27 @@ def _task_gate(logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     [−l, l] is l times an fp32 [−1, 1] (one kernel, which also promotes a bf16 l), and the softmax runs along each
     row of that (tokens, 2) tensor, so that a sample's gate does not depend on its batch: a sigmoid vectorised along
     the tokens rounds a row by its position (vector body or scalar tail)."""
-    pair = _LOGIT_PAIRS.get(logit.device)
-    if pair is None:
-        pair = _LOGIT_PAIRS[logit.device] = torch.tensor([-1.0, 1.0], device=logit.device)
-    gates = torch.softmax(logit * pair, dim=-1)
+    gates = torch.softmax(logit * _logit_pair(logit.device), dim=-1)
     return gates, gates.prod(1, keepdim=True).mul_(2.0)
+
+
+SOFTMAX_GATE_DEVICES = ("cpu",)  # where the masked path's gate is _task_gate's row-wise softmax
+
+
+def _gate_form(x: torch.Tensor) -> str:
+    """How the masked path computes its gate on x's device: "softmax" (_task_gate) on CPU, where a vectorised
+    elementwise kernel rounds a row by its position; elsewhere "tanh": s = tanh(l) = g2 − g1 = 2·g2 − 1 in one
+    kernel in the logit's dtype, the column weights α/2r·(1 ± s) (TaskRouting.column_coefficients) and
+    ds/dl = 1 − s² by one tanh_backward, where the softmax form takes five kernels (a GPU step of these sizes is
+    launch-bound; on CUDA an elementwise kernel computes each element alike wherever it lies)."""
+    return "softmax" if x.device.type in SOFTMAX_GATE_DEVICES else "tanh"
+
+
+def _gate_pair(gates: torch.Tensor) -> torch.Tensor:
+    """(g1, g2) (tokens, 2), fp32 at least, from a pass's gates: (g1, g2) already, or the tanh form's s."""
+    if gates.shape[1] == 2:
+        return gates
+    return (_at_least_fp32(gates) * _logit_pair(gates.device)).add_(1.0).mul_(0.5)
 
 
 def _vid_value(residual_sq: torch.Tensor, variance: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -164,15 +187,17 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 
 class _MaskedDelta(torch.autograd.Function):
     """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; p]ᵀ (expert_A, its gate row p last
-    where it has one) and coef = column_base + g2·column_slope (TaskRouting.column_coefficients: α/r·g1 on the
-    universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]). Every
+    where it has one) and coef = column_base + s·column_slope (TaskRouting.column_coefficients: α/r·g1 on the
+    universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]), s = g2
+    or tanh(l) as _gate_form says for the device. Every
     rank-space tensor is as wide as the down-projection's output W (R expert columns, the gate's column,
     _rank_padding's zeros), coef 0 past R, so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
     contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
     U = R + _rank_padding(R) ≤ W: where expert_B carries the MIM regressor's columns after its R expert columns
     (CLoRAELinear) and U ≤ R + 3, those columns are the pad, as coef is 0 past R (0 × a finite weight is 0 in the
     product, and the gradient there is 0); otherwise a zero pad is joined. Returns (y, gates, z, mim_B): gates
-    (tokens, 2) each token's (g1, g2) for routing statistics (not differentiable); with `mim`, what this layer's MIM
+    each token's (g1, g2) (tokens, 2) or s = tanh(l) (tokens, 1) for routing statistics (_gate_pair; not
+    differentiable); with `mim`, what this layer's MIM
     term needs, which _GroupMIMLoss reads for a group of layers at once: the down-projection's output
     [z | l | pad] (tokens, W) and expert_B, experts and regressor, (d_out, R + 3), fresh tensors, never the
     parameter (ZeRO-3 releases it after the layer's forward). Their gradients come back into this node's backward
@@ -199,7 +224,10 @@ class _MaskedDelta(torch.autograd.Function):
         z = xd @ down.t()  # [z | l | pad]
         gates = gate_slope = None
         coef = column_base  # (tokens, W) or None (every column α/r)
-        if gated:
+        if gated and _gate_form(x) == "tanh":  # gate_slope holds s itself: ds/dl = 1 − s² (tanh_backward)
+            gates = gate_slope = torch.tanh(z[:, R:R + 1])
+            coef = torch.addcmul(column_base, gates, column_slope)
+        elif gated:
             gates, gate_slope = _task_gate(z[:, R:R + 1])
             coef = torch.addcmul(column_base, _per_row(gates[:, 1:], column_slope), column_slope)
         zc = z * coef if coef is not None else z  # 0 past R: the gate's column and the pad
@@ -209,6 +237,7 @@ class _MaskedDelta(torch.autograd.Function):
             ctx.mark_non_differentiable(gates)
         mim_inputs = (z, expert_B.clone()) if mim else (None, None)
         ctx.scaling, ctx.dropout, ctx.rank, ctx.B_width, ctx.up_width = scaling, dropout, R, P, U
+        ctx.tanh_gate = gated and _gate_form(x) == "tanh"
         ctx.save_for_backward(x if keep is None else xd, keep, down, up_source, column_slope, gate_slope, coef, zc,
                               z if gates is not None else None)
         return (base_out, gates) + mim_inputs
@@ -249,9 +278,12 @@ class _MaskedDelta(torch.autograd.Function):
             torch.addcmul(grad_z_mim[:, :U], grad_coefd, coef[:, :U], out=grad_z)
         else:
             torch.add(grad_z_mim[:, :U], grad_coefd, alpha=ctx.scaling, out=grad_z)
-        if gated:  # d loss / d g2 = Σ over the token's columns of d loss / d coef · d coef / d g2, times dg2/dl
-            grad_prob = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
-            torch.mul(grad_prob, gate_slope, out=grad_down_out[:, R:R + 1])
+        if gated:  # d loss / d s = Σ over the token's columns of d loss / d coef · d coef / d s, times ds/dl
+            grad_gate = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
+            if ctx.tanh_gate:
+                torch.ops.aten.tanh_backward.grad_input(grad_gate, gate_slope, grad_input=grad_down_out[:, R:R + 1])
+            else:
+                torch.mul(grad_gate, gate_slope, out=grad_down_out[:, R:R + 1])
         grad_down = grad_down_out.t() @ xd  # A's gradient and the gate row's: all of it without a pad
         grad_x = None
         if ctx.needs_input_grad[1]:
@@ -705,8 +737,8 @@ class CLoRAELinear(nn.Module):
             if segments is None:
                 width = self._masked_width(x)
                 column_base, column_slope = routing.column_coefficients(
-                    *shape, self.universal_rank, self.task_rank, self.config.scaling, self.uses_gate, width,
-                    x.device, x.dtype)
+                    *shape, self.universal_rank, self.task_rank, self.config.scaling,
+                    _gate_form(x) if self.uses_gate else None, width, x.device, x.dtype)
             if self.uses_gate and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
@@ -731,7 +763,7 @@ class CLoRAELinear(nn.Module):
                     routing.real_token_count(*shape, x.device), self.universal_rank, self.expert_columns,
                     self.config.mim_detach_teacher))
         if one_hot is not None:  # addmm_: no Module.__setattr__
-            self.gate_stats.addmm_(one_hot.t(), gates.to(one_hot.dtype))
+            self.gate_stats.addmm_(one_hot.t(), _gate_pair(gates).to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
     def _masked_width(self, x: torch.Tensor) -> int:

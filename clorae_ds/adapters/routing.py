@@ -75,21 +75,25 @@ class TaskRouting:
         return self._cache[key]
 
     def column_coefficients(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int,
-                            scaling: float, gated: bool, width: int, device,
+                            scaling: float, gate: Optional[str], width: int, device,
                             dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(base, slope), each (tokens, width), such that the masked path's per-token column weights are
-        base + g2·slope: α/r·g1 = α/r·(1 − g2) on the universal columns, α/r·g2 on the token's own task columns,
-        0 on every other task's columns and on the columns past r + N·r_t (the layer's gate column and pad).
-        Without a gate, (α/r on the token's columns, None)."""
-        key = ("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gated, width, str(device),
+        base + s·slope, with s the gate's value: α/r·g1 = α/r·(1 − g2) on the universal columns, α/r·g2 on the
+        token's own task columns, 0 on every other task's columns and on the columns past r + N·r_t (the layer's
+        gate column and pad). `gate` "softmax": s = g2; "tanh": s = tanh(l) = 2·g2 − 1 (so base is α/2r on all
+        the token's columns, slope ∓α/2r). Without a gate (None), (α/r on the token's columns, None)."""
+        key = ("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gate, width, str(device),
                dtype)
         if key not in self._cache:
             mask = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
             mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
-            if gated:
+            if gate is not None:
                 universal = torch.arange(mask.shape[1], device=device) < universal_rank
-                base = mask * (universal * scaling)
-                slope = mask * torch.where(universal, -scaling, scaling)
+                if gate == "tanh":  # α/r·g2 = α/2r·(1 + s), α/r·g1 = α/2r·(1 − s)
+                    base, step = mask * (scaling / 2), scaling / 2
+                else:
+                    base, step = mask * (universal * scaling), scaling
+                slope = mask * torch.where(universal, -step, step)
                 self._cache[key] = (base.to(dtype), slope.to(dtype))
             else:
                 self._cache[key] = ((mask * scaling).to(dtype), None)
