@@ -378,10 +378,13 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
     else:
         lines.append(f"not run: {q.get('skipped') or q.get('error', '')[-800:]}")
-    lines += ["", "## 4. Adapter benchmark (bf16)", "", "| args | C-LoRAE/peft | without MIM | unsorted |", "|---|---|---|---|"]
+    lines += ["", "## 4. Adapter benchmark (bf16)", "",
+              "| args | C-LoRAE/peft | without MIM | unsorted | widths aligned to 8 | aligned, without MIM |",
+              "|---|---|---|---|---|---|"]
     for r in report.get("adapter_bench", []):
         lines.append(f"| {' '.join(r['args'])} | {r.get('clorae_over_peft_lora', r.get('skipped', 'error'))} | "
-                     f"{r.get('clorae_without_mim_over_peft_lora', '')} | {r.get('clorae_unsorted_over_peft_lora', '')} |")
+                     f"{r.get('clorae_without_mim_over_peft_lora', '')} | {r.get('clorae_unsorted_over_peft_lora', '')} | "
+                     f"{r.get('clorae_aligned_over_peft_lora', '')} | {r.get('clorae_aligned_without_mim_over_peft_lora', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,8 @@ ADAPTER_ARMS = [("clorae", "C-LoRAE (MIM on)"), ("clorae_without_mim", "C-LoRAE 
                 ("clorae_own_task", "own-task path (MIM on)"), ("clorae_own_task_without_mim", "own-task path without MIM"),
                 ("clorae_masked", "masked pass (MIM on)"), ("clorae_masked_without_mim", "masked pass without MIM"),
                 ("clorae_unsorted_batch", "C-LoRAE, unsorted batch"), ("universal_only", "our universal_only (= LoRA)"),
-                ("per_task_loop", "per-task loop (no MIM)")]
+                ("per_task_loop", "per-task loop (no MIM)"), ("clorae_aligned", "rank widths aligned to 8 (MIM on)"),
+                ("clorae_aligned_without_mim", "aligned to 8, without MIM")]
 
 
 def run(key: str) -> dict:
@@ -101,7 +102,10 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU rank-space widths run padded with zeros "
               "to a multiple of 8: MKL runs odd widths up to 2x slower, and the masked pass keeps its whole rank space "
               "that wide, so that its elementwise work reads whole rows (a strided bf16 operand runs 4-8x slower on "
-              "CPU). On a GPU the small shape "
+              "CPU). A GPU runs them unpadded (`RANK_ALIGNMENT` in clorae_ds/adapters/layer.py), where bench_adapter "
+              "adds two arms with them padded to a multiple of 8, as the tensor cores' kernels want 16-byte aligned "
+              "operands and R = 127 makes every adapter product's width odd: padding costs the small shape kernels "
+              "(none with MIM, whose regressor columns serve as the pad; 4 a layer call without). On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
               "counts kernels."]
     if "universal_only" in arms:

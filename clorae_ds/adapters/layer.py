@@ -90,11 +90,16 @@ def _dropout_grad(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Ten
     return grad.mul_(mask)
 
 
+RANK_ALIGNMENT = {"cpu": 8}  # per device type, the multiple rank-space widths are zero-padded to (none elsewhere)
+
+
 def _rank_padding(width: int, tensor: torch.Tensor) -> int:
-    """Zero columns to add to a rank-space width: up to a multiple of 8 on CPU, where MKL runs a product whose
-    output is 31 or 85 wide up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide down-projection at
-    700 × 384 tokens: 461 µs against 229 µs padded, copy included); none elsewhere (not measured there)."""
-    return -width % 8 if tensor.device.type == "cpu" else 0
+    """Zero columns to add to a rank-space width, up to a multiple of RANK_ALIGNMENT on the tensor's device: on CPU,
+    where MKL runs a product whose output is 31 or 85 wide up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide
+    down-projection at 700 × 384 tokens: 461 µs against 229 µs padded, copy included). None elsewhere by default:
+    on a GPU the padding costs kernels at launch-bound shapes, and whether the tensor cores' 16-byte alignment
+    wins them back at large ones is for bench_adapter's aligned arms to measure there."""
+    return -width % RANK_ALIGNMENT.get(tensor.device.type, 1)
 
 
 def _zeros_along(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
