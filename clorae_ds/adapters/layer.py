@@ -229,7 +229,8 @@ class _MaskedDelta(torch.autograd.Function):
         z = xd @ down.t()  # [z | l | pad]
         gates = gate_slope = None
         coef = column_base  # (tokens, W) or None (every column α/r)
-        if gated and _gate_form(x) == "tanh":  # gate_slope holds s itself: ds/dl = 1 − s² (tanh_backward)
+        tanh_gate = gated and _gate_form(x) == "tanh"
+        if tanh_gate:  # gate_slope holds s itself: ds/dl = 1 − s² (tanh_backward)
             gates = gate_slope = torch.tanh(z[:, R:R + 1])
             coef = torch.addcmul(column_base, gates, column_slope)
         elif gated:
@@ -242,7 +243,7 @@ class _MaskedDelta(torch.autograd.Function):
             ctx.mark_non_differentiable(gates)
         mim_inputs = (z, expert_B.clone()) if mim else (None, None)
         ctx.scaling, ctx.dropout, ctx.rank, ctx.B_width, ctx.up_width = scaling, dropout, R, P, U
-        ctx.tanh_gate = gated and _gate_form(x) == "tanh"
+        ctx.tanh_gate = tanh_gate
         ctx.save_for_backward(x if keep is None else xd, keep, down, up_source, column_slope, gate_slope, coef, zc,
                               z if gates is not None else None)
         return (base_out, gates) + mim_inputs
