@@ -103,18 +103,15 @@ ALIGNMENT = 8  # the aligned arms' rank-space multiple: 16 bytes of bf16, the te
 def aligned(step, device_type: str):
     """step with the layer's rank-space widths zero-padded to a multiple of ALIGNMENT on this device (as on CPU):
     R = 127 expert columns (r 64, N 3, r_t 21) make every adapter product's width odd, which the tensor cores'
-    kernels want 16-byte aligned; the padding costs a few kernels a layer call. The setting is the layer's
-    per-device table, switched for this arm's calls only."""
+    kernels want 16-byte aligned; the padding costs a few kernels a layer call. The layer's per-device table is
+    swapped for this arm's calls only."""
     def run():
-        previous = layer_module.RANK_ALIGNMENT.get(device_type)
-        layer_module.RANK_ALIGNMENT[device_type] = ALIGNMENT
+        table = layer_module.RANK_ALIGNMENT
+        layer_module.RANK_ALIGNMENT = {**table, device_type: ALIGNMENT}
         try:
             step()
         finally:
-            if previous is None:
-                del layer_module.RANK_ALIGNMENT[device_type]
-            else:
-                layer_module.RANK_ALIGNMENT[device_type] = previous
+            layer_module.RANK_ALIGNMENT = table
     return run
 
 

@@ -32,7 +32,7 @@ def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
 def use_gpu_paths(monkeypatch):
     """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths without a zero pad,
     torch.native_dropout, the tanh-form gate (layer._gate_form)."""
-    monkeypatch.setattr(layer_module, "_rank_padding", lambda width, tensor: 0)
+    monkeypatch.setattr(layer_module, "RANK_ALIGNMENT", {})
     monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ())
     monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
 

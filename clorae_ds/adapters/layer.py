@@ -194,7 +194,7 @@ class _MaskedDelta(torch.autograd.Function):
     """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; p]ᵀ (expert_A, its gate row p last
     where it has one) and coef = column_base + s·column_slope (TaskRouting.column_coefficients: α/r·g1 on the
     universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]), s = g2
-    or tanh(l) as _gate_form says for the device. Every
+    or tanh(l) as gate_form says (_gate_form's "softmax" or "tanh"; None without a gate row). Every
     rank-space tensor is as wide as the down-projection's output W (R expert columns, the gate's column,
     _rank_padding's zeros), coef 0 past R, so that their elementwise work runs on whole rows: CPU kernels run a strided bf16 operand 4-8× slower than a
     contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
@@ -210,13 +210,14 @@ class _MaskedDelta(torch.autograd.Function):
     when ZeRO-3 has gathered it."""
 
     @staticmethod
-    def forward(ctx, base_out, x, expert_A, expert_B, rank, mim, column_base, column_slope, scaling, dropout):
+    def forward(ctx, base_out, x, expert_A, expert_B, rank, mim, column_base, column_slope, gate_form, scaling,
+                dropout):
         ctx.set_materialize_grads(False)
         keep = None
         xd = x
         if dropout > 0:
             xd, keep = _dropout(x, dropout)
-        R, gated = rank, _has_gate_row(expert_A, rank)
+        R, gated = rank, gate_form is not None
         down = _padded_cat([expert_A], 0)  # [A | gate row | zero pad], (W, d_in)
         U, P = R + _rank_padding(R, expert_B), expert_B.shape[1]
         # [B | pad] (d_out, U), U ≤ W: expert_B's first U columns where its regressor columns reach U (coef is 0
@@ -229,7 +230,7 @@ class _MaskedDelta(torch.autograd.Function):
         z = xd @ down.t()  # [z | l | pad]
         gates = gate_slope = None
         coef = column_base  # (tokens, W) or None (every column α/r)
-        tanh_gate = gated and _gate_form(x) == "tanh"
+        tanh_gate = gate_form == "tanh"
         if tanh_gate:  # gate_slope holds s itself: ds/dl = 1 − s² (tanh_backward)
             gates = gate_slope = torch.tanh(z[:, R:R + 1])
             coef = torch.addcmul(column_base, gates, column_slope)
@@ -297,7 +298,7 @@ class _MaskedDelta(torch.autograd.Function):
             if keep is not None:
                 grad_x = _dropout_grad(grad_x, keep, ctx.dropout)
         grad_A = grad_down[:R + gated]
-        return (grad_y, grad_x, grad_A, grad_B) + (None,) * 6
+        return (grad_y, grad_x, grad_A, grad_B) + (None,) * 7
 
 
 class MaskedMIMInputs(NamedTuple):
@@ -726,6 +727,7 @@ class CLoRAELinear(nn.Module):
         if base_out._base is not None:  # a view (e.g. from a hook): the delta is added in place below
             base_out = base_out.clone()
         column_base = column_slope = width = one_hot = segments = None
+        gate_form = _gate_form(x) if self.uses_gate else None  # the masked pass's; its coefficients follow it
         if self.task_rank:
             if task_ids is not None:
                 routing = TaskRouting(task_ids, self.config.num_tasks, record_stats=True)
@@ -743,8 +745,8 @@ class CLoRAELinear(nn.Module):
             if segments is None:
                 width = self._masked_width(x)
                 column_base, column_slope = routing.column_coefficients(
-                    *shape, self.universal_rank, self.task_rank, self.config.scaling,
-                    _gate_form(x) if self.uses_gate else None, width, x.device, x.dtype)
+                    *shape, self.universal_rank, self.task_rank, self.config.scaling, gate_form, width, x.device,
+                    x.dtype)
             if self.uses_gate and routing.record_stats:
                 one_hot = routing.one_hot(*shape, x.device, self.gate_stats.dtype)
         dropout = self.config.dropout if self.training else 0.0
@@ -760,7 +762,7 @@ class CLoRAELinear(nn.Module):
                     self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
         else:
             y, gates, z, mim_B = _MaskedDelta.apply(
-                base_out, x2, params["expert_A"], params["expert_B"], R, mim, column_base, column_slope,
+                base_out, x2, params["expert_A"], params["expert_B"], R, mim, column_base, column_slope, gate_form,
                 self.config.scaling, dropout)
             if mim:
                 self._mim_terms.append(MaskedMIMInputs(
