@@ -104,8 +104,10 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "that wide, so that its elementwise work reads whole rows (a strided bf16 operand runs 4-8x slower on "
               "CPU). A GPU runs them unpadded (`RANK_ALIGNMENT` in clorae_ds/adapters/layer.py), where bench_adapter "
               "adds two arms with them padded to a multiple of 8, as the tensor cores' kernels want 16-byte aligned "
-              "operands and R = 127 makes every adapter product's width odd: padding costs the small shape kernels "
-              "(none with MIM, whose regressor columns serve as the pad; 4 a layer call without). On a GPU the small shape "
+              "operands and R = 127 makes every adapter product's width odd; with MIM expert_B's rows are R + 3 = 130 "
+              "wide too, so MIM's copy of it is made with rows 136 apart (the products read that copy) and B's gradient "
+              "comes from a fresh aligned product and one add: padding costs the small shape a kernel a layer call "
+              "with MIM, 4 without. On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
               "counts kernels."]
     if "universal_only" in arms:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError, apply_clorae,
                                 collect_mim_loss, parameter_report, routing_stats, task_routing)
@@ -29,10 +30,12 @@ def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
     return layer
 
 
-def use_gpu_paths(monkeypatch):
-    """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths without a zero pad,
+def use_gpu_paths(monkeypatch, kernels: str = "gpu"):
+    """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths without a zero pad (kernels
+    "gpu") or padded to 8 with products written into aligned rows ("gpu_aligned", bench_adapter's aligned arms),
     torch.native_dropout, the tanh-form gate (layer._gate_form)."""
-    monkeypatch.setattr(layer_module, "RANK_ALIGNMENT", {})
+    monkeypatch.setattr(layer_module, "RANK_ALIGNMENT", {"cpu": 8} if kernels == "gpu_aligned" else {})
+    monkeypatch.setattr(layer_module, "UNALIGNED_OUTPUT_DEVICES", ())
     monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ())
     monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
 
@@ -84,11 +87,11 @@ RANKS = {"R12": {"rank": 6}, "R8": {"rank": 2, "task_rank": 2}}
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
 @pytest.mark.parametrize("ranks", RANKS)
-@pytest.mark.parametrize("kernels", ["cpu", "gpu"])
+@pytest.mark.parametrize("kernels", ["cpu", "gpu", "gpu_aligned"])
 def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, kernels, monkeypatch):
-    """kernels gpu: the rank-space widths (no zero columns) and the gate form a GPU runs, here on the CPU."""
-    if kernels == "gpu":
-        use_gpu_paths(monkeypatch)
+    """kernels gpu / gpu_aligned: the rank-space widths and the gate form a GPU runs, here on the CPU."""
+    if kernels != "cpu":
+        use_gpu_paths(monkeypatch, kernels)
     order, path = PATHS[case]
     layer = make_layer(mode, mim_detach_teacher=False, expert_path=path, **RANKS[ranks]).train()
     task_ids = torch.tensor(ORDERS[order])
@@ -188,12 +191,13 @@ def direct_vid(layer, x, task_ids, real, detach_teacher=False):
 
 
 @pytest.mark.parametrize("case", PATHS)
-@pytest.mark.parametrize("mode,kernels", [("clorae", "cpu"), ("clorae", "gpu"), ("no_gate", "cpu"), ("no_gate", "gpu")])
+@pytest.mark.parametrize("mode,kernels", [("clorae", "cpu"), ("clorae", "gpu"), ("clorae", "gpu_aligned"),
+                                          ("no_gate", "cpu"), ("no_gate", "gpu")])
 def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(case, mode, kernels, monkeypatch):
     """The masked path's MIM puts its constant column in z's first column past the experts' (the gate's or a
     pad) and adds one only where there is none: no gate and no pad (as on a GPU)."""
-    if kernels == "gpu":
-        use_gpu_paths(monkeypatch)
+    if kernels != "cpu":
+        use_gpu_paths(monkeypatch, kernels)
     order, path = PATHS[case]
     layer = make_layer(mode, mim_detach_teacher=False, expert_path=path).train()
     with torch.no_grad():
@@ -437,6 +441,44 @@ def test_tanh_form_gate_gives_the_softmax_gates_outputs_gradients_and_statistics
         else:  # bf16 gradients: the two forms round differently, so compare them as a whole
             assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm(), name
     assert 0.2 < softmax_form[-1].mean().item() < 0.8 and softmax_form[-1].std() > 0.01  # a gate far from 0.5
+
+
+class MatrixProducts(TorchDispatchMode):
+    """Every 2-D matrix product's operands and output, as (name, tensor) pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.operands = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "addmm", "addmm_"):
+            name = func.overloadpacket.__name__
+            self.operands += [(name, t) for t in (*args, out) if isinstance(t, torch.Tensor) and t.dim() == 2]
+        return out
+
+
+@pytest.mark.parametrize("mim_beta", [0.01, 0.0])
+@pytest.mark.parametrize("rank", [15, 6])
+def test_aligned_products_read_and_write_rows_a_multiple_of_8_apart(rank, mim_beta, monkeypatch):
+    """Where a device pads rank-space widths to 8 (bench_adapter's aligned arms on a GPU: tensor cores want
+    16-byte aligned rows), every product of the masked pass, forward and backward, reads and writes rows a
+    multiple of 8 elements apart from an aligned start — expert_B's R + 3 columns included, through MIM's
+    aligned copy and its gradient's fresh product. Rank 15: R = 30 expert columns, read 32 wide, the regressor's
+    columns making 33 (as r 64 makes 127, 128 and 130); rank 6: R = 12, read 16 wide, past expert_B's 15."""
+    use_gpu_paths(monkeypatch, "gpu_aligned")
+    layer = make_layer("clorae", dtype=torch.float32, d_in=16, d_out=24, expert_path="masked", mim_beta=mim_beta,
+                       rank=rank)
+    x = torch.randn(3, 8, 16, requires_grad=True)
+    with MatrixProducts() as products:
+        with task_routing(layer, torch.tensor([2, 0, 1])):
+            y = layer(x)
+            mim = collect_mim_loss(layer)
+        (y.square().mean() + (0 if mim is None else mim)).backward()
+    assert len(products.operands) >= 12  # base, down and up products forward; five adapter products backward
+    for name, t in products.operands:
+        row_stride = t.stride(0) if t.stride(1) == 1 else t.stride(1)
+        assert row_stride % 8 == 0 and t.storage_offset() % 8 == 0, (name, tuple(t.shape), t.stride())
 
 
 def test_gate_row_trains_as_the_two_row_gate_under_adam():

@@ -93,6 +93,13 @@ def _dropout_grad(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Ten
 RANK_ALIGNMENT = {"cpu": 8}  # per device type, the multiple rank-space widths are zero-padded to (none elsewhere)
 
 
+# Devices whose BLAS writes a product into unaligned rows (expert_B's P = R + 3 wide gradient) as fast as into a fresh
+# aligned tensor plus an add: CPU (bench_adapter's C-LoRAE step in bf16 1.02-1.03x slower with the fresh product,
+# fp32 0.98x: noise-level either way, so the fewer kernels). Elsewhere, where a device aligns rank-space widths,
+# tensor cores want the product's output rows aligned too.
+UNALIGNED_OUTPUT_DEVICES = ("cpu",)
+
+
 def _rank_padding(width: int, tensor: torch.Tensor) -> int:
     """Zero columns to add to a rank-space width, up to a multiple of RANK_ALIGNMENT on the tensor's device: on CPU,
     where MKL runs a product whose output is 31 or 85 wide up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide
@@ -115,6 +122,17 @@ def _padded_cat(parts: list, dim: int) -> torch.Tensor:
     if len(parts) == 1 and not pad:
         return parts[0]
     return torch.cat(parts + [_zeros_along(parts[0], dim, pad)] if pad else parts, dim)
+
+
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t (rows, columns) whose rows lie _rank_padding's multiple apart: a view of a wider buffer, so that
+    products reading its leading columns get an aligned leading dimension (expert_B's R + 3 columns are odd
+    wherever R is). A plain clone where t is that wide already."""
+    columns = t.shape[1]
+    pad = _rank_padding(columns, t)
+    if not pad:
+        return t.clone()
+    return t.new_empty(t.shape[0], columns + pad)[:, :columns].copy_(t)
 
 
 def _per_row(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -220,10 +238,12 @@ class _MaskedDelta(torch.autograd.Function):
         R, gated = rank, gate_form is not None
         down = _padded_cat([expert_A], 0)  # [A | gate row | zero pad], (W, d_in)
         U, P = R + _rank_padding(R, expert_B), expert_B.shape[1]
+        # MIM's copy of expert_B, experts and regressor, its rows aligned as the products below want them
+        mim_B = _aligned_copy(expert_B) if mim else None
         # [B | pad] (d_out, U), U ≤ W: expert_B's first U columns where its regressor columns reach U (coef is 0
-        # past R then), saved as expert_B itself (ZeRO-3 gathers the parameter again for the backward, not a view)
+        # past R then): MIM's copy, else expert_B itself (ZeRO-3 gathers the parameter again for the backward)
         if P >= U and column_base is not None:
-            up_source = expert_B
+            up_source = expert_B if mim_B is None else mim_B
         else:
             up_source = _padded_cat([expert_B if P == R else expert_B[:, :R]], 1)
         up = _first_columns(up_source, U)
@@ -242,7 +262,7 @@ class _MaskedDelta(torch.autograd.Function):
         ctx.mark_dirty(base_out)
         if gates is not None:
             ctx.mark_non_differentiable(gates)
-        mim_inputs = (z, expert_B.clone()) if mim else (None, None)
+        mim_inputs = (z, mim_B) if mim else (None, None)
         ctx.scaling, ctx.dropout, ctx.rank, ctx.B_width, ctx.up_width = scaling, dropout, R, P, U
         ctx.tanh_gate = tanh_gate
         ctx.save_for_backward(x if keep is None else xd, keep, down, up_source, column_slope, gate_slope, coef, zc,
@@ -268,10 +288,12 @@ class _MaskedDelta(torch.autograd.Function):
             grad_B = grad_B[:, :R]
         else:
             grad_B = grad_mim_B if grad_mim_B is not None else grad_y.new_zeros(grad_y.shape[1], P)
-            if U <= P:
-                grad_B[:, :U].addmm_(grad_y.t(), zc[:, :U], alpha=alpha)
-            else:  # a zero pad wider than the regressor's columns: the delta's gradient reaches the R expert columns
-                grad_B[:, :R].addmm_(grad_y.t(), zc[:, :R], alpha=alpha)
+            reach = min(U, P)  # the columns the product writes: the U it reads, or all P (zc is 0 past R)
+            if _rank_padding(P, grad_B) and grad_B.device.type not in UNALIGNED_OUTPUT_DEVICES:
+                # written into P-wide rows the product's output would be unaligned: a fresh one, then one add
+                grad_B[:, :reach].add_((grad_y.t() @ zc[:, :U])[:, :reach], alpha=alpha)
+            else:
+                grad_B[:, :reach].addmm_(grad_y.t(), zc[:, :reach], alpha=alpha)
         # d loss / d [z | l | pad], the down-projection's output, so that one product gives A's and the gate's
         # gradients and one product x's. Zero past R (coef is) but for the gate's column, written last.
         gated = gate_slope is not None
