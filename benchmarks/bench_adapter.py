@@ -6,8 +6,9 @@ A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers by default; 
 v, o, wi, wo adapted), rank r 64, 3 tasks, a mixed batch of 8 x 128 tokens. Each arm runs forward +
 backward of the same loss; arms are interleaved round by round and the median time is kept. Each arm's ATen ops per
 step (views excluded: about one kernel each on a GPU, where the small shape is launch-bound) are counted once
-beside its time. On a device that does not pad the layer's rank-space widths (a GPU), two arms more run C-LoRAE with
-them padded to a multiple of 8 (clorae_aligned, with and without MIM). Prints a table and ends with one JSON line.
+beside its time. On a device where the layer pads its rank-space widths (CPU, CUDA: layer.RANK_ALIGNMENT), two arms
+more run C-LoRAE with them unpadded (clorae_unpadded, with and without MIM), which measure that choice. Prints a
+table and ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -97,17 +98,14 @@ def make_step(name, model, input_ids, task_ids):
     return step
 
 
-ALIGNMENT = 8  # the aligned arms' rank-space multiple: 16 bytes of bf16, the tensor cores' preferred alignment
-
-
-def aligned(step, device_type: str):
-    """step with the layer's rank-space widths zero-padded to a multiple of ALIGNMENT on this device (as on CPU):
-    R = 127 expert columns (r 64, N 3, r_t 21) make every adapter product's width odd, which the tensor cores'
-    kernels want 16-byte aligned; the padding costs a few kernels a layer call. The layer's per-device table is
-    swapped for this arm's calls only."""
+def unpadded(step, device_type: str):
+    """step with the layer's rank-space widths left as they are on this device: R = 127 expert columns (r 64, N 3,
+    r_t 21) make every adapter product's width odd, which MKL runs slower and tensor-core kernels want 16-byte
+    aligned, against the few kernels a layer call the padding costs. The layer's per-device table is swapped for
+    this arm's calls only."""
     def run():
         table = layer_module.RANK_ALIGNMENT
-        layer_module.RANK_ALIGNMENT = {**table, device_type: ALIGNMENT}
+        layer_module.RANK_ALIGNMENT = {**table, device_type: 1}
         try:
             step()
         finally:
@@ -198,16 +196,16 @@ def main(argv=None):
             "clorae_unsorted_batch": (shuffled_ids, "clorae", {}),
             "universal_only": (task_ids, "clorae", {"mode": "universal_only"}),
             "per_task_loop": (task_ids, "per_task_loop", {"mim_beta": 0.0})}
-    # Where this device does not pad rank-space widths already (a GPU), the same two with them padded
+    # Where this device pads rank-space widths, the same two unpadded
     device_type = torch.device(args.device).type
-    if layer_module.RANK_ALIGNMENT.get(device_type, 1) % ALIGNMENT:
-        arms.update(clorae_aligned=(task_ids, "clorae", {}), clorae_aligned_without_mim=(task_ids, "clorae", {"mim_beta": 0.0}))
+    if layer_module.RANK_ALIGNMENT.get(device_type, 1) > 1:
+        arms.update(clorae_unpadded=(task_ids, "clorae", {}), clorae_unpadded_without_mim=(task_ids, "clorae", {"mim_beta": 0.0}))
     steps, reports = {}, {}
     for arm, (ids, kind, options) in arms.items():
         model = build_arm(kind, t5_config, args.rank, args.dropout, args.device, dtype, **options)
         steps[arm] = make_step(kind, model, input_ids, ids)
-        if arm.startswith("clorae_aligned"):
-            steps[arm] = aligned(steps[arm], device_type)
+        if arm.startswith("clorae_unpadded"):
+            steps[arm] = unpadded(steps[arm], device_type)
         reports[arm] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                         "saved_activation_bytes": saved_activation_bytes(steps[arm]),
                         "ops_per_step": dispatched_ops(steps[arm])}
@@ -246,7 +244,7 @@ def main(argv=None):
         "universal_only_over_peft_lora": round(reports["universal_only"]["fwd_bwd_ms"] / base_ms, 4),
         **{f"{arm}_over_peft_lora": round(reports[arm]["fwd_bwd_ms"] / base_ms, 4)
            for arm in ("clorae_own_task", "clorae_own_task_without_mim", "clorae_masked", "clorae_masked_without_mim",
-                       "clorae_aligned", "clorae_aligned_without_mim") if arm in reports},
+                       "clorae_unpadded", "clorae_unpadded_without_mim") if arm in reports},
         "clorae_unsorted_over_peft_lora": round(reports["clorae_unsorted_batch"]["fwd_bwd_ms"] / base_ms, 4),
         "clorae_over_peft_lora_ops": round(reports["clorae"]["ops_per_step"] / reports["peft_lora"]["ops_per_step"], 4),
         "device": device_name, "dtype": str(dtype).replace("torch.", ""), "arms": reports,

@@ -380,12 +380,12 @@ def summary_markdown(report: dict) -> str:
     else:
         lines.append(f"not run: {q.get('skipped') or q.get('error', '')[-800:]}")
     lines += ["", "## 4. Adapter benchmark (bf16)", "",
-              "| args | C-LoRAE/peft | without MIM | unsorted | widths aligned to 8 | aligned, without MIM |",
+              "| args | C-LoRAE/peft | without MIM | unsorted | widths unpadded | unpadded, without MIM |",
               "|---|---|---|---|---|---|"]
     for r in report.get("adapter_bench", []):
         lines.append(f"| {' '.join(r['args'])} | {r.get('clorae_over_peft_lora', r.get('skipped', 'error'))} | "
                      f"{r.get('clorae_without_mim_over_peft_lora', '')} | {r.get('clorae_unsorted_over_peft_lora', '')} | "
-                     f"{r.get('clorae_aligned_over_peft_lora', '')} | {r.get('clorae_aligned_without_mim_over_peft_lora', '')} |")
+                     f"{r.get('clorae_unpadded_over_peft_lora', '')} | {r.get('clorae_unpadded_without_mim_over_peft_lora', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,8 +35,8 @@ ADAPTER_ARMS = [("clorae", "C-LoRAE (MIM on)"), ("clorae_without_mim", "C-LoRAE 
                 ("clorae_own_task", "own-task path (MIM on)"), ("clorae_own_task_without_mim", "own-task path without MIM"),
                 ("clorae_masked", "masked pass (MIM on)"), ("clorae_masked_without_mim", "masked pass without MIM"),
                 ("clorae_unsorted_batch", "C-LoRAE, unsorted batch"), ("universal_only", "our universal_only (= LoRA)"),
-                ("per_task_loop", "per-task loop (no MIM)"), ("clorae_aligned", "rank widths aligned to 8 (MIM on)"),
-                ("clorae_aligned_without_mim", "aligned to 8, without MIM")]
+                ("per_task_loop", "per-task loop (no MIM)"), ("clorae_unpadded", "rank widths unpadded (MIM on)"),
+                ("clorae_unpadded_without_mim", "unpadded, without MIM")]
 
 
 def run(key: str) -> dict:
@@ -102,12 +102,12 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
               "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU rank-space widths run padded with zeros "
               "to a multiple of 8: MKL runs odd widths up to 2x slower, and the masked pass keeps its whole rank space "
               "that wide, so that its elementwise work reads whole rows (a strided bf16 operand runs 4-8x slower on "
-              "CPU). A GPU runs them unpadded (`RANK_ALIGNMENT` in clorae_ds/adapters/layer.py), where bench_adapter "
-              "adds two arms with them padded to a multiple of 8, as the tensor cores' kernels want 16-byte aligned "
-              "operands and R = 127 makes every adapter product's width odd; with MIM expert_B's rows are R + 3 = 130 "
-              "wide too, so MIM's copy of it is made with rows 136 apart (the products read that copy) and B's gradient "
-              "comes from a fresh aligned product and one add: padding costs the small shape a kernel a layer call "
-              "with MIM, 4 without. On a GPU the small shape "
+              "CPU). CUDA pads them too (`RANK_ALIGNMENT` in clorae_ds/adapters/layer.py), as the tensor cores' kernels "
+              "want 16-byte aligned operands and R = 127 makes every adapter product's width odd; with MIM expert_B's "
+              "rows are R + 3 = 130 wide too, so MIM's copy of it is made with rows 136 apart (the products read that "
+              "copy), and on CUDA B's gradient comes from a fresh aligned product and one add: padding costs the small "
+              "shape a kernel a layer call with MIM, 4 without. Where the layer pads, bench_adapter adds two arms "
+              "with the widths unpadded (not yet run on a GPU). On a GPU the small shape "
               "is launch-bound: peft LoRA itself takes the same time at 8 x 128 and 32 x 512 tokens, so the ratio "
               "counts kernels."]
     if "universal_only" in arms:

@@ -31,10 +31,10 @@ def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
 
 
 def use_gpu_paths(monkeypatch, kernels: str = "gpu"):
-    """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths without a zero pad (kernels
-    "gpu") or padded to 8 with products written into aligned rows ("gpu_aligned", bench_adapter's aligned arms),
-    torch.native_dropout, the tanh-form gate (layer._gate_form)."""
-    monkeypatch.setattr(layer_module, "RANK_ALIGNMENT", {"cpu": 8} if kernels == "gpu_aligned" else {})
+    """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths padded to 8 with products
+    written into aligned rows (kernels "gpu", CUDA's) or without a zero pad ("gpu_unpadded", bench_adapter's
+    unpadded arms), torch.native_dropout, the tanh-form gate (layer._gate_form)."""
+    monkeypatch.setattr(layer_module, "RANK_ALIGNMENT", {} if kernels == "gpu_unpadded" else {"cpu": 8})
     monkeypatch.setattr(layer_module, "UNALIGNED_OUTPUT_DEVICES", ())
     monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ())
     monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
@@ -57,10 +57,10 @@ def eq8_by_hand(layer, x, task_ids):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
-@pytest.mark.parametrize("kernels", ["cpu", "gpu"])
+@pytest.mark.parametrize("kernels", ["cpu", "gpu", "gpu_unpadded"])
 def test_output_equals_eq8_from_expert_weights(mode, case, kernels, monkeypatch):
-    if kernels == "gpu":
-        use_gpu_paths(monkeypatch)
+    if kernels != "cpu":
+        use_gpu_paths(monkeypatch, kernels)
     order, path = PATHS[case]
     layer = make_layer(mode, expert_path=path).eval()
     task_ids = torch.tensor(ORDERS[order])
@@ -87,9 +87,9 @@ RANKS = {"R12": {"rank": 6}, "R8": {"rank": 2, "task_rank": 2}}
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", PATHS)
 @pytest.mark.parametrize("ranks", RANKS)
-@pytest.mark.parametrize("kernels", ["cpu", "gpu", "gpu_aligned"])
+@pytest.mark.parametrize("kernels", ["cpu", "gpu", "gpu_unpadded"])
 def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, kernels, monkeypatch):
-    """kernels gpu / gpu_aligned: the rank-space widths and the gate form a GPU runs, here on the CPU."""
+    """kernels gpu / gpu_unpadded: the rank-space widths and the gate form a GPU runs, here on the CPU."""
     if kernels != "cpu":
         use_gpu_paths(monkeypatch, kernels)
     order, path = PATHS[case]
@@ -191,11 +191,11 @@ def direct_vid(layer, x, task_ids, real, detach_teacher=False):
 
 
 @pytest.mark.parametrize("case", PATHS)
-@pytest.mark.parametrize("mode,kernels", [("clorae", "cpu"), ("clorae", "gpu"), ("clorae", "gpu_aligned"),
-                                          ("no_gate", "cpu"), ("no_gate", "gpu")])
+@pytest.mark.parametrize("mode,kernels", [("clorae", "cpu"), ("clorae", "gpu"), ("clorae", "gpu_unpadded"),
+                                          ("no_gate", "cpu"), ("no_gate", "gpu_unpadded")])
 def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(case, mode, kernels, monkeypatch):
     """The masked path's MIM puts its constant column in z's first column past the experts' (the gate's or a
-    pad) and adds one only where there is none: no gate and no pad (as on a GPU)."""
+    pad) and adds one only where there is none: no gate and no pad (widths unpadded)."""
     if kernels != "cpu":
         use_gpu_paths(monkeypatch, kernels)
     order, path = PATHS[case]
@@ -461,12 +461,12 @@ class MatrixProducts(TorchDispatchMode):
 @pytest.mark.parametrize("mim_beta", [0.01, 0.0])
 @pytest.mark.parametrize("rank", [15, 6])
 def test_aligned_products_read_and_write_rows_a_multiple_of_8_apart(rank, mim_beta, monkeypatch):
-    """Where a device pads rank-space widths to 8 (bench_adapter's aligned arms on a GPU: tensor cores want
+    """Where a device pads rank-space widths to 8 and wants aligned product outputs (CUDA: tensor cores want
     16-byte aligned rows), every product of the masked pass, forward and backward, reads and writes rows a
     multiple of 8 elements apart from an aligned start — expert_B's R + 3 columns included, through MIM's
     aligned copy and its gradient's fresh product. Rank 15: R = 30 expert columns, read 32 wide, the regressor's
     columns making 33 (as r 64 makes 127, 128 and 130); rank 6: R = 12, read 16 wide, past expert_B's 15."""
-    use_gpu_paths(monkeypatch, "gpu_aligned")
+    use_gpu_paths(monkeypatch, "gpu")
     layer = make_layer("clorae", dtype=torch.float32, d_in=16, d_out=24, expert_path="masked", mim_beta=mim_beta,
                        rank=rank)
     x = torch.randn(3, 8, 16, requires_grad=True)

@@ -90,7 +90,7 @@ def _dropout_grad(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Ten
     return grad.mul_(mask)
 
 
-RANK_ALIGNMENT = {"cpu": 8}  # per device type, the multiple rank-space widths are zero-padded to (none elsewhere)
+RANK_ALIGNMENT = {"cpu": 8, "cuda": 8}  # per device type, the multiple rank-space widths are zero-padded to
 
 
 # Devices whose BLAS writes a product into unaligned rows (expert_B's P = R + 3 wide gradient) as fast as into a fresh
@@ -103,9 +103,11 @@ UNALIGNED_OUTPUT_DEVICES = ("cpu",)
 def _rank_padding(width: int, tensor: torch.Tensor) -> int:
     """Zero columns to add to a rank-space width, up to a multiple of RANK_ALIGNMENT on the tensor's device: on CPU,
     where MKL runs a product whose output is 31 or 85 wide up to 2× slower than 32 or 88 (1 and 2 threads; a 31-wide
-    down-projection at 700 × 384 tokens: 461 µs against 229 µs padded, copy included). None elsewhere by default:
-    on a GPU the padding costs kernels at launch-bound shapes, and whether the tensor cores' 16-byte alignment
-    wins them back at large ones is for bench_adapter's aligned arms to measure there."""
+    down-projection at 700 × 384 tokens: 461 µs against 229 µs padded, copy included); on CUDA, whose tensor-core
+    kernels want 16-byte aligned rows where r 64 makes R = 127 (not yet measured there: an H200 ran C-LoRAE
+    without MIM at 1.46x peft LoRA unpadded at 32 × 512 tokens, where our LoRA layer, 64 wide, ran 1.04x;
+    bench_adapter's unpadded arms measure the choice). The padding costs a kernel or a few a layer call where a
+    step is launch-bound. None on other devices."""
     return -width % RANK_ALIGNMENT.get(tensor.device.type, 1)
 
 
