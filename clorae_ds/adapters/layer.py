@@ -225,7 +225,8 @@ class _MaskedDelta(torch.autograd.Function):
     differentiable); with `mim`, what this layer's MIM
     term needs, which _GroupMIMLoss reads for a group of layers at once: the down-projection's output
     [z | l | pad] (tokens, W) and expert_B, experts and regressor, (d_out, R + 3), fresh tensors, never the
-    parameter (ZeRO-3 releases it after the layer's forward). Their gradients come back into this node's backward
+    parameter (ZeRO-3 releases it after the layer's forward); that copy of expert_B has its rows aligned
+    (_aligned_copy), and the products with B read it in the parameter's place. Their gradients come back into this node's backward
     and join the delta's there, so each parameter gets one gradient per step (ZeRO-2 reduces each once) and only
     when ZeRO-3 has gathered it."""
 
