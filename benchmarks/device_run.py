@@ -106,6 +106,19 @@ def data_overrides(patterns: dict) -> list[str]:
 
 
 # --- phase 1 ------------------------------------------------------------------------------------------
+def nonfinite_detection(device: str) -> bool:
+    """Whether the engine's fused gradient overflow check (engine.grads_nonfinite, one torch._foreach_norm) finds a
+    NaN and an inf on this device and passes finite gradients: CUDA's multi-tensor kernels are not the CPU's."""
+    from clorae_ds.train.engine import grads_nonfinite
+
+    grads = [torch.ones(3, 5, device=device, dtype=torch.bfloat16), torch.ones(700, device=device)]
+    found = [bool(grads_nonfinite(grads, device))]
+    for value in (float("nan"), float("inf")):
+        grads[1][600] = value
+        found.append(bool(grads_nonfinite(grads, device)))
+    return found == [False, True, True]
+
+
 def sanity(args, work: str, patterns: dict, clock: Clock) -> dict:
     info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
@@ -123,8 +136,10 @@ def sanity(args, work: str, patterns: dict, clock: Clock) -> dict:
     summary = next((e for e in events(out) if e["event"] == "summary"), None)
     ok = code == 0 and summary is not None and summary["global_step"] == 1
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # reported, not gating the run: DeepSpeed's gradient-norm check would still skip such a step
+    detects = nonfinite_detection("cuda" if torch.cuda.is_available() else "cpu")
     return {**info, "ok": ok, "backend": backend, "seconds": round(time.time() - start, 1),
-            "error": None if ok else out[-2000:]}
+            "nonfinite_detection": detects, "error": None if ok else out[-2000:]}
 
 
 def profile(args, work: str, clock: Clock) -> dict:
@@ -342,7 +357,9 @@ def summary_markdown(report: dict) -> str:
     lines = [f"# Device run {report['date']} — {s.get('device')}", "",
              f"torch {s.get('torch')}, DeepSpeed {s.get('deepspeed')}, backend {s.get('backend')}; "
              f"{'smoke (CPU, tiny models)' if report['smoke'] else 'full'}; wall {report['wall_seconds']} s of "
-             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
+             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)",
+             "", f"The engine's fused gradient overflow check finds a NaN and an inf here: "
+             f"{ {True: 'yes', False: 'NO', None: 'not run'}[s.get('nonfinite_detection')] }"]
     if not s.get("ok"):
         lines += ["```", str(s.get("error"))[-1500:], "```"]
     p = report.get("profile")

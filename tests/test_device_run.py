@@ -21,6 +21,7 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     assert sorted(os.listdir(out)) == ["SUMMARY.md", "adapter-clorae.tar", "adapter-lora.tar", "device_run.json", "logs.tar.gz"]
     report = json.loads((out / "device_run.json").read_text())
     assert report["sanity"]["ok"] and report["sanity"]["backend"] == "gloo"
+    assert report["sanity"]["nonfinite_detection"] is True
     profiled = [r for r in report["profile"]["arms"] if "seconds_per_step" in r]
     assert profiled and all(r["seconds_per_step"] > 0 and r["ops_per_step"] > 0 and r["top_host"] for r in profiled)
     assert "## Step profile" in proc.stdout

@@ -1,10 +1,11 @@
-"""Real 2-rank DeepSpeed runs (gloo, CPU) of the adapted model with different tasks on each rank."""
+"""Real 2-rank DeepSpeed runs (gloo, CPU) of the adapted model: different tasks on each rank, a NaN gradient on one."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "zero_adapter_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,3 +33,39 @@ def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, path, to
     assert results[0]["task_experts_changed"] == results[1]["task_experts_changed"]
     for changed in results[0]["task_experts_changed"].values():
         assert changed == [True, True, True]
+
+
+OVERFLOW_WORKER = os.path.join(os.path.dirname(__file__), "distributed", "overflow_worker.py")
+
+
+@pytest.mark.parametrize("stage,check", [(0, "CheckOverflow"), (1, "DeepSpeedZeroOptimizer"), (2, "DeepSpeedZeroOptimizer")])
+def test_a_nan_gradient_on_one_rank_skips_the_step_on_every_rank(stage, check, tokenizer_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
+           "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", OVERFLOW_WORKER,
+           tokenizer_dir, str(tmp_path), str(stage)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for result in results:
+        assert result["fused"] == [check]  # the engine's check ran in DeepSpeed's place
+        steps = result["steps"]
+        assert all(s["loss_finite"] and s["finite"] for s in steps)
+        assert [s["flagged"] for s in steps] == [False, True, False]
+        assert [s["changed"] for s in steps] == [True, False, True]
+        assert result["skipped_steps"] == 1
+    assert [s["checksum"] for s in results[0]["steps"]] == [s["checksum"] for s in results[1]["steps"]]
+
+
+def test_grads_nonfinite_flags_nan_and_inf_in_any_tensor_and_dtype():
+    from clorae_ds.train.engine import grads_nonfinite
+
+    grads = [torch.randn(5, 3, dtype=torch.bfloat16), torch.randn(7), torch.randn(2, 2, dtype=torch.float16)]
+    assert grads_nonfinite(grads, "cpu").tolist() == [False]
+    assert grads_nonfinite([], "cpu").tolist() == [False]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for index in range(3):
+            bad = [g.clone() for g in grads]
+            bad[index].view(-1)[1] = value
+            assert grads_nonfinite(bad, "cpu").tolist() == [True], (value, index)
