@@ -357,9 +357,10 @@ def summary_markdown(report: dict) -> str:
     lines = [f"# Device run {report['date']} — {s.get('device')}", "",
              f"torch {s.get('torch')}, DeepSpeed {s.get('deepspeed')}, backend {s.get('backend')}; "
              f"{'smoke (CPU, tiny models)' if report['smoke'] else 'full'}; wall {report['wall_seconds']} s of "
-             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)",
-             "", f"The engine's fused gradient overflow check finds a NaN and an inf here: "
-             f"{ {True: 'yes', False: 'NO', None: 'not run'}[s.get('nonfinite_detection')] }"]
+             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
+    if "nonfinite_detection" in s:  # runs before 2026-11-29 had no such check
+        lines += ["", "The engine's fused gradient overflow check finds a NaN and an inf here: "
+                  + ("yes" if s["nonfinite_detection"] else "NO")]
     if not s.get("ok"):
         lines += ["```", str(s.get("error"))[-1500:], "```"]
     p = report.get("profile")
