@@ -223,17 +223,25 @@ import torch.distributed as dist
 from clorae_ds.data.loader import Encoding, MIELoader
 from clorae_ds.models import load_tokenizer
 
-spec, out = json.load(open(sys.argv[1])), sys.argv[2]
-dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-rank, world = dist.get_rank(), dist.get_world_size()
-loader = MIELoader.Config(train=spec["train"], dev=spec["dev"], batch_size=3, eval_batch_size=2,
-                          num_workers=2).build(load_tokenizer(spec["tokenizer"]), Encoding(), rank, world)
-train_batches = sum(1 for _ in loader.train_epoch(0))
-ids = [r.id for b in loader.eval_batches("twitter2015") for r, v in zip(b["records"], b["valid"].tolist()) if v]
-gathered, counts = [None] * world, [None] * world
-dist.all_gather_object(gathered, ids)
-dist.all_gather_object(counts, train_batches)
-if rank == 0:
-    json.dump({"train_batches": counts, "dev_ids": [i for part in gathered for i in part]}, open(out + "/result.json", "w"))
-dist.destroy_process_group()
+
+
+def main():  # under the guard: each loader worker runs this script again as __mp_main__
+    spec, out = json.load(open(sys.argv[1])), sys.argv[2]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loader = MIELoader.Config(train=spec["train"], dev=spec["dev"], batch_size=3, eval_batch_size=2,
+                              num_workers=2).build(load_tokenizer(spec["tokenizer"]), Encoding(), rank, world)
+    train_batches = sum(1 for _ in loader.train_epoch(0))
+    ids = [r.id for b in loader.eval_batches("twitter2015") for r, v in zip(b["records"], b["valid"].tolist()) if v]
+    gathered, counts = [None] * world, [None] * world
+    dist.all_gather_object(gathered, ids)
+    dist.all_gather_object(counts, train_batches)
+    if rank == 0:
+        json.dump({"train_batches": counts, "dev_ids": [i for part in gathered for i in part]},
+                  open(out + "/result.json", "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
 """

@@ -90,10 +90,18 @@ def events(stdout):
 
 
 def train(launcher, ds_config, config_path, *extra, timeout=300):
-    proc = subprocess.run(command(launcher, ds_config) + ["--config", config_path, *extra], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return events(proc.stdout)
+    # A session of its own, so that a run past its timeout goes with every rank the launcher started (no orphan
+    # left to slow the tests after it), and its output says where the ranks were.
+    proc = subprocess.Popen(command(launcher, ds_config) + ["--config", config_path, *extra], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{launcher} {ds_config} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return events(stdout)
 
 
 def summary_of(log):
