@@ -352,7 +352,7 @@ def _worker_context(tokenizer):
     `if __name__ == "__main__":` (every launcher and benchmark here does)."""
     project = sorted(name for name in sys.modules if name.split(".")[0] == __name__.split(".")[0])
     context = multiprocessing.get_context("forkserver")
-    # read when the server starts (the first loader with workers)
+    # read when the server starts (the first loader with workers to start one)
     context.set_forkserver_preload(["__main__", *project, type(tokenizer).__module__])
     return context
 
@@ -392,13 +392,14 @@ class MIELoader:
             raise LoaderError(f"mix weights must be >= 0 and not all zero, got {self.mix}")
         total = sum(self.train_sizes.values())
         self.batches_per_epoch = config.batches_per_epoch or max(1, math.ceil(total / (world_size * config.batch_size)))
+        self.worker_context = _worker_context(tokenizer) if config.num_workers else None
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         workers = self.config.num_workers
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG each time an
         # iterator starts, which would shift the training's dropout stream when a run resumes mid-epoch.
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                          multiprocessing_context=_worker_context(self.encoder.tokenizer) if workers else None,
+                          multiprocessing_context=self.worker_context,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
     def train_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
