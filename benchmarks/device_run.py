@@ -49,19 +49,27 @@ SHAPES = {  # Flan-T5 shapes (gated-GELU feed-forward)
     "t5-large": dict(d_model=1024, d_ff=2816, d_kv=64, num_layers=24, num_heads=16, feed_forward_proj="gated-gelu"),
     "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4),
 }
-# (shape, ZeRO stage, method) in priority order: the targets first, then ZeRO-3 (never yet run on a GPU: the two
-# runs so far had time for the targets alone), then the rest while time lasts.
-ENGINE_RUNS = [("t5-xl", 2, "clorae"), ("t5-xl", 2, "lora"), ("t5-xl", 3, "clorae"), ("t5-xl", 3, "lora"),
-               ("t5-large", 2, "clorae"), ("t5-large", 2, "lora"), ("t5-large", 2, "full_ft"),
-               ("t5-large", 3, "clorae"), ("t5-large", 3, "lora")]
-SMOKE_ENGINE_RUNS = [("tiny", 2, "clorae"), ("tiny", 2, "lora"), ("tiny", 3, "clorae")]
+# The engine runs' micro-batch: at 8 short samples (about 530 tokens a step) the T5-XL step was all host time.
+ENGINE_MICRO_BATCH = 32
+# A micro-batch large enough that T5-XL's kernels, not the host's launches, set the step time (some 75k tokens of
+# the real, short samples: ~1 s of the chip's bf16 peak at 6.2 GFLOP a token), with every block recomputed in
+# backward (model.gradient_checkpointing) so that its activations fit: MFU's target is measured there.
+ENGINE_LARGE_MICRO_BATCH = 512
+# (shape, ZeRO stage, method, micro-batch, gradient checkpointing) in priority order: the targets first (MFU at the
+# large micro-batch, never yet run on a GPU; the step ratio both there and at 32), then ZeRO-3 (never yet run on a
+# GPU: the runs so far had time for the targets alone), then the rest while time lasts.
+ENGINE_RUNS = [("t5-xl", 2, "clorae", ENGINE_LARGE_MICRO_BATCH, True), ("t5-xl", 2, "lora", ENGINE_LARGE_MICRO_BATCH, True),
+               *[(shape, stage, method, ENGINE_MICRO_BATCH, False) for shape, stage, method in [
+                   ("t5-xl", 2, "clorae"), ("t5-xl", 2, "lora"), ("t5-xl", 3, "clorae"), ("t5-xl", 3, "lora"),
+                   ("t5-large", 2, "clorae"), ("t5-large", 2, "lora"), ("t5-large", 2, "full_ft"),
+                   ("t5-large", 3, "clorae"), ("t5-large", 3, "lora")]]]
+SMOKE_ENGINE_RUNS = [("tiny", 2, "clorae", 4, False), ("tiny", 2, "lora", 4, False), ("tiny", 3, "clorae", 4, False),
+                     ("tiny", 2, "clorae", 8, True)]
 QUALITY_ARMS = ["clorae", "lora"]
 # The GPU steps are host-bound (H200, 2026-11-28: C-LoRAE 0.26 s a step at micro-batch 32 for 16 ms of kernels), so
 # a larger micro-batch costs little more per step: 128 gives about 4x the samples per second at about the number of
 # optimiser steps the 32-sample run made, at the learning rate the CPU experiments found best for 32.
 QUALITY_MICRO_BATCH = 128
-# The engine runs' micro-batch: at 8 short samples (about 530 tokens a step) the T5-XL step was all host time.
-ENGINE_MICRO_BATCH = 32
 FLOP_TOKENS = (128, 32)  # input / target tokens of the FLOP count behind MFU
 
 
@@ -181,11 +189,12 @@ def peak_flops(device: str):
 
 def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[dict]:
     runs = SMOKE_ENGINE_RUNS if args.smoke else ENGINE_RUNS
-    steps, micro_batch, rank = (4, 4, 8) if args.smoke else (args.engine_steps, ENGINE_MICRO_BATCH, 64)
+    steps, rank = (4, 8) if args.smoke else (args.engine_steps, 64)
     peak = peak_flops(device)
     rows, phase_start = [], time.time()
-    for shape_name, stage, method in runs:
-        row = {"shape": shape_name, "zero": stage, "method": method}
+    for shape_name, stage, method, micro_batch, checkpointing in runs:
+        row = {"shape": shape_name, "zero": stage, "method": method, "micro_batch": micro_batch,
+               "gradient_checkpointing": checkpointing}
         rows.append(row)
         # What one run costs was measured by the previous one; the first gets a fixed allowance.
         need = rows[-2]["seconds"] * 1.2 if len(rows) > 1 and "seconds" in rows[-2] else 60
@@ -196,17 +205,18 @@ def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[d
         adapter = {"full_ft": ["model.full_finetune=true", "model.adapter=null"],
                    "lora": [f"model.adapter={{rank: {rank}, alpha: {2 * rank}, dropout: 0.1, mode: universal_only}}"],
                    "clorae": [f"model.adapter={{rank: {rank}, alpha: {2 * rank}, dropout: 0.1}}"]}[method]
+        name = f"{shape_name}-z{stage}-{method}-mb{micro_batch}" + ("-checkpointed" if checkpointing else "")
         cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, stage, micro_batch),
-               "--max-steps", str(steps), "--output-dir", os.path.join(work, f"engine-{shape_name}-z{stage}-{method}"),
+               "--max-steps", str(steps), "--output-dir", os.path.join(work, f"engine-{name}"),
                "model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPES[shape_name])}", *adapter,
                "schedule.log_every=" + str(max(1, steps // 5)), "schedule.time_phases=true",
                "schedule.max_minutes=null", "eval.max_samples=1", "eval.max_new_tokens=2", "output.save=false",
                "data.max_input_length=256", "data.max_target_length=48", "data.num_workers=2",
-               *data_overrides(patterns)]
+               f"model.gradient_checkpointing={str(checkpointing).lower()}", *data_overrides(patterns)]
         start = time.time()
         # A run may overrun its share by a little, never eat the quality phase's time.
         code, out = run(cmd, min(clock.left() - args.reserve_s, engine_left + 30),
-                        os.path.join(work, f"engine-{shape_name}-z{stage}-{method}.log"))
+                        os.path.join(work, f"engine-{name}.log"))
         row["seconds"] = round(time.time() - start, 1)
         log = events(out)
         train = [e for e in log if e["event"] == "train"][1:]  # the first interval holds the warm-up
@@ -227,8 +237,8 @@ def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[d
                    peak_memory_gib=round(summary["peak_memory_bytes"] / 2**30, 2) if "peak_memory_bytes" in summary else None,
                    trainable_params=model.get("trainable_params"), total_params=model.get("total_params"))
     for row in rows:  # C-LoRAE's step time over LoRA's, same shape and stage
-        lora = next((r for r in rows if r["method"] == "lora" and r["shape"] == row["shape"] and r["zero"] == row["zero"]
-                     and "step_seconds" in r), None)
+        lora = next((r for r in rows if r["method"] == "lora" and "step_seconds" in r
+                     and all(r[k] == row[k] for k in ("shape", "zero", "micro_batch", "gradient_checkpointing"))), None)
         if row["method"] == "clorae" and lora and "step_seconds" in row:
             row["clorae_over_lora_step"] = round(row["step_seconds"] / lora["step_seconds"], 3)
     return rows
@@ -373,16 +383,22 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"not run: {p.get('skipped') or p.get('error', '')[-800:]}")
     lines += ["", "## 2. Engine (launchers/train.py, bf16, random weights)", "",
               "MFU = model FLOPs per token (torch FLOP count of one fwd+bwd at 128/32 tokens ÷ 160) × tokens/s ÷ "
-              "dense bf16 peak.", "",
-              "| shape | ZeRO | method | tokens/s | step s | C-LoRAE/LoRA | MFU | peak GiB | data/fwd/bwd/step |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "dense bf16 peak (the recompute of checkpointed blocks is not counted). Micro-batch: samples per step, "
+              "\"+ ckpt\" where every block is recomputed in backward (model.gradient_checkpointing).", "",
+              "| shape | ZeRO | method | micro-batch | tokens/s | step s | C-LoRAE/LoRA | MFU | peak GiB | "
+              "data/fwd/bwd/step |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("engine", []):
+        # reports before micro-batches were recorded per run ran at 8
+        batch = f"{r.get('micro_batch', 8)}{' + ckpt' if r.get('gradient_checkpointing') else ''}"
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {r.get('skipped') or 'error'} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {batch} | {r.get('skipped') or 'error'} "
+                         "| | | | | |")
             continue
         split = "/".join(f"{100 * r['step_split'][k]:.0f}%" for k in ("data_wait", "forward", "backward", "step"))
         mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {r['tokens_per_s']:.0f} | {r['step_seconds']} | "
+        lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {batch} | {r['tokens_per_s']:.0f} | "
+                     f"{r['step_seconds']} | "
                      f"{r.get('clorae_over_lora_step', '—')} | {mfu} | {r['peak_memory_gib'] or '—'} | {split} |")
     q = report.get("quality", {})
     lines += ["", "## 3. Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
@@ -442,7 +458,8 @@ def main(argv=None) -> int:
 
     from run_experiments import build_all_shards
 
-    small = build_all_shards(args.raw, os.path.join(args.work, "small-shards"), 64, 16)
+    # Samples a dataset for the sanity and engine phases: a few full steps of the large micro-batch per epoch
+    small = build_all_shards(args.raw, os.path.join(args.work, "small-shards"), 64 if args.smoke else 1200, 16)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke, "budget_s": args.budget_s}
     # The report is rewritten after every phase: a run killed from outside still leaves what it measured.
     report["sanity"] = sanity(args, args.work, small, clock)

@@ -27,6 +27,7 @@ BENCHMARKS = {  # key: command, relative to the repository root
     "adapter": ["benchmarks/bench_adapter.py"],
     "train": ["benchmarks/bench_train.py"],
     "loader": ["benchmarks/bench_loader.py"],
+    "checkpointing": ["benchmarks/bench_checkpointing.py"],
     "cost_t5_base": ["launchers/report_cost.py", "--model", "t5-base"],
     "cost_t5_base_batch8": ["launchers/report_cost.py", "--model", "t5-base", "--batch", "8"],
     "cost_t5_large": ["launchers/report_cost.py", "--model", "t5-large"],
@@ -174,6 +175,23 @@ def loader_section(measured: dict, machine: str) -> list:
             f"{result['loader_over_train']:.0f}x |", ""]
 
 
+def checkpointing_section(measured: dict, machine: str) -> list:
+    result = measured["checkpointing"]
+    shape, (batch, source, target) = result["shape"], result["batch"]
+    arms = result["arms"]
+    return ["## Gradient checkpointing", "",
+            f"A C-LoRAE training step (r {result['rank']}, MIM on, {result['dtype']}) of a T5 model with "
+            f"{shape['d_model']}/{shape['d_ff']} widths and {shape['num_layers']} + {shape['num_layers']} layers "
+            f"(random weights) at {batch} × ({source} + {target}) tokens, every block's activations kept against every "
+            "block recomputed in backward (`model.gradient_checkpointing=true`); peak memory is the step's peak "
+            f"resident set above the resting one. Measured here ({machine}): `{command_text('checkpointing')}`", "",
+            "| arm | step s | peak MiB |", "|---|---|---|",
+            *[f"| {arm} | {row['step_s']:.2f} | {row['peak_mib']:.0f} |" for arm, row in arms.items()], "",
+            f"Checkpointed / kept: peak memory {result['checkpointed_over_kept_peak_memory']:.3f}, step time "
+            f"{result['checkpointed_over_kept_step']:.2f}. With the base weights frozen, backward costs about one "
+            "forward, so one more forward costs about a third more.", ""]
+
+
 def cost_section(measured: dict) -> list:
     lines = ["## Table 5 layout: trainable parameters and FLOPs", "",
              "Built from T5 v1.0 shapes with random weights (FLOPs do not depend on the weights), counted by "
@@ -227,6 +245,7 @@ def render(data: dict, device_runs: list) -> str:
     lines += adapter_section(data["results"], machine, device_runs)
     lines += train_section(data["results"], machine)
     lines += loader_section(data["results"], machine)
+    lines += checkpointing_section(data["results"], machine)
     lines += cost_section(data["results"])
     lines += gpu_section(device_runs)
     return "\n".join(lines)

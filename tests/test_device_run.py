@@ -26,7 +26,8 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     assert profiled and all(r["seconds_per_step"] > 0 and r["ops_per_step"] > 0 and r["top_host"] for r in profiled)
     assert "## Step profile" in proc.stdout
     measured = [r for r in report["engine"] if "tokens_per_s" in r]
-    assert {(r["zero"], r["method"]) for r in measured} == {(2, "clorae"), (2, "lora"), (3, "clorae")}
+    assert {(r["zero"], r["method"], r["gradient_checkpointing"]) for r in measured} == \
+        {(2, "clorae", False), (2, "lora", False), (3, "clorae", False), (2, "clorae", True)}
     for row in measured:
         assert row["tokens_per_s"] > 0 and row["model_gflops_per_token"] > 0
         assert abs(sum(row["step_split"].values()) - 1) < 0.01

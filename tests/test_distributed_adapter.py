@@ -11,21 +11,26 @@ WORKER = os.path.join(os.path.dirname(__file__), "distributed", "zero_adapter_wo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("stage,precision,path", [(2, "fp32", "masked"), (3, "fp32", "masked"), (2, "bf16", "masked"),
-                                                  (3, "bf16", "masked"), (3, "fp32", "own_task"),
-                                                  (2, "bf16", "own_task")])
-def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, path, tokenizer_dir, tmp_path):
+def run_zero_adapter_worker(out, tokenizer_dir, stage, precision, path, *options) -> list[dict]:
+    """Both ranks' results of zero_adapter_worker.py run under torchrun in `out`."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
-           "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}
+           "TORCHELASTIC_ERROR_FILE": str(out / "error.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-           tokenizer_dir, str(tmp_path), str(stage), precision, path]
+           tokenizer_dir, str(out), str(stage), precision, path, *options]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"ZeRO-{stage} ranks hung (different task mixes must not desynchronise them):\n{err.stdout}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+
+
+@pytest.mark.parametrize("stage,precision,path", [(2, "fp32", "masked"), (3, "fp32", "masked"), (2, "bf16", "masked"),
+                                                  (3, "bf16", "masked"), (3, "fp32", "own_task"),
+                                                  (2, "bf16", "own_task")])
+def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, path, tokenizer_dir, tmp_path):
+    results = run_zero_adapter_worker(tmp_path, tokenizer_dir, stage, precision, path)
     for result in results:
         assert result["losses"][-1] < result["losses"][0]
         assert result["param_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
@@ -33,6 +38,20 @@ def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, path, to
     assert results[0]["task_experts_changed"] == results[1]["task_experts_changed"]
     for changed in results[0]["task_experts_changed"].values():
         assert changed == [True, True, True]
+
+
+@pytest.mark.parametrize("stage,precision,path", [(3, "bf16", "masked"), (2, "fp32", "own_task")])
+def test_gradient_checkpointing_trains_as_keeping_activations_does(stage, precision, path, tokenizer_dir, tmp_path):
+    """The blocks recomputed in backward (ZeRO-3 gathering the layers' parameters again for it) give the same
+    losses step for step on both ranks as a run that keeps its activations."""
+    (tmp_path / "kept").mkdir(), (tmp_path / "recomputed").mkdir()
+    kept = run_zero_adapter_worker(tmp_path / "kept", tokenizer_dir, stage, precision, path)
+    recomputed = run_zero_adapter_worker(tmp_path / "recomputed", tokenizer_dir, stage, precision, path, "checkpointing")
+    for rank in range(2):
+        assert recomputed[rank]["losses"] == kept[rank]["losses"]
+        assert recomputed[rank]["task_experts_changed"] == kept[rank]["task_experts_changed"]
+        # every adapted layer ran again in backward, on every step
+        assert all(calls == 2 * plain for calls, plain in zip(recomputed[rank]["layer_calls"], kept[rank]["layer_calls"]))
 
 
 OVERFLOW_WORKER = os.path.join(os.path.dirname(__file__), "distributed", "overflow_worker.py")

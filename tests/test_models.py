@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, adapter_state_dict, apply_clorae, clorae_layers,
-                                load_adapter, parameter_report, save_adapter, task_routing)
+from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, RoutingError, adapter_state_dict, apply_clorae,
+                                clorae_layers, collect_mim_loss, load_adapter, parameter_report, routing_stats,
+                                save_adapter, task_routing)
 from clorae_ds.models import ModelBuildError, ModelConfig, load_tokenizer, train_tokenizer
 
 from .conftest import CORPUS
@@ -227,6 +228,59 @@ def test_visual_side_is_new_and_trains_fully_or_is_adapted(tokenizer_dir):
     out = adapted.model(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2]),
                         pixel_values=torch.randn(3, 3, 32, 32))
     out.loss.backward()
+
+
+def checkpointing_step(family, tokenizer, path, checkpointing):
+    """Loss, MIM, gradients, gate statistics and adapted-layer calls of one training step of a tiny model with
+    dropout, and the MIM terms its layers still hold after the backward."""
+    torch.manual_seed(0)
+    built = tiny(family, tokenizer=tokenizer, adapter={"rank": 6, "dropout": 0.3, "expert_path": path},
+                 gradient_checkpointing=checkpointing)
+    model = built.model.train()
+    randomize_adapter(model)
+    calls = []
+    for _, layer in clorae_layers(model):
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    ids, mask, labels = batch(built.tokenizer)
+    torch.manual_seed(1)
+    out = model(ids, mask, labels=ids if family == "llava" else labels, task_ids=torch.tensor([0, 0, 2]),
+                record_routing=True)
+    mim = collect_mim_loss(model)
+    (out.loss + 0.01 * mim).backward()
+    left = sum(len(layer.pop_mim_terms()) for _, layer in clorae_layers(model))
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss, mim, grads, routing_stats(model), len(calls), left
+
+
+@pytest.mark.parametrize("family", ["t5", "encoder_decoder", "llava"])
+@pytest.mark.parametrize("path", ["masked", "own_task"])
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients(family, path, tokenizer_dir,
+                                                                                   llava_tokenizer_dir):
+    tokenizer = llava_tokenizer_dir if family == "llava" else tokenizer_dir
+    loss, mim, grads, stats, calls, _ = checkpointing_step(family, tokenizer, path, False)
+    loss_gc, mim_gc, grads_gc, stats_gc, calls_gc, left_gc = checkpointing_step(family, tokenizer, path, True)
+    assert calls_gc > calls  # blocks ran again in backward, under the forward's routing and dropout masks
+    torch.testing.assert_close(loss_gc, loss, rtol=0, atol=0)
+    torch.testing.assert_close(mim_gc, mim, rtol=0, atol=0)  # the recompute recorded no MIM term of its own
+    assert left_gc == 0 and grads_gc.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    for name in stats:  # nor gate statistics
+        torch.testing.assert_close(stats_gc[name], stats[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_checkpointing_without_the_adapters_context_loses_the_routing(tokenizer_dir):
+    """Why checkpoint_context_fn exists: a block recomputed in backward runs after task_routing's block has exited."""
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    kwargs = {"use_reentrant": False}
+    if hasattr(built.model.lm, "activation_checkpointing_enable"):
+        built.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        built.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    ids, mask, labels = batch(built.tokenizer)
+    loss = built.model.train()(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2])).loss
+    with pytest.raises(RoutingError, match="needs task ids"):
+        loss.backward()
 
 
 def test_full_finetune_baseline_trains_everything(tokenizer_dir):

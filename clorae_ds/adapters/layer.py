@@ -685,6 +685,9 @@ class CLoRAELinear(nn.Module):
                 regressor[:, PACKED_SHIFT], regressor[:, PACKED_SCALE], regressor[:, PACKED_VAR] = 0.0, 1.0, init
         self.routing: Optional[TaskRouting] = None
         self._mim_terms: list = []  # scalars (own-task path) and MaskedMIMInputs: mim_loss() sums them
+        # True while activation checkpointing recomputes this layer's forward during backward
+        # (adapters.model.checkpoint_context_fn): it computes and saves what it did, records nothing again.
+        self.replaying = False
         # Per task, Σ g1 and Σ g2 over the tokens routed with record_stats (their sum counts the tokens)
         self.register_buffer("gate_stats", torch.zeros(n, 2, dtype=torch.float32, device=base.weight.device),
                              persistent=False)
@@ -780,22 +783,24 @@ class CLoRAELinear(nn.Module):
         if segments is not None:  # a batch sorted by task: each row pays for its own task's columns only
             y, z, gates = _OwnTaskDelta.apply(base_out, x2, params["expert_A"], params["expert_B"], segments,
                                               self.universal_rank, R, self.config.scaling, dropout)
-            if mim:
+            if mim:  # run when replaying too: a recompute must save what the forward saved, in the same order
                 B = params["expert_B"]
-                self._mim_terms.append(_OwnTaskMIMLoss.apply(
+                term = _OwnTaskMIMLoss.apply(
                     z, routing.token_mask(*shape, x.device, x.dtype), B[:, :R], B[:, R:], segments,
-                    self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device)))
+                    self.universal_rank, self.config.mim_detach_teacher, routing.real_token_count(*shape, x.device))
+                if not self.replaying:
+                    self._mim_terms.append(term)
         else:
             y, gates, z, mim_B = _MaskedDelta.apply(
                 base_out, x2, params["expert_A"], params["expert_B"], R, mim, column_base, column_slope, gate_form,
                 self.config.scaling, dropout)
-            if mim:
+            if mim and not self.replaying:
                 self._mim_terms.append(MaskedMIMInputs(
                     z, mim_B,
                     routing.mim_signs(*shape, self.universal_rank, self.task_rank, width, x.device),
                     routing.real_token_count(*shape, x.device), self.universal_rank, self.expert_columns,
                     self.config.mim_detach_teacher))
-        if one_hot is not None:  # addmm_: no Module.__setattr__
+        if one_hot is not None and not self.replaying:  # addmm_: no Module.__setattr__
             self.gate_stats.addmm_(one_hot.t(), _gate_pair(gates).to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 

@@ -5,7 +5,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -124,6 +124,31 @@ def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = 
     finally:
         for layer, prev in zip(layers, previous):
             layer.routing = prev
+
+
+def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple]:
+    """A `context_fn` for torch.utils.checkpoint (non-reentrant) around blocks of `model`: a checkpointed block is
+    recomputed during backward, after task_routing's block has exited, so the recompute gets back the routing its
+    forward had (captured when the forward ran) and its layers record no MIM term or gate statistic a second time
+    (CLoRAELinear.replaying)."""
+    layers = [layer for _, layer in clorae_layers(model)]
+
+    def context_fn():
+        return contextlib.nullcontext(), _replaying(layers, layers[0].routing if layers else None)
+
+    return context_fn
+
+
+@contextlib.contextmanager
+def _replaying(layers: list, routing: Optional[TaskRouting]):
+    previous = [(layer.routing, layer.replaying) for layer in layers]
+    for layer in layers:
+        layer.routing, layer.replaying = routing, True
+    try:
+        yield
+    finally:
+        for layer, (prev_routing, prev_replaying) in zip(layers, previous):
+            layer.routing, layer.replaying = prev_routing, prev_replaying
 
 
 def collect_mim_loss(model: nn.Module) -> Optional[torch.Tensor]:

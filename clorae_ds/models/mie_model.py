@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..adapters import task_routing
+from ..adapters import checkpoint_context_fn, task_routing
 from .visual import VisualSide
 
 VISUAL_KEYS = ("visual_features", "visual_boxes", "visual_mask", "image_present")
@@ -59,6 +59,17 @@ class MIEModel(nn.Module):
             self.lm.get_image_features(pixel_values=torch.zeros(1, 3, size, size, dtype=dtype,
                                                                 device=self.lm.device), return_dict=True)
         return {}
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each transformer block's input in training and recompute the block during backward: less
+        activation memory (so larger batches fit) for about one more forward. Non-reentrant torch.utils.checkpoint
+        around every block the backbone marks checkpointable, the adapter's routing carried into the recompute
+        (checkpoint_context_fn). Call it after the adapter is applied."""
+        kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(self)}
+        if hasattr(self.lm, "activation_checkpointing_enable"):  # the newer name; the older one warns there
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _routing(self, task_ids, record_stats=False, token_masks=None):
         if task_ids is None:

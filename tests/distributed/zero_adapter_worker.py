@@ -2,7 +2,10 @@
 different tasks (rank 0: only mner; rank 1: mre and mee). Under ZeRO-3 a rank that touched other parameters
 than its peer would hang here. Writes one JSON line per rank to OUT/rank{N}.json.
 
-    torchrun --standalone --nproc_per_node 2 zero_adapter_worker.py TOKENIZER_DIR OUT STAGE fp32|bf16 EXPERT_PATH
+    torchrun --standalone --nproc_per_node 2 zero_adapter_worker.py TOKENIZER_DIR OUT STAGE fp32|bf16 EXPERT_PATH \
+        [checkpointing]
+
+With `checkpointing`, the model recomputes its blocks in backward (model.gradient_checkpointing).
 
 With bf16, DeepSpeed's own bf16 mode: parameters in bf16, buffers kept fp32, fp32 master weights.
 """
@@ -20,15 +23,19 @@ from clorae_ds.models import ModelConfig
 
 def main():
     tokenizer_dir, out_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    bf16, expert_path = sys.argv[4] == "bf16", sys.argv[5]
+    bf16, expert_path, checkpointing = sys.argv[4] == "bf16", sys.argv[5], sys.argv[6:] == ["checkpointing"]
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)  # identical initial weights on both ranks
     # r 16: R + the gate row = 32 rows, which the masked pass reads as they are (no pad on the CPU either), so
     # ZeRO-3's partitioned expert_A itself is what the layer's backward reads (as on a GPU, which pads nothing)
     built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir,
-                        adapter={"rank": 16, "dropout": 0.0, "expert_path": expert_path}).build()
+                        adapter={"rank": 16, "dropout": 0.0, "expert_path": expert_path},
+                        gradient_checkpointing=checkpointing).build()
     model, tokenizer = built.model, built.tokenizer
+    layer_calls = []  # adapted layer calls per step: a recompute in backward calls them again
+    for _, layer in clorae_layers(model):
+        layer.register_forward_hook(lambda *_: layer_calls.__setitem__(-1, layer_calls[-1] + 1))
     before = {name: layer.expert_weights()["task_B"].clone() for name, layer in clorae_layers(model)}
     ds_config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -46,6 +53,7 @@ def main():
     labels[labels == tokenizer.pad_token_id] = -100
     losses = []
     for _ in range(4):
+        layer_calls.append(0)
         loss = engine(enc["input_ids"], enc["attention_mask"], labels=labels, task_ids=task_ids).loss
         loss = loss + built.model.clorae_config.mim_beta * collect_mim_loss(engine.module)
         engine.backward(loss)
@@ -57,7 +65,7 @@ def main():
             after = layer.expert_weights()["task_B"]
             changed[name] = [bool((after[n] - before[name][n]).abs().max() > 0) for n in range(3)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "task_experts_changed": changed,
+        json.dump({"losses": losses, "task_experts_changed": changed, "layer_calls": layer_calls,
                    "param_dtype": str(next(engine.module.parameters()).dtype)}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
