@@ -103,6 +103,10 @@ def main(argv=None):
                 results[arm, key].append(json.loads(proc.stdout.strip().splitlines()[-1])[key])
     summary = {arm: {key: statistics.median(results[arm, key]) for key in ("step_s", "peak_mib")} for arm in ARMS}
     tokens = args.batch * (args.source_length + args.target_length)
+
+    def ratio(key):
+        return summary["checkpointed"][key] / summary["kept"][key]
+
     print(f"T5 {SHAPE['d_model']}/{SHAPE['d_ff']}, {SHAPE['num_layers']} + {SHAPE['num_layers']} layers, C-LoRAE "
           f"r {args.rank}, {args.dtype}, batch {args.batch} x ({args.source_length} + {args.target_length}) = {tokens} "
           f"tokens; medians of {args.rounds} rounds, {args.steps} steps a process")
@@ -110,10 +114,9 @@ def main(argv=None):
     for arm, row in summary.items():
         print(f"| {arm} | {row['step_s']:.3f} | {row['peak_mib']:.0f} |")
     print(json.dumps({
-        "checkpointed_over_kept_peak_memory": round(summary["checkpointed"]["peak_mib"] / summary["kept"]["peak_mib"], 3),
-        "checkpointed_over_kept_step": round(summary["checkpointed"]["step_s"] / summary["kept"]["step_s"], 3),
-        "arms": summary, "shape": SHAPE, "rank": args.rank, "batch": [args.batch, args.source_length, args.target_length],
-        "dtype": args.dtype}))
+        "checkpointed_over_kept_peak_memory": round(ratio("peak_mib"), 3),
+        "checkpointed_over_kept_step": round(ratio("step_s"), 3), "arms": summary, "shape": SHAPE, "rank": args.rank,
+        "batch": [args.batch, args.source_length, args.target_length], "dtype": args.dtype}))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ ENGINE_LARGE_MICRO_BATCH = 512
 # (shape, ZeRO stage, method, micro-batch, gradient checkpointing) in priority order: the targets first (MFU at the
 # large micro-batch, never yet run on a GPU; the step ratio both there and at 32), then ZeRO-3 (never yet run on a
 # GPU: the runs so far had time for the targets alone), then the rest while time lasts.
-ENGINE_RUNS = [("t5-xl", 2, "clorae", ENGINE_LARGE_MICRO_BATCH, True), ("t5-xl", 2, "lora", ENGINE_LARGE_MICRO_BATCH, True),
+ENGINE_RUNS = [("t5-xl", 2, "clorae", ENGINE_LARGE_MICRO_BATCH, True),
+               ("t5-xl", 2, "lora", ENGINE_LARGE_MICRO_BATCH, True),
                *[(shape, stage, method, ENGINE_MICRO_BATCH, False) for shape, stage, method in [
                    ("t5-xl", 2, "clorae"), ("t5-xl", 2, "lora"), ("t5-xl", 3, "clorae"), ("t5-xl", 3, "lora"),
                    ("t5-large", 2, "clorae"), ("t5-large", 2, "lora"), ("t5-large", 2, "full_ft"),
