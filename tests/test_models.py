@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, RoutingError, adapter_state_dict, apply_clorae,
-                                clorae_layers, collect_mim_loss, load_adapter, parameter_report, routing_stats,
-                                save_adapter, task_routing)
+from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError, adapter_state_dict,
+                                apply_clorae, clorae_layers, collect_mim_loss, load_adapter, parameter_report,
+                                routing_stats, save_adapter, task_routing)
 from clorae_ds.models import ModelBuildError, ModelConfig, load_tokenizer, train_tokenizer
 
 from .conftest import CORPUS
@@ -281,6 +281,13 @@ def test_checkpointing_without_the_adapters_context_loses_the_routing(tokenizer_
     loss = built.model.train()(ids, mask, labels=labels, task_ids=torch.tensor([0, 1, 2])).loss
     with pytest.raises(RoutingError, match="needs task ids"):
         loss.backward()
+
+
+def test_clorae_layers_lists_the_fitted_layers_in_module_order(tokenizer_dir):
+    model = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}).model
+    walked = [(name, module) for name, module in model.named_modules() if isinstance(module, CLoRAELinear)]
+    assert len(walked) > 1 and list(clorae_layers(model)) == walked  # the list apply_clorae kept
+    assert list(clorae_layers(model.lm)) == [(name[len("lm."):], module) for name, module in walked]  # a walk
 
 
 def test_full_finetune_baseline_trains_everything(tokenizer_dir):
