@@ -51,10 +51,12 @@ SHAPES = {  # Flan-T5 shapes (gated-GELU feed-forward)
 }
 # The engine runs' micro-batch: at 8 short samples (about 530 tokens a step) the T5-XL step was all host time.
 ENGINE_MICRO_BATCH = 32
-# A micro-batch large enough that T5-XL's kernels, not the host's launches, set the step time (some 75k tokens of
-# the real, short samples: ~1 s of the chip's bf16 peak at 6.2 GFLOP a token), with every block recomputed in
-# backward (model.gradient_checkpointing) so that its activations fit: MFU's target is measured there.
-ENGINE_LARGE_MICRO_BATCH = 512
+# A micro-batch large enough that T5-XL's kernels, not the host's launches, set the step time: the real samples
+# are short (70 tokens each in the 2026-11-28 run: 390 tokens/s at 5.59 samples/s), so 1024 make some 72k tokens,
+# ~0.45 s of the chip's bf16 peak at 6.2 GFLOP a token before the recompute, against ~1 s of host time a step there.
+# Every block is recomputed in backward (model.gradient_checkpointing) so that the activations fit. MFU's target is
+# measured there; its loader gets 6 workers (about 1,000 samples/s each on a CPU core).
+ENGINE_LARGE_MICRO_BATCH = 1024
 # (shape, ZeRO stage, method, micro-batch, gradient checkpointing) in priority order: the targets first (MFU at the
 # large micro-batch, never yet run on a GPU; the step ratio both there and at 32), then ZeRO-3 (never yet run on a
 # GPU: the runs so far had time for the targets alone), then the rest while time lasts.
@@ -212,7 +214,8 @@ def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[d
                "model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPES[shape_name])}", *adapter,
                "schedule.log_every=" + str(max(1, steps // 5)), "schedule.time_phases=true",
                "schedule.max_minutes=null", "eval.max_samples=1", "eval.max_new_tokens=2", "output.save=false",
-               "data.max_input_length=256", "data.max_target_length=48", "data.num_workers=2",
+               "data.max_input_length=256", "data.max_target_length=48",
+               f"data.num_workers={6 if micro_batch == ENGINE_LARGE_MICRO_BATCH else 2}",
                f"model.gradient_checkpointing={str(checkpointing).lower()}", *data_overrides(patterns)]
         start = time.time()
         # A run may overrun its share by a little, never eat the quality phase's time.
@@ -459,8 +462,8 @@ def main(argv=None) -> int:
 
     from run_experiments import build_all_shards
 
-    # Samples a dataset for the sanity and engine phases: a few full steps of the large micro-batch per epoch
-    small = build_all_shards(args.raw, os.path.join(args.work, "small-shards"), 64 if args.smoke else 1200, 16)
+    # Samples a dataset for the sanity and engine phases: an epoch holds 12 steps of the large micro-batch
+    small = build_all_shards(args.raw, os.path.join(args.work, "small-shards"), 64 if args.smoke else 2500, 16)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke, "budget_s": args.budget_s}
     # The report is rewritten after every phase: a run killed from outside still leaves what it measured.
     report["sanity"] = sanity(args, args.work, small, clock)
