@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from clorae_ds.eval import score  # noqa: E402
 from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.eval.parse import cap_repeats  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
+from clorae_ds.train.engine import bf16_enabled, bf16_supported  # noqa: E402
 
 REFERENCE_ARM = "clorae"  # the arm every other one is compared with
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
@@ -59,12 +61,20 @@ class Budget:
     datasets: Optional[tuple] = None  # None: every dataset in SOURCES
     equal_mix: bool = False  # sample the datasets equally (default: in proportion to their sizes)
     batch_size: Optional[int] = None  # micro-batch per rank (None: the --deepspeed config's)
+    # "bf16": the budget's runs train in bf16 autocast and refuse to start where the hardware lacks bf16 (a
+    # resumed run also refuses a checkpoint of another precision); None: whatever the DeepSpeed config gives.
+    precision: Optional[str] = None
+    save_every_steps: Optional[int] = None  # step checkpoints: an interrupted run resumes from the last one
 
 
 BUDGETS = {"smoke": Budget(64, 32, 1, 8), "small": Budget(800, 200, 4, 150),
            # Long enough for the arms to learn the tasks on 2 CPU cores (both arms at once, one thread each, about
            # 70 minutes): the full Twitter-2015 and MNRE-v2 train splits sampled equally, 4 x 150 steps of 32.
            "medium": Budget(None, 400, 4, 150, datasets=("twitter2015", "mnre_v2"), equal_mix=True, batch_size=32),
+           # The paper's multi-task setting where the arms converge: every full train split in its natural
+           # proportion (~32k samples), 6 x 500 steps of 32 (about 3 passes), 400 dev samples a dataset scored
+           # after each 500 steps. About 3 hours a pair of arms (--parallel) on 2 bf16 CPU cores; resumable.
+           "converge": Budget(None, 400, 6, 500, batch_size=32, precision="bf16", save_every_steps=100),
            "large": Budget(None, None, 20)}
 
 
@@ -103,21 +113,23 @@ def run_name(arm: str, lr: Optional[float]) -> str:
     return arm if lr is None else f"{arm}-lr{lr:g}"
 
 
-def run_arms(arms: list, lrs: list, seed: int, patterns: dict, budget, out: str, args) -> list:
-    """Train each arm at each learning rate (reusing finished runs); with --parallel all of this seed's runs at
-    once (one GPU holds several small runs), else one after another."""
-    rows, pending = {}, []
+def run_arms(arms: list, lrs: list, seed: int, patterns: dict, budget, out: str, args, later_groups: int = 0) -> list:
+    """Train each arm at each learning rate (reusing finished runs, resuming interrupted ones); with --parallel all
+    of this seed's runs at once (one GPU holds several small runs; on a CPU one thread each), else one after
+    another. `later_groups`: how many more such groups the command runs after this one (for the ETA)."""
+    rows, pending, left = {}, [], len(arms) * len(lrs)
     for arm in arms:
         for lr in lrs:
+            left -= 1
             started = start_arm(arm, lr, seed, patterns, budget, out, args)
             if isinstance(started, dict):
                 rows[run_name(arm, lr)] = started
             else:
-                pending.append((arm, lr, *started))
+                pending.append(started)
                 if not args.parallel:
-                    rows[run_name(arm, lr)] = finish_arm(*pending.pop(), seed)
-    for arm, lr, arm_dir, proc, log, start in pending:
-        rows[run_name(arm, lr)] = finish_arm(arm, lr, arm_dir, proc, log, start, seed)
+                    rows[run_name(arm, lr)] = finish_arm(pending.pop(), seed, budget, out, args, later_groups + left)
+    for run in pending:
+        rows[run.name] = finish_arm(run, seed, budget, out, args, later_groups, others=pending)
     return [rows[run_name(arm, lr)] for arm in arms for lr in lrs]
 
 
@@ -130,6 +142,8 @@ def arm_recipe(arm: str, seed: int, patterns: dict, budget: Budget, arm_dir: str
         overrides.append(f"data.batches_per_epoch={budget.steps_per_epoch}")
     if budget.minutes:
         overrides.append(f"schedule.max_minutes={budget.minutes}")
+    if budget.save_every_steps:
+        overrides.append(f"output.save_every_steps={budget.save_every_steps}")
     if budget.datasets:  # the achievement weights' references of the trained datasets only
         references = {d: f for d, f in (base.get("loss", {}).get("reference_f1") or {}).items() if d in budget.datasets}
         overrides.append(f"loss.reference_f1={json.dumps(references)}")
@@ -139,45 +153,121 @@ def arm_recipe(arm: str, seed: int, patterns: dict, budget: Budget, arm_dir: str
     return yaml.safe_dump(load_config(recipe, overrides + list(extra), base=base).to_dict())
 
 
+@dataclass
+class RunningArm:
+    name: str
+    arm: str
+    lr: Optional[float]
+    dir: str
+    proc: subprocess.Popen
+    log: object
+    start: float
+    wall_before: float  # seconds spent in earlier, interrupted attempts
+    seen: Optional[tuple] = None  # (step, time) when this attempt's progress was first read: the ETA's origin
+
+
 def start_arm(arm: str, lr: Optional[float], seed: int, patterns: dict, budget, out: str, args):
-    """The finished row of a run made earlier with the same recipe, or (run dir, process, log file, start)."""
+    """The finished row of a run made earlier with the same recipe, or the started RunningArm: fresh, or resumed
+    from its last checkpoint when an earlier invocation was interrupted."""
     arm_dir = os.path.join(out, f"{run_name(arm, lr)}-seed{seed}")
     with open(args.base) as f:
         base = yaml.safe_load(f)
     merged = arm_recipe(arm, seed, patterns, budget, arm_dir, base,
                         (args.set or []) + ([] if lr is None else [f"optim.lr={lr}"]))
     recipe_path, result_path = os.path.join(arm_dir, "recipe.yaml"), os.path.join(arm_dir, "result.json")
-    if os.path.isfile(result_path):  # finished by an earlier, interrupted invocation: reuse if the recipe matches
+    earlier = None
+    if os.path.isfile(recipe_path):
         with open(recipe_path) as f:
-            if f.read() != merged:
-                raise SystemExit(f"{arm_dir} holds a finished run of another recipe: remove it or choose another --out")
+            earlier = f.read()
+    if os.path.isfile(result_path):  # finished by an earlier, interrupted invocation: reuse if the recipe matches
+        if earlier != merged:
+            raise SystemExit(f"{arm_dir} holds a finished run of another recipe: remove it or choose another --out")
         print(f"reusing the finished {arm} (seed {seed}) in {arm_dir}", file=sys.stderr, flush=True)
         with open(result_path) as f:
             return {**json.load(f), "run": run_name(arm, lr), "lr": lr}  # named by where it lies now
+    resume = earlier is not None and os.path.isdir(os.path.join(arm_dir, "checkpoints"))
+    if resume and earlier != merged:
+        raise SystemExit(f"{arm_dir} holds an unfinished run of another recipe: remove it to start over, or choose "
+                         "another --out")
     os.makedirs(arm_dir, exist_ok=True)
     with open(recipe_path, "w") as f:
         f.write(merged)
-    print(f"running {arm} (seed {seed}) ...", file=sys.stderr, flush=True)
+    wall_path = os.path.join(arm_dir, "wall_seconds")
+    wall_before = float(open(wall_path).read()) if resume and os.path.isfile(wall_path) else 0.0
+    print(f"{'resuming' if resume else 'running'} {arm} (seed {seed}) in {arm_dir} ...", file=sys.stderr, flush=True)
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
-    log = open(os.path.join(arm_dir, "train.log"), "w")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.parallel and not args.launcher:  # several runs on one CPU: one thread each, not each all the cores
+        env.setdefault("OMP_NUM_THREADS", "1")
+    log = open(os.path.join(arm_dir, "train.log"), "a" if resume else "w")
     proc = subprocess.Popen(launcher + [os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
-                                        "--deepspeed", args.deepspeed], stdout=log, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    return arm_dir, proc, log, time.time()
+                                        "--deepspeed", args.deepspeed] + (["--resume", "auto"] if resume else []),
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    return RunningArm(run_name(arm, lr), arm, lr, arm_dir, proc, log, time.time(), wall_before)
 
 
-def finish_arm(arm: str, lr: Optional[float], arm_dir: str, proc, log, start: float, seed: int) -> dict:
-    code = proc.wait()
-    wall = time.time() - start
-    log.close()
+def log_events(text: str) -> list[dict]:
+    """The JSON events of a train.log (every attempt's, in order)."""
+    return [json.loads(line[line.find('{"event"'):]) for line in text.splitlines() if '{"event"' in line]
+
+
+def progress_of(run: RunningArm, total_steps: int) -> Optional[tuple]:
+    """(seconds left, seconds a step) at the rate of the run's current attempt, evaluations included; None before
+    two readings. Also records its wall time so far, so that a resumed run's wall time counts every attempt."""
+    now = time.time()
+    with open(os.path.join(run.dir, "wall_seconds"), "w") as f:
+        f.write(f"{run.wall_before + now - run.start:.1f}")
+    with open(os.path.join(run.dir, "train.log")) as f:
+        steps = [e["step"] for e in log_events(f.read()) if e["event"] in ("train", "resume")]
+    if not steps:
+        return None
+    if run.seen is None:
+        run.seen = (steps[-1], now)
+        return None
+    done, elapsed = steps[-1] - run.seen[0], now - run.seen[1]
+    return ((total_steps - steps[-1]) * elapsed / done, elapsed / done) if done > 0 else None
+
+
+def finish_arm(run: RunningArm, seed: int, budget, out: str, args, later_groups: int = 0, others=()) -> dict:
+    """Wait for the run, printing the command's estimated time left every minute (and, with --publish, committing
+    the results whenever an evaluation was added); then its result row."""
+    total = budget_steps(budget)
+    evaluations = -1
+    while True:
+        try:
+            code = run.proc.wait(timeout=60)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        running = [r for r in (others or [run]) if r.proc.poll() is None]
+        left = [progress_of(r, total) for r in running] if total else []
+        if left and all(x is not None for x in left):
+            now_left = max(x[0] for x in left)  # the runs of a group train side by side
+            eta = now_left + later_groups * total * max(x[1] for x in left)
+            print(f"ETA {eta / 3600:.1f} h: {', '.join(r.name for r in running)} (seed {seed}) {now_left / 60:.0f} min"
+                  f" left, then {later_groups} more run(s) or group(s) of this length", file=sys.stderr, flush=True)
+        if args.publish:
+            count = count_evaluations(out)
+            if evaluations >= 0 and count > evaluations:
+                publish(out, args)
+            evaluations = count
+    progress_of(run, total)
+    wall = float(open(os.path.join(run.dir, "wall_seconds")).read())
+    run.log.close()
     if code != 0:
-        raise SystemExit(f"arm {arm} seed {seed} failed; see {arm_dir}/train.log")
-    with open(os.path.join(arm_dir, "train.log")) as f:
-        row = arm_row(arm, seed, f.read(), wall, lr)
-    with open(os.path.join(arm_dir, "result.json"), "w") as f:
+        raise SystemExit(f"arm {run.arm} seed {seed} failed; see {run.dir}/train.log")
+    with open(os.path.join(run.dir, "train.log")) as f:
+        row = arm_row(run.arm, seed, f.read(), wall, run.lr)
+    with open(os.path.join(run.dir, "result.json"), "w") as f:
         json.dump(row, f, indent=1)
     print(json.dumps(row), flush=True)
+    if args.publish:
+        publish(out, args)
     return row
+
+
+def budget_steps(budget: Budget) -> Optional[int]:
+    return budget.epochs * budget.steps_per_epoch if budget.steps_per_epoch else None
 
 
 def scored_predictions(run_dir: str) -> list[dict]:
@@ -197,7 +287,7 @@ def rescore(row: dict, run_dir: str) -> dict:
 
 
 def arm_row(arm: str, seed: int, log: str, wall: float, lr: Optional[float] = None) -> dict:
-    events = [json.loads(line[line.find('{"event"'):]) for line in log.splitlines() if '{"event"' in line]
+    events = log_events(log)
     summary = next(e for e in events if e["event"] == "summary")
     model = next(e for e in events if e["event"] == "model")
     # the median over logging intervals: an interval slowed by another job on the machine does not skew it
@@ -318,6 +408,9 @@ def main(argv=None) -> int:
                         help="a recipe override for every arm (repeatable), e.g. --set optim.lr=1e-3")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop each arm after this many minutes of training (arms then differ in steps)")
+    parser.add_argument("--publish", action="store_true",
+                        help="after each evaluation and finished run, copy the results to docs/results/"
+                             "experiments-BUDGET.{json,md} (+ -curves.svg) and commit those files")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -332,6 +425,13 @@ def main(argv=None) -> int:
         return retabulate(out)
     budget = BUDGETS[args.budget]
     budget = replace(budget, epochs=args.epochs or budget.epochs, minutes=args.max_minutes or budget.minutes)
+    if budget.precision == "bf16" and not bf16_supported():
+        raise SystemExit(f"the {args.budget} budget trains in bf16 and this machine has no bf16 in hardware "
+                         "(AVX512-BF16/AMX-BF16 or a bf16 GPU): its runs would train in another precision")
+    if budget.precision == "bf16":
+        with open(args.deepspeed) as f:
+            if not bf16_enabled(json.load(f)):
+                raise SystemExit(f"the {args.budget} budget trains in bf16: --deepspeed {args.deepspeed} has bf16 off")
     patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget.train_samples, budget.dev_samples,
                                 budget.datasets)
     if budget.batch_size:
@@ -344,22 +444,136 @@ def main(argv=None) -> int:
                 "majority": lookup_baseline(train, dev, 0.5)["twitter2015"]["f1"],
                 "any_subsample": lookup_baseline(train_seen, dev)["twitter2015"]["f1"],
                 "train_samples": len(train), "train_subsample": len(train_seen)}
-    results = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        results += run_arms(arms, lrs, seed, patterns, budget, out, args)
+    with open(os.path.join(out, "baseline.json"), "w") as f:
+        json.dump(baseline, f, indent=1)
+    results, seeds = [], [int(s) for s in args.seeds.split(",")]
+    for i, seed in enumerate(seeds):
+        later = (len(seeds) - 1 - i) * (1 if args.parallel else len(arms) * len(lrs))
+        results += run_arms(arms, lrs, seed, patterns, budget, out, args, later)
     write_results(out, args.budget, results, baseline)
     return 0
+
+
+def seed_level(results: list) -> dict:
+    """Each arm's All minus C-LoRAE's paired by seed (best runs, seeds both have): the mean difference with a
+    t interval over seeds (95 %), the test of seed variance the dev bootstrap does not cover."""
+    best = best_runs(results)
+    by_arm = {arm: {r["seed"]: r["all"] for r in results if r["run"] == run} for arm, run in best.items()}
+    reference = by_arm.get(REFERENCE_ARM, {})
+    tests = {}
+    for arm, alls in by_arm.items():
+        seeds = sorted(set(alls) & set(reference))
+        if arm == REFERENCE_ARM or not seeds:
+            continue
+        differences = [alls[s] - reference[s] for s in seeds]
+        mean, std = mean_std(differences)
+        half = T_975[len(seeds) - 1] * std / len(seeds) ** 0.5 if 1 < len(seeds) <= len(T_975) else None
+        tests[arm] = {"seeds": seeds, "differences": differences, "mean": mean, "std": std,
+                      "low": None if half is None else mean - half, "high": None if half is None else mean + half}
+    return tests
+
+
+T_975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student t, two-sided 95 %
 
 
 def write_results(out: str, budget: str, results: list, baseline: dict) -> None:
     results = [rescore(r, os.path.join(out, f"{r['run']}-seed{r['seed']}")) for r in results]
     comparison = compare_with_reference(out, results)
+    curves = training_curves(out)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"budget": budget, "results": results, "lookup_baseline_twitter2015": baseline,
-                   f"all_minus_{REFERENCE_ARM}": comparison}, f, indent=1)
+                   f"all_minus_{REFERENCE_ARM}": comparison, f"all_minus_{REFERENCE_ARM}_by_seed": seed_level(results),
+                   "curves": curves}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table(results, baseline, budget, comparison))
+        f.write((table(results, baseline, budget, comparison) if results else
+                 f"## Results ({budget} budget)\n\nNo run has finished yet.\n") + curves_table(curves, results))
+    plot_curves(curves, os.path.join(out, "curves.svg"))
     print(open(os.path.join(out, "results.md")).read())
+
+
+def training_curves(out: str) -> dict:
+    """Every run in OUT (finished or not): dev All and F1 at each evaluation, from its train.log."""
+    curves = {}
+    for name in sorted(os.listdir(out)):
+        log = os.path.join(out, name, "train.log")
+        if not os.path.isfile(log):
+            continue
+        with open(log) as f:
+            events = log_events(f.read())
+        evals = {e["step"]: {"step": e["step"], "all": e["all"], "f1": e["f1"]} for e in events if e["event"] == "eval"}
+        curves[name] = {"finished": os.path.isfile(os.path.join(out, name, "result.json")),
+                        "evaluations": [evals[step] for step in sorted(evals)]}
+    return curves
+
+
+def curves_table(curves: dict, results: list) -> str:
+    steps = sorted({e["step"] for c in curves.values() for e in c["evaluations"]})
+    if not steps:
+        return ""
+    lines = ["", "### Dev All at each evaluation (every run, finished or not)", "",
+             "| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, curve in curves.items():
+        at = {e["step"]: e["all"] for e in curve["evaluations"]}
+        lines.append(f"| {name}{'' if curve['finished'] else ' (running)'} | " +
+                     " | ".join("—" if s not in at else f"{at[s]:.1f}" for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    """Dev All against step, one line per run (SVG: text, diffable); skipped where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves plot", file=sys.stderr)
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        if curve["evaluations"]:
+            axes.plot([e["step"] for e in curve["evaluations"]], [e["all"] for e in curve["evaluations"]],
+                      marker="o", label=name, linestyle="-" if curve["finished"] else "--")
+    axes.set_xlabel("optimiser step")
+    axes.set_ylabel("dev All (sum of F1 × 100)")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    plt.rcParams["svg.hashsalt"] = "clorae_ds"  # stable ids: a regenerated plot diffs only where it changed
+    figure.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(figure)
+
+
+def count_evaluations(out: str) -> int:
+    return sum(len(c["evaluations"]) for c in training_curves(out).values())
+
+
+def publish(out: str, args) -> None:
+    """Regenerate the results from every run in OUT (finished rows, every run's curve), copy them to
+    docs/results/experiments-BUDGET.{json,md} and -curves.svg, and commit those files alone."""
+    rows = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name, "result.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+    with open(os.path.join(out, "baseline.json")) as f:
+        baseline = json.load(f)
+    write_results(out, args.budget, rows, baseline)
+    results_dir = os.path.join(ROOT, "docs", "results")
+    copies = []
+    for source, target in (("results.json", ".json"), ("results.md", ".md"), ("curves.svg", "-curves.svg")):
+        if os.path.isfile(os.path.join(out, source)):
+            copies.append(os.path.join(results_dir, f"experiments-{args.budget}{target}"))
+            shutil.copyfile(os.path.join(out, source), copies[-1])
+    finished = sum(1 for r in rows)
+    message = f"{args.budget} results: {finished} finished run(s), {count_evaluations(out)} evaluations"
+    for attempt in range(5):  # another git command may hold the index lock for a moment
+        done = subprocess.run(["git", "-C", ROOT, "add", *copies], capture_output=True).returncode == 0 and \
+            subprocess.run(["git", "-C", ROOT, "commit", "-q", "-m", message, "--only", *copies],
+                           capture_output=True, text=True)
+        if done and done.returncode == 0 or done and "nothing to commit" in done.stdout + done.stderr:
+            return
+        time.sleep(5)
+    print(f"could not commit {copies} (left in the working tree)", file=sys.stderr, flush=True)
 
 
 def retabulate(out: str) -> int:

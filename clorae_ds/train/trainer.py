@@ -31,7 +31,7 @@ from ..eval.report import routing_report
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
-from .engine import DeepSpeedRunner, barrier, init_distributed, load_ds_config
+from .engine import DeepSpeedRunner, barrier, bf16_enabled, init_distributed, load_ds_config
 
 MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 
@@ -137,6 +137,9 @@ class Trainer:
         self.is_main = self.ctx.rank == 0
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size)
+        # what the run trains in after load_ds_config's hardware fallback; a resume must not change it
+        self.precision = "bf16" if bf16_enabled(self.ds_config) else \
+            "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
         self.out = config.output.dir
         self._check_output_dir()
 
@@ -355,7 +358,8 @@ class Trainer:
     def _client_state(self, state: RunState) -> dict:
         return {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best_all": state.best_all,
                 "skipped_steps": state.skipped_steps, "aml": self.aml.state_dict(),
-                "adapter_config": self.adapter.to_dict() if self.adapter else None, "datasets": self.train_datasets}
+                "adapter_config": self.adapter.to_dict() if self.adapter else None, "datasets": self.train_datasets,
+                "precision": self.precision}
 
     def _checkpoint(self, state: RunState) -> None:
         """Trainable weights, optimizer, scheduler, RNG and the run's position (epoch, next batch, task weights):
@@ -402,6 +406,10 @@ class Trainer:
             diff = sorted(k for k in set(saved or {}) | set(current or {})
                           if (saved or {}).get(k) != (current or {}).get(k))
             raise TrainingError(f"--resume: the checkpoint was trained with a different adapter config ({diff})")
+        if state.get("precision", self.precision) != self.precision:
+            raise TrainingError(f"--resume: the checkpoint trained in {state['precision']}, this run would train in "
+                                f"{self.precision} (this machine or the DeepSpeed config differs): resume where the "
+                                "precision is the same, or start a new run")
         if state.get("datasets") != self.train_datasets:
             raise TrainingError(f"--resume: the checkpoint trained {state.get('datasets')}, this run "
                                 f"{self.train_datasets}")
