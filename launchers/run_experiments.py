@@ -40,7 +40,7 @@ from clorae_ds.eval import score  # noqa: E402
 from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.eval.parse import cap_repeats  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
-from clorae_ds.train.engine import bf16_enabled, bf16_supported  # noqa: E402
+from clorae_ds.train.engine import bf16_supported  # noqa: E402
 
 REFERENCE_ARM = "clorae"  # the arm every other one is compared with
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]
@@ -61,8 +61,9 @@ class Budget:
     datasets: Optional[tuple] = None  # None: every dataset in SOURCES
     equal_mix: bool = False  # sample the datasets equally (default: in proportion to their sizes)
     batch_size: Optional[int] = None  # micro-batch per rank (None: the --deepspeed config's)
-    # "bf16": the budget's runs train in bf16 autocast and refuse to start where the hardware lacks bf16 (a
-    # resumed run also refuses a checkpoint of another precision); None: whatever the DeepSpeed config gives.
+    # "fp32" / "bf16": the budget's runs train in that precision whatever the --deepspeed config says, and refuse
+    # to start where the hardware lacks it (a resumed run also refuses a checkpoint of another precision);
+    # None: whatever the DeepSpeed config gives on this machine.
     precision: Optional[str] = None
     save_every_steps: Optional[int] = None  # step checkpoints: an interrupted run resumes from the last one
 
@@ -73,8 +74,9 @@ BUDGETS = {"smoke": Budget(64, 32, 1, 8), "small": Budget(800, 200, 4, 150),
            "medium": Budget(None, 400, 4, 150, datasets=("twitter2015", "mnre_v2"), equal_mix=True, batch_size=32),
            # The paper's multi-task setting where the arms converge: every full train split in its natural
            # proportion (~32k samples), 6 x 500 steps of 32 (about 3 passes), 400 dev samples a dataset scored
-           # after each 500 steps. About 3 hours a pair of arms (--parallel) on 2 bf16 CPU cores; resumable.
-           "converge": Budget(None, 400, 6, 500, batch_size=32, precision="bf16", save_every_steps=100),
+           # after each 500 steps; resumable. fp32: this workplace's machines differ in AVX512-BF16, and a run
+           # must resume on whichever machine comes next in the precision it began in.
+           "converge": Budget(None, 400, 6, 500, batch_size=32, precision="fp32", save_every_steps=100),
            "large": Budget(None, None, 20)}
 
 
@@ -95,14 +97,18 @@ def build_all_shards(raw: str, out: str, train_n, dev_n, datasets=None) -> dict:
     return patterns
 
 
-def with_batch_size(ds_config: str, batch_size: int, out: str) -> str:
-    """A copy of the DeepSpeed config in OUT with the budget's micro-batch size."""
+def budget_ds_config(ds_config: str, budget: Budget, out: str) -> str:
+    """A copy of the DeepSpeed config in OUT with the budget's micro-batch size and precision."""
     with open(ds_config) as f:
         config = json.load(f)
-    config["train_micro_batch_size_per_gpu"] = batch_size
-    config.pop("train_batch_size", None)
+    if budget.batch_size:
+        config["train_micro_batch_size_per_gpu"] = budget.batch_size
+        config.pop("train_batch_size", None)
+    if budget.precision:
+        config["bf16"] = {"enabled": budget.precision == "bf16"}
+        config["fp16"] = {"enabled": False}
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"ds_config_batch{batch_size}.json")
+    path = os.path.join(out, "ds_config.json")
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
     return path
@@ -428,14 +434,10 @@ def main(argv=None) -> int:
     if budget.precision == "bf16" and not bf16_supported():
         raise SystemExit(f"the {args.budget} budget trains in bf16 and this machine has no bf16 in hardware "
                          "(AVX512-BF16/AMX-BF16 or a bf16 GPU): its runs would train in another precision")
-    if budget.precision == "bf16":
-        with open(args.deepspeed) as f:
-            if not bf16_enabled(json.load(f)):
-                raise SystemExit(f"the {args.budget} budget trains in bf16: --deepspeed {args.deepspeed} has bf16 off")
     patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget.train_samples, budget.dev_samples,
                                 budget.datasets)
-    if budget.batch_size:
-        args.deepspeed = with_batch_size(args.deepspeed, budget.batch_size, out)
+    if budget.batch_size or budget.precision:
+        args.deepspeed = budget_ds_config(args.deepspeed, budget, out)
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
     train_seen = subsample(train, budget.train_samples, seed=0)  # what the arms train on: the shards' subsample

@@ -58,7 +58,7 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
 def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import yaml
-    from run_experiments import BUDGETS, arm_recipe, with_batch_size
+    from run_experiments import BUDGETS, arm_recipe, budget_ds_config
 
     budget = BUDGETS["medium"]
     patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in budget.datasets} for split in ("train", "dev")}
@@ -67,7 +67,7 @@ def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_
     assert recipe["data"]["mix"] == {"twitter2015": 1.0, "mnre_v2": 1.0}
     assert set(recipe["loss"]["reference_f1"]) == {"twitter2015", "mnre_v2"}  # only the trained datasets
     assert recipe["data"]["batches_per_epoch"] == 150 and recipe["schedule"]["epochs"] == 4 and recipe["seed"] == 1
-    config = json.loads(open(with_batch_size(os.path.join(ROOT, "ds_configs", "zero0.json"), 32, str(tmp_path))).read())
+    config = json.loads(open(budget_ds_config(os.path.join(ROOT, "ds_configs", "zero0.json"), budget, str(tmp_path))).read())
     assert config["train_micro_batch_size_per_gpu"] == 32
     assert config["zero_optimization"] == json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))["zero_optimization"]
 
