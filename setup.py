@@ -6,24 +6,29 @@ setup(
     description="DeepSpeed-scaled C-LoRAE training for unified multimodal information extraction",
     packages=find_packages(include=["clorae_ds", "clorae_ds.*"]),
     python_requires=">=3.10",
-    # torch is not pinned here: install the build for your hardware first (README: torch==2.13.0 is the
-    # CPU wheel on the project's machines; any other spec there pulls a multi-GB CUDA build).
+    # Lower bounds are the versions the whole suite passed on (.ci/run installs them, 2026-12-07); older
+    # releases lack APIs the code uses (torch.get_autocast_dtype, transformers 5's multimodal outputs).
+    # torch is not pinned here: install the build for your hardware first (README: torch==2.13.0 is the CPU
+    # wheel on the project's machines; any other spec there pulls a multi-GB CUDA build).
     install_requires=[
-        "torch>=2.3",
-        "transformers>=4.56",  # from_pretrained(dtype=...)
-        "tokenizers>=0.20",
-        "sentencepiece>=0.2",
-        "protobuf",
-        "safetensors>=0.4",
-        "deepspeed>=0.15",
-        "webdataset>=0.2.90",
-        "pillow",
-        "numpy",
-        "prometheus-client>=0.20",
-        "pyyaml>=6",
+        "torch>=2.13",
+        "transformers>=5.25,<6",
+        "tokenizers>=0.23",
+        "sentencepiece>=0.2.3",
+        "protobuf>=7",
+        "safetensors>=0.8",
+        # The engine swaps DeepSpeed internals (the gradient overflow check, ZeRO hooks): bounded above to the
+        # minor release it was tested with.
+        "deepspeed>=0.19.8,<0.20",
+        "webdataset>=1.0.2",
+        "pillow>=13",
+        "numpy>=2.4",
+        "prometheus-client>=0.26",
+        "pyyaml>=6.0.4",
+        "matplotlib>=3.11",  # training curves and routing plots
     ],
     extras_require={
-        # peft is only the benchmark's reference LoRA; hypothesis drives property tests.
-        "dev": ["pytest>=8", "hypothesis>=6", "peft>=0.13"],
+        # peft is the benchmark's reference LoRA; hypothesis drives property tests; pytest-cov the tiers' coverage.
+        "dev": ["pytest>=9.2", "hypothesis>=6.170", "peft>=0.21.2", "pytest-cov>=7.1"],
     },
 )

@@ -334,11 +334,11 @@ def pack_adapter(directory: str, tar_path: str):
 
     if not os.path.isdir(directory):
         return None
-    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(os.path.join(directory, "adapter_model.safetensors")).items()}
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(os.path.join(directory, "clorae_model.safetensors")).items()}
     scratch = directory + "-bf16"
     os.makedirs(scratch, exist_ok=True)
-    save_file(tensors, os.path.join(scratch, "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(os.path.join(directory, "adapter_config.json"), scratch)
+    save_file(tensors, os.path.join(scratch, "clorae_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(directory, "clorae_config.json"), scratch)
     with tarfile.open(tar_path, "w") as tar:
         tar.add(scratch, arcname=os.path.basename(directory))
     return {"file": os.path.basename(tar_path), "bytes": os.path.getsize(tar_path)}

@@ -209,3 +209,10 @@ def test_swig_reads_the_real_m2e2_mapping():
 
     swig = SCHEMAS["swig"]
     assert all(role in swig.roles(event) for event, role in mapping.values())
+
+
+def test_the_default_adapter_has_an_expert_for_every_task_a_record_can_carry():
+    from clorae_ds.adapters import CLoRAEConfig
+    from clorae_ds.data.record import TASKS
+
+    assert CLoRAEConfig().tasks == list(TASKS)  # the same tasks, in the experts' order

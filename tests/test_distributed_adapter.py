@@ -26,6 +26,7 @@ def run_zero_adapter_worker(out, tokenizer_dir, stage, precision, path, *options
     return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,precision,path", [(2, "fp32", "masked"), (3, "fp32", "masked"), (2, "bf16", "masked"),
                                                   (3, "bf16", "masked"), (3, "fp32", "own_task"),
                                                   (2, "bf16", "own_task")])
@@ -40,6 +41,7 @@ def test_ranks_with_different_tasks_train_in_lockstep(stage, precision, path, to
         assert changed == [True, True, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,precision,path", [(3, "bf16", "masked"), (2, "fp32", "own_task")])
 def test_gradient_checkpointing_trains_as_keeping_activations_does(stage, precision, path, tokenizer_dir, tmp_path):
     """The blocks recomputed in backward (ZeRO-3 gathering the layers' parameters again for it) give the same
@@ -57,6 +59,7 @@ def test_gradient_checkpointing_trains_as_keeping_activations_does(stage, precis
 OVERFLOW_WORKER = os.path.join(os.path.dirname(__file__), "distributed", "overflow_worker.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,check", [(0, "CheckOverflow"), (1, "DeepSpeedZeroOptimizer"), (2, "DeepSpeedZeroOptimizer")])
 def test_a_nan_gradient_on_one_rank_skips_the_step_on_every_rank(stage, check, tokenizer_dir, tmp_path):
     pytest.importorskip("deepspeed")

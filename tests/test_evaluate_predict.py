@@ -44,6 +44,7 @@ def trained(tmp_path_factory, tokenizer_dir):
     return tmp, summary["adapter"]
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_ranks_scores_every_sample_once(trained):
     tmp, adapter = trained
     out = tmp / "eval"
@@ -81,6 +82,7 @@ def predict(adapter, *args):
                           env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predict_with_and_without_an_image(trained, tmp_path):
     from PIL import Image
 

@@ -2,9 +2,11 @@
 rendering from recorded benchmark output."""
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -12,6 +14,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 RAW = os.path.join(ROOT, "..", "shared", "data", "raw")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(RAW), reason="../shared/data/raw is not beside the checkout")
 def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
     out = tmp_path / "exp"
@@ -70,6 +73,51 @@ def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_
     config = json.loads(open(budget_ds_config(os.path.join(ROOT, "ds_configs", "zero0.json"), budget, str(tmp_path))).read())
     assert config["train_micro_batch_size_per_gpu"] == 32
     assert config["zero_optimization"] == json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))["zero_optimization"]
+
+
+def test_converge_budget_trains_every_dataset_in_its_natural_proportion_in_a_pinned_precision(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import yaml
+    from run_experiments import BUDGETS, SOURCES, arm_recipe, budget_ds_config
+
+    budget = BUDGETS["converge"]
+    patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in SOURCES} for split in ("train", "dev")}
+    base = yaml.safe_load(open(os.path.join(ROOT, "experiments", "base.yaml")))
+    recipe = yaml.safe_load(arm_recipe("lora", 2, patterns, budget, str(tmp_path / "arm"), base))
+    assert recipe["data"]["mix"] is None and set(recipe["data"]["train"]) == set(SOURCES)  # sizes set the mix
+    assert set(recipe["loss"]["reference_f1"]) == set(SOURCES)
+    assert recipe["data"]["batches_per_epoch"] == 500 and recipe["schedule"]["epochs"] == 6
+    assert recipe["output"]["save_every_steps"] == 100 and recipe["seed"] == 2
+    zero0 = os.path.join(ROOT, "ds_configs", "zero0.json")
+    assert json.load(open(zero0))["bf16"]["enabled"]  # the budget's precision wins over the config's
+    config = json.load(open(budget_ds_config(zero0, budget, str(tmp_path))))
+    assert config["train_micro_batch_size_per_gpu"] == 32 and config["bf16"] == {"enabled": budget.precision == "bf16"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(RAW), reason="../shared/data/raw is not beside the checkout")
+def test_an_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path):
+    out = tmp_path / "exp"
+    command = [sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke", "--arms",
+               "lora", "--out", str(out), "--set", "output.save_every_steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "lora-seed0" / "checkpoints" / "latest"
+    deadline = time.time() + 400
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training process
+    proc.wait()
+    assert latest.exists(), "no step checkpoint before the deadline"
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming lora (seed 0)" in proc.stderr
+    log = (out / "lora-seed0" / "train.log").read_text()  # both attempts' events
+    resumed = [json.loads(line[line.find("{"):]) for line in log.splitlines() if '"event": "resume"' in line]
+    assert len(resumed) == 1 and resumed[0]["step"] in (3, 6)
+    row = json.loads((out / "results.json").read_text())["results"][0]
+    assert row["steps"] == 8 and row["wall_seconds"] > 0
 
 
 def test_learning_rate_grid_reports_each_arm_at_its_best_rate(tmp_path):
@@ -160,10 +208,11 @@ def test_performance_report_renders_recorded_results(tmp_path):
     assert proc.returncode != 0 and "lacks ['loader']" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_checkpointing_measures_both_arms_and_the_memory_checkpointing_saves():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_checkpointing.py"), "--batch", "4",
                            "--source-length", "128", "--target-length", "32", "--rounds", "1", "--steps", "1"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["arms"]) == {"kept", "checkpointed"}

@@ -49,6 +49,7 @@ def config(tmp_path, train_sizes=(10, 6), dev_size=11, **options):
     return MIELoader.Config(train=train, dev=dev, batch_size=3, eval_batch_size=2, num_workers=2, **options)
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_equal_train_batches_and_exact_eval(tmp_path, tokenizer):
     cfg = config(tmp_path)
     seen, counts = [], []
@@ -201,6 +202,7 @@ def test_configuration_errors(tmp_path, tokenizer):
         MIELoader.Config(train={"twitter2015": pattern}).build(tokenizer, Encoding())
 
 
+@pytest.mark.slow
 def test_real_two_rank_run_sees_every_dev_sample_once(tmp_path, tokenizer_dir):
     cfg = config(tmp_path)
     spec = tmp_path / "spec.json"

@@ -90,6 +90,7 @@ def query(prometheus_port, expr):
     return body["data"]["result"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
 def test_real_prometheus_scrapes_both_ranks_and_every_dashboard_query_has_data(tmp_path, tokenizer_dir):
     metrics_port, prometheus_port = free_port(), free_port()

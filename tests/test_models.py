@@ -2,6 +2,8 @@
 the visual side, loading from local directories, and the tokenizer."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,11 +128,11 @@ def test_save_load_round_trip_reproduces_outputs(tokenizer_dir, tmp_path):
     built = tiny(**config)
     randomize_adapter(built.model)
     directory = save_adapter(built.model, str(tmp_path / "adapter"))
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
-    saved = json.load(open(os.path.join(directory, "adapter_config.json")))
+    assert sorted(os.listdir(directory)) == ["clorae_config.json", "clorae_model.safetensors"]
+    saved = json.load(open(os.path.join(directory, "clorae_config.json")))
     assert saved["method"] == "clorae" and saved["rank"] == 6 and saved["tasks"] == ["mner", "mre", "mee"]
     assert saved["base_model_name"] == "t5-tiny" and saved["target_modules"]
-    tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    tensors = load_file(os.path.join(directory, "clorae_model.safetensors"))
     assert set(tensors) == set(adapter_state_dict(built.model))
     assert any(k.startswith("visual.") for k in tensors) and not any(".base." in k for k in tensors)
 
@@ -155,10 +157,27 @@ def test_load_adapter_rejects_a_different_adapter(tokenizer_dir, tmp_path):
         load_adapter(other.model, directory)
     with pytest.raises(AdapterConfigError, match="not an adapter directory"):
         load_adapter(other.model, str(tmp_path))
-    with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
+    with open(os.path.join(directory, "clorae_model.safetensors"), "wb") as f:
         f.write(b"not safetensors")
     with pytest.raises(Exception):
         load_adapter(tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}).model, directory)
+
+
+def test_adapters_saved_under_the_peft_like_names_still_load_and_peft_folders_are_named(tokenizer_dir, tmp_path):
+    built = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    randomize_adapter(built.model)
+    directory = save_adapter(built.model, str(tmp_path / "adapter"))
+    os.rename(os.path.join(directory, "clorae_config.json"), os.path.join(directory, "adapter_config.json"))
+    os.rename(os.path.join(directory, "clorae_model.safetensors"), os.path.join(directory, "adapter_model.safetensors"))
+    fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
+    load_adapter(fresh.model, directory)  # the names adapters had before clorae_config.json
+    for (_, old), (_, new) in zip(clorae_layers(built.model), clorae_layers(fresh.model)):
+        torch.testing.assert_close(new.expert_B, old.expert_B)
+    peft_folder = tmp_path / "peft"
+    peft_folder.mkdir()
+    (peft_folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(AdapterConfigError, match="holds a peft LORA adapter.*PeftModel.from_pretrained"):
+        load_adapter(tiny(tokenizer=tokenizer_dir, adapter={"rank": 6}).model, str(peft_folder))
 
 
 def test_load_adapter_fits_a_bare_model(tokenizer_dir, tmp_path):
@@ -385,7 +404,7 @@ def load_rewritten_adapter(tokenizer_dir, tmp_path, built, rewrite) -> list:
     """Save built's adapter, rewrite its file's tensors as an older layout held them (rewrite(name, tensor) ->
     {name: tensor}), load that into a fresh model: [(saved layer, loaded layer)]."""
     directory = save_adapter(built.model, str(tmp_path / "adapter"))
-    path = os.path.join(directory, "adapter_model.safetensors")
+    path = os.path.join(directory, "clorae_model.safetensors")
     save_file({k: v for name, tensor in load_file(path).items() for k, v in rewrite(name, tensor).items()}, path)
     fresh = tiny(tokenizer=tokenizer_dir, adapter={"rank": 6})
     load_adapter(fresh.model, directory)
@@ -450,3 +469,27 @@ def test_load_adapter_reads_a_file_with_the_legacy_two_row_gate(tokenizer_dir, t
 
     for old, new in load_rewritten_adapter(tokenizer_dir, tmp_path, built, two_row_gate):
         torch.testing.assert_close(new.expert_A, old.expert_A)
+
+
+@pytest.mark.slow
+def test_a_hub_id_resolves_from_the_cache_offline_and_a_missing_one_names_the_cache(tokenizer_dir, tmp_path):
+    # A cache laid out as huggingface_hub writes one (refs/main names the snapshot folder); there is no network here.
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--acme--tiny-t5" / "snapshots" / commit
+    built = tiny(tokenizer=tokenizer_dir, adapter=None, full_finetune=True)
+    built.model.lm.save_pretrained(snapshot)
+    built.tokenizer.save_pretrained(snapshot)
+    (cache / "models--acme--tiny-t5" / "refs").mkdir()
+    (cache / "models--acme--tiny-t5" / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    script = ("from clorae_ds.models import ModelConfig\n"
+              "built = ModelConfig(family='t5', pretrained='acme/tiny-t5', adapter={'rank': 6}).build()\n"
+              "print(type(built.model.lm).__name__, built.model.lm.config.d_model, len(built.tokenizer))\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["T5ForConditionalGeneration", "64", str(len(built.tokenizer))]
+    train = os.path.join(os.path.dirname(__file__), "..", "launchers", "train.py")
+    proc = subprocess.run([sys.executable, train, "model.pretrained=acme/absent"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "model.pretrained 'acme/absent'" in proc.stderr and str(cache) in proc.stderr
+    assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr

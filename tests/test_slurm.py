@@ -73,6 +73,7 @@ def slurm_cluster(tmp_path):
                     pass
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_sbatch_trains_two_ranks_on_a_real_slurm(slurm_cluster, tmp_path, tokenizer_dir):
     env, slurm_dir = slurm_cluster
@@ -105,9 +106,10 @@ def test_sbatch_trains_two_ranks_on_a_real_slurm(slurm_cluster, tmp_path, tokeni
     assert summary["global_step"] == 8
     weights = next(e for e in events(text) if e["event"] == "task_weights")
     assert len(weights["per_rank"]) == 2  # two ranks started by the node's launcher
-    assert (out / "checkpoints" / "latest").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "checkpoints" / "latest").exists() and (out / "adapter" / "clorae_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_with_the_node_launcher(tmp_path, tokenizer_dir):
     config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 1})
     port = free_port()

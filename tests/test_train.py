@@ -16,7 +16,8 @@ from clorae_ds.data import Entity, Record, Relation, Span
 from clorae_ds.data.shards import ShardWriterConfig, write_shards
 from clorae_ds.train.aml import AchievementWeights
 from clorae_ds.train.config import ConfigError, load_config
-from clorae_ds.train.engine import EngineConfigError, KNOWN_DS_KEYS, check_ds_config, load_ds_config
+from clorae_ds.train.engine import (CLIENT_STATE, DeepSpeedRunner, EngineConfigError, KNOWN_DS_KEYS, check_ds_config,
+                                    load_ds_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launchers", "train.py")
@@ -112,6 +113,7 @@ def steps(log):
     return {e["step"]: e["loss"] for e in log if e["event"] == "train"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, ds_config", [("deepspeed", "zero2.json"), ("deepspeed", "zero3.json"),
                                                  ("torchrun", "zero0.json")])
 def test_two_ranks_train_evaluate_broadcast_and_export(launcher, ds_config, tmp_path, tokenizer_dir):
@@ -147,13 +149,14 @@ def test_two_ranks_train_evaluate_broadcast_and_export(launcher, ds_config, tmp_
     from safetensors.torch import load_file
 
     adapter_dir = summary["adapter"]
-    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    tensors = load_file(os.path.join(adapter_dir, "clorae_model.safetensors"))
     assert tensors and all(t.numel() > 0 for t in tensors.values())  # gathered, even under ZeRO-3
     model = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir).build().model
     load_adapter(model, adapter_dir)
     assert any(t.abs().sum() > 0 for n, t in tensors.items() if n.endswith("expert_B"))
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_repeats_the_uninterrupted_losses(tmp_path, tokenizer_dir):
     config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 3})
     reference = steps(train("deepspeed", "zero2.json", config, "--output-dir", str(tmp_path / "reference")))
@@ -174,6 +177,7 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_losses(tmp_path, tokenize
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_kill_after_a_step_checkpoint_resumes_mid_epoch_exactly(tmp_path, tokenizer_dir):
     config = recipe(tmp_path, tokenizer_dir, schedule={"epochs": 2}, output={"save_every_steps": 3, "keep_last": 3})
     # The deepspeed launcher keeps its ranks in its process group, so killing the group kills them all.
@@ -202,7 +206,7 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     for mode, expert_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
         log = train("single", "zero0.json", config, f"model.adapter.mode={mode}", "loss.aml=false",
                     f"output.dir={tmp_path / mode}")
-        tensors = load_file(os.path.join(summary_of(log)["adapter"], "adapter_model.safetensors"))
+        tensors = load_file(os.path.join(summary_of(log)["adapter"], "clorae_model.safetensors"))
         columns = {t.shape[1] for n, t in tensors.items() if n.endswith("expert_B")}
         assert columns == {expert_columns + 3 * (mode == "clorae")}  # and the MIM regressor's
         rows = {t.shape[0] for n, t in tensors.items() if n.endswith("expert_A")}
@@ -214,6 +218,7 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     assert summary_of(log)["global_step"] == 4  # 8 micro-batches / 2
 
 
+@pytest.mark.slow
 def test_clear_errors(tmp_path, tokenizer_dir):
     config = recipe(tmp_path, tokenizer_dir)
     bad = tmp_path / "bad.json"
@@ -236,6 +241,14 @@ def test_clear_errors(tmp_path, tokenizer_dir):
                                                              "--resume", "auto", "model.adapter.rank=4"],
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "different adapter config" in proc.stderr
+    # A checkpoint of another precision (as a machine with or without bf16 in hardware would have written it)
+    tag, state = DeepSpeedRunner.read_client_state(str(tmp_path / "r" / "checkpoints"))
+    other = {"bf16": "fp32", "fp32": "bf16"}[state["precision"]]
+    (tmp_path / "r" / "checkpoints" / tag / CLIENT_STATE).write_text(json.dumps({**state, "precision": other}))
+    proc = subprocess.run(command("single", "zero0.json") + ["--config", config, f"output.dir={tmp_path / 'r'}",
+                                                             "--resume", "auto"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"trained in {other}, this run would train in {state['precision']}" in proc.stderr
     proc = subprocess.run(command("single", "zero0.json") + ["--config", config, "optim.lr=.nan", "optim.warmup_steps=0",
                                                              f"output.dir={tmp_path / 'nan'}"],
                           env=ENV, capture_output=True, text=True, timeout=120)
@@ -327,6 +340,7 @@ def image_shards(directory):
             "dev": {"twitter2015": f"{directory}/twitter2015-dev-000000.tar"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_config, tmp_path,
                                                                              llava_tokenizer_dir):
@@ -389,6 +403,7 @@ def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_c
         assert isinstance(json.loads(proc.stdout.strip().splitlines()[-1])["entities"], list)
 
 
+@pytest.mark.slow
 def test_offload_config_trains_on_two_ranks(tmp_path, tokenizer_dir):
     log = train("torchrun", "zero3_offload.json", recipe(tmp_path, tokenizer_dir, schedule={"epochs": 1}),
                 "--max-steps", "4")

