@@ -206,6 +206,9 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     for mode, expert_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
         log = train("single", "zero0.json", config, f"model.adapter.mode={mode}", "loss.aml=false",
                     f"output.dir={tmp_path / mode}")
+        card = open(os.path.join(summary_of(log)["adapter"], "README.md")).read()  # the model card
+        assert f"mode: `{mode}`" in card and "| All (sum) | " in card and "8 optimiser steps" in card
+        assert ("--to peft" in card) == (mode != "clorae")
         tensors = load_file(os.path.join(summary_of(log)["adapter"], "clorae_model.safetensors"))
         columns = {t.shape[1] for n, t in tensors.items() if n.endswith("expert_B")}
         assert columns == {expert_columns + 3 * (mode == "clorae")}  # and the MIM regressor's

@@ -111,3 +111,40 @@ def merge_adapter(model: nn.Module, task: Optional[str] = None) -> nn.Module:
     model.__dict__.pop("clorae_layer_list", None)
     model.clorae_config = None
     return model.lm
+
+
+def model_card(config: CLoRAEConfig, base_model: str, datasets: list, step: int, dev_f1: dict, dev_all: float) -> str:
+    """README.md written beside an adapter's weights: what it is, what it was trained on, how it scored, how to
+    load it."""
+    ranks = f"universal rank {config.rank}" if config.uses_universal else ""
+    if config.uses_task_experts:
+        ranks += f"{', ' if ranks else ''}task rank {config.expert_task_rank} per task"
+    rows = "\n".join(f"| {key} | {100 * f1:.1f} |" for key, f1 in sorted(dev_f1.items()))
+    if config.uses_gate:
+        elsewhere = ("The `clorae` mode gates its experts per token, which no plain LoRA expresses: serve it with "
+                     "clorae_ds (`launchers/predict.py`).")
+    else:
+        task = " --task NAME" if config.uses_task_experts else ""
+        elsewhere = (f"As a plain peft LoRA: `python launchers/export.py ADAPTER --to peft --out DIR{task}`, then "
+                     "`peft.PeftModel.from_pretrained(base_model, DIR)`; merged into the base weights for serving: "
+                     f"`python launchers/export.py ADAPTER --merge --out DIR{task}`.")
+    return f"""# C-LoRAE adapter ({config.mode})
+
+- base model: `{base_model}`
+- mode: `{config.mode}`, tasks {", ".join(config.tasks)}; {ranks}; alpha {config.alpha:g}; target modules
+  {", ".join(f"`{t}`" for t in config.target_modules)}
+- trained on: {", ".join(datasets)}; {step} optimiser steps
+
+## Dev F1 at this adapter's evaluation (× 100)
+
+| dataset | F1 |
+|---|---|
+{rows}
+| All (sum) | {dev_all:.1f} |
+
+## Loading
+
+With clorae_ds: `python launchers/predict.py --adapter ADAPTER --task mner --text "..."`, or in Python
+`clorae_ds.eval.inference.load_trained(ADAPTER)` (the base model comes from `run_config.json` beside the adapter).
+{elsewhere}
+"""

@@ -180,9 +180,9 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, torch.Tenso
     return stats
 
 
-def save_adapter(model: nn.Module, directory: str, state_dict: Optional[dict] = None) -> str:
-    """Write clorae_config.json + clorae_model.safetensors atomically (temp dir, then rename).
-    `state_dict` overrides the model's own tensors (e.g. ones gathered from ZeRO-3 partitions)."""
+def save_adapter(model: nn.Module, directory: str, state_dict: Optional[dict] = None, card: Optional[str] = None) -> str:
+    """Write clorae_config.json + clorae_model.safetensors (+ README.md, the model `card`) atomically (temp dir,
+    then rename). `state_dict` overrides the model's own tensors (e.g. ones gathered from ZeRO-3 partitions)."""
     config: Optional[CLoRAEConfig] = getattr(model, "clorae_config", None)
     if config is None:
         raise AdapterConfigError("model has no C-LoRAE adapter (apply_clorae first)")
@@ -194,6 +194,9 @@ def save_adapter(model: nn.Module, directory: str, state_dict: Optional[dict] = 
     try:
         config.save(os.path.join(tmp, ADAPTER_CONFIG_NAME))
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        if card is not None:
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card)
         if os.path.isdir(directory):
             shutil.rmtree(directory)
         os.replace(tmp, directory)

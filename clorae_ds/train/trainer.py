@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import collect_mim_loss, save_adapter
+from ..adapters.export import model_card
 from ..adapters.config import CLoRAEConfig
 from ..data.loader import MIELoader
 from ..data.record import TASKS, Record
@@ -378,9 +379,12 @@ class Trainer:
         self._checkpoint(state)
         tensors = runner.adapter_tensors()  # a collective under ZeRO-3: every rank calls it
         if self.is_main and self.adapter is not None:
-            save_adapter(runner.module, os.path.join(self.out, "adapter"), tensors)
+            card = model_card(self.adapter, self.model_config.pretrained or f"{self.model_config.family} preset "
+                              f"{self.model_config.preset}", self.train_datasets, runner.global_step,
+                              {k: v["f1"] for k, v in report.items() if k != "All"}, report["All"])
+            save_adapter(runner.module, os.path.join(self.out, "adapter"), tensors, card)
             if best:
-                save_adapter(runner.module, os.path.join(self.out, "adapter_best"), tensors)
+                save_adapter(runner.module, os.path.join(self.out, "adapter_best"), tensors, card)
             with open(os.path.join(self.out, "run_config.json"), "w") as f:
                 json.dump({"run": self.config.to_dict(), "model": asdict(self.model_config)}, f, indent=1, default=str)
         runner.barrier()
