@@ -127,8 +127,9 @@ def test_record_validation_names_the_record():
         Record("x", "twitter2015", "mner", "entity", ("a", "b"), entities=(Entity("PER", 1, 3),))
     with pytest.raises(RecordError, match="subtask 'relation' does not belong to task 'mner'"):
         Record("x", "twitter2015", "mner", "relation", ("a",))
-    with pytest.raises(RecordError, match="unknown dataset"):
-        Record("x", "conll03", "mner", "entity", ("a",))
+    with pytest.raises(RecordError, match="dataset name 'CoNLL-03' is not lower-case"):
+        Record("x", "CoNLL-03", "mner", "entity", ("a",))
+    Record("x", "conll03", "mner", "entity", ("a",))  # a dataset of your own (its schema travels in the record)
     with pytest.raises(RecordError, match="needs a relation"):
         Record("x", "mnre_v1", "mre", "relation", ("a",))
     with pytest.raises(RecordError, match="malformed"):

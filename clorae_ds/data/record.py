@@ -6,12 +6,14 @@ entities (mner), one relation (mre; label None = no relation, which is never sco
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 DATASETS = ("twitter2015", "twitter2017", "snap", "mnre_v1", "mnre_v2", "m2e2", "ace05", "swig")
 SUBTASKS = {"mner": ("entity",), "mre": ("relation",), "mee": ("trigger", "argument")}
 TASKS = tuple(SUBTASKS)  # the task experts' default order
+DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")  # the built-in DATASETS, or your own (converters/jsonl)
 
 
 class RecordError(ValueError):
@@ -100,8 +102,8 @@ def validate(record: Record) -> None:
     def fail(problem: str):
         raise RecordError(f"record {record.id!r} ({record.dataset}): {problem}")
 
-    if record.dataset not in DATASETS:
-        fail(f"unknown dataset {record.dataset!r}")
+    if not isinstance(record.dataset, str) or not DATASET_NAME.fullmatch(record.dataset):
+        fail(f"dataset name {record.dataset!r} is not lower-case letters, digits and '_' (starting with a letter)")
     if record.subtask not in SUBTASKS.get(record.task, ()):
         fail(f"subtask {record.subtask!r} does not belong to task {record.task!r}")
     if not record.tokens or not all(isinstance(t, str) and t for t in record.tokens):

@@ -38,7 +38,7 @@ def _items(pairs) -> str:
 
 
 def render(record: Record) -> tuple[str, str]:
-    schema = schema_for(record.dataset)
+    schema = schema_for(record)
     text = " ".join(record.tokens)
     if record.subtask == "entity":
         words = verbalizer(schema.entity_types)

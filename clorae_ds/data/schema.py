@@ -7,6 +7,7 @@ dataset would share words, both use their whole path instead. The parser maps wo
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -106,8 +107,31 @@ def verbalizer(labels: tuple[str, ...]) -> dict[str, str]:
     return {label: words if counts[words] == 1 else _words(label, whole=True) for label, words in short.items()}
 
 
-def schema_for(dataset: str) -> Schema:
-    try:
-        return SCHEMAS[dataset]
-    except KeyError:
-        raise ValueError(f"no label schema for dataset {dataset!r}") from None
+def schema_for(record) -> Schema:
+    """A built-in dataset's schema, or the one a record of your own data carries (extra.schema, converters/jsonl)."""
+    if record.dataset in SCHEMAS:
+        return SCHEMAS[record.dataset]
+    carried = record.extra.get("schema")
+    if carried is None:
+        raise ValueError(f"no label schema for dataset {record.dataset!r}: not a built-in dataset, and its record "
+                         f"{record.id!r} carries none (build its shards with build_shards.py --format jsonl)")
+    return _carried_schema(json.dumps(carried, sort_keys=True))
+
+
+@lru_cache(maxsize=None)
+def _carried_schema(text: str) -> Schema:
+    data = json.loads(text)
+    return Schema(entity_types=tuple(data.get("entity_types", ())), relation_labels=tuple(data.get("relation_labels", ())),
+                  event_roles=tuple((t, tuple(roles)) for t, roles in data.get("event_roles", ())))
+
+
+def schema_dict(records) -> dict:
+    """The label schema of your own data's records, as JSON: every label they hold, sorted."""
+    entity_types = sorted({e.type for r in records for e in r.entities})
+    relation_labels = sorted({r.relation.label for r in records if r.relation and r.relation.label is not None})
+    roles: dict = {}
+    for record in records:
+        for event in record.events:
+            roles.setdefault(event.type, set()).update(a.role for a in event.arguments)
+    return {"entity_types": entity_types, "relation_labels": relation_labels,
+            "event_roles": [[t, sorted(r)] for t, r in sorted(roles.items())]}

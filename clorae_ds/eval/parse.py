@@ -58,7 +58,7 @@ def _reader(labels: tuple[str, ...]):
 
 def _item_labels(record: Record) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(labels of the schema, labels valid for this record) for an item-list subtask."""
-    schema = schema_for(record.dataset)
+    schema = schema_for(record)
     if record.subtask == "entity":
         return schema.entity_types, schema.entity_types
     if record.subtask == "trigger":
@@ -72,7 +72,7 @@ def parse(text: str, record: Record, stats: ParseStats | None = None) -> list[tu
     if flat.strip(" ;.") in ("", EMPTY):
         return []
     if record.subtask == "relation":
-        words, _ = _reader(schema_for(record.dataset).relation_labels)
+        words, _ = _reader(schema_for(record).relation_labels)
         first = flat.split(";")[0].strip(" .")
         if first not in words:
             stats.unknown_labels += 1
