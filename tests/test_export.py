@@ -34,6 +34,20 @@ def trained_adapter(tmp_path, tokenizer_dir, family, mode, corpus_dir=None):
     return str(run / "adapter"), config
 
 
+def bundled_dev_inputs(n):
+    """The rendered inputs of the first n bundled Twitter-2017 and MNRE-v2 dev samples (shards/)."""
+    import tarfile
+
+    from clorae_ds.data import Record, render
+
+    texts = []
+    for name in ("twitter2017", "mnre_v2"):
+        with tarfile.open(os.path.join(ROOT, "shards", f"{name}-dev-000000.tar")) as tar:
+            members = [m for m in tar if m.name.endswith(".json")][:n // 2]
+            texts += [render(Record.from_dict(json.load(tar.extractfile(m))))[0] for m in members]
+    return texts
+
+
 def export(*args):
     return subprocess.run([sys.executable, EXPORT, *args], capture_output=True, text=True, timeout=300)
 
@@ -114,7 +128,7 @@ def test_merged_model_loads_with_transformers_alone_and_generates_our_tokens(fam
         "out = model.generate(**batch, max_new_tokens=8, do_sample=False)\n"
         "assert 'clorae_ds' not in sys.modules\n"
         "print(json.dumps(out.tolist()))\n")
-    texts = ["Kyrie Irving plays for the Nets in New York", "Obama met Merkel in Berlin on Tuesday"]
+    texts = bundled_dev_inputs(8)
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True,
                           timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,7 +141,7 @@ def test_merged_model_loads_with_transformers_alone_and_generates_our_tokens(fam
     task_id = ours.model.clorae_config.task_id(task) if task else 0
     with torch.no_grad():
         generated = ours.model.eval().generate(batch["input_ids"], batch["attention_mask"],
-                                               task_ids=torch.full((2,), task_id), max_new_tokens=8)
+                                               task_ids=torch.full((len(texts),), task_id), max_new_tokens=8)
     assert merged_tokens == generated.tolist()
 
 
