@@ -97,21 +97,14 @@ def build_all_shards(raw: str, out: str, train_n, dev_n, datasets=None) -> dict:
     return patterns
 
 
-def budget_ds_config(ds_config: str, budget: Budget, out: str) -> str:
-    """A copy of the DeepSpeed config in OUT with the budget's micro-batch size and precision."""
-    with open(ds_config) as f:
-        config = json.load(f)
+def budget_ds_overrides(budget: Budget) -> list[str]:
+    """The budget's micro-batch and precision as ds.* overrides of the --deepspeed config (the file is not copied)."""
+    overrides = []
     if budget.batch_size:
-        config["train_micro_batch_size_per_gpu"] = budget.batch_size
-        config.pop("train_batch_size", None)
+        overrides.append(f"ds.train_micro_batch_size_per_gpu={budget.batch_size}")
     if budget.precision:
-        config["bf16"] = {"enabled": budget.precision == "bf16"}
-        config["fp16"] = {"enabled": False}
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "ds_config.json")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
-    return path
+        overrides += [f"ds.bf16.enabled={str(budget.precision == 'bf16').lower()}", "ds.fp16.enabled=false"]
+    return overrides
 
 
 def run_name(arm: str, lr: Optional[float]) -> str:
@@ -207,7 +200,8 @@ def start_arm(arm: str, lr: Optional[float], seed: int, patterns: dict, budget, 
         env.setdefault("OMP_NUM_THREADS", "1")
     log = open(os.path.join(arm_dir, "train.log"), "a" if resume else "w")
     proc = subprocess.Popen(launcher + [os.path.join(ROOT, "launchers", "train.py"), "--config", recipe_path,
-                                        "--deepspeed", args.deepspeed] + (["--resume", "auto"] if resume else []),
+                                        "--deepspeed", args.deepspeed] + budget_ds_overrides(budget)
+                            + (["--resume", "auto"] if resume else []),
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     return RunningArm(run_name(arm, lr), arm, lr, arm_dir, proc, log, time.time(), wall_before)
 
@@ -436,8 +430,6 @@ def main(argv=None) -> int:
                          "(AVX512-BF16/AMX-BF16 or a bf16 GPU): its runs would train in another precision")
     patterns = build_all_shards(args.raw, os.path.join(out, "shards"), budget.train_samples, budget.dev_samples,
                                 budget.datasets)
-    if budget.batch_size or budget.precision:
-        args.deepspeed = budget_ds_config(args.deepspeed, budget, out)
     train = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][0]))
     dev = load_raw("twitter2015", os.path.join(args.raw, SOURCES["twitter2015"][1]))
     train_seen = subsample(train, budget.train_samples, seed=0)  # what the arms train on: the shards' subsample

@@ -30,8 +30,9 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"),
-                        help="DeepSpeed JSON config (HF style; default ds_configs/zero0.json)")
+    parser.add_argument("--deepspeed", "--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero0.json"),
+                        help="DeepSpeed JSON config (default ds_configs/zero0.json): parallelism, batch sizes, precision, "
+                             "clipping, monitors; change a key without editing it with ds.KEY=VALUE")
     parser.add_argument("--config", default=None, help="run recipe (YAML); default: the embedded default")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
     parser.add_argument("--output-dir", default=None)
@@ -40,11 +41,13 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint in the output dir, if any) or a "
                                                         "checkpoint directory")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe (keys below), and "
+                                                     "ds.KEY=VALUE overrides of the DeepSpeed config")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    overrides = list(args.overrides)
+    overrides = [o for o in args.overrides if not o.startswith("ds.")]
+    ds_overrides = [o for o in args.overrides if o.startswith("ds.")]
     if args.max_steps is not None:
         overrides.append(f"schedule.max_steps={args.max_steps}")
     if args.output_dir is not None:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
         ModelConfig.from_dict(dict(config.model)).check_pretrained()
-        Trainer(config, args.deepspeed, resume=args.resume).run()
+        Trainer(config, args.deepspeed, resume=args.resume, ds_overrides=ds_overrides).run()
     except (ConfigError, EngineConfigError, TrainingError, LoaderError, ModelBuildError, AdapterConfigError,
             MetricsError, FileNotFoundError) as err:
         print(f"train: error: {err}", file=sys.stderr)

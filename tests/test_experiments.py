@@ -61,7 +61,8 @@ def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
 def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import yaml
-    from run_experiments import BUDGETS, arm_recipe, budget_ds_config
+    from run_experiments import BUDGETS, arm_recipe, budget_ds_overrides
+    from clorae_ds.train.engine import load_ds_config
 
     budget = BUDGETS["medium"]
     patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in budget.datasets} for split in ("train", "dev")}
@@ -70,7 +71,7 @@ def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_
     assert recipe["data"]["mix"] == {"twitter2015": 1.0, "mnre_v2": 1.0}
     assert set(recipe["loss"]["reference_f1"]) == {"twitter2015", "mnre_v2"}  # only the trained datasets
     assert recipe["data"]["batches_per_epoch"] == 150 and recipe["schedule"]["epochs"] == 4 and recipe["seed"] == 1
-    config = json.loads(open(budget_ds_config(os.path.join(ROOT, "ds_configs", "zero0.json"), budget, str(tmp_path))).read())
+    config = load_ds_config(os.path.join(ROOT, "ds_configs", "zero0.json"), 1, budget_ds_overrides(budget))
     assert config["train_micro_batch_size_per_gpu"] == 32
     assert config["zero_optimization"] == json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))["zero_optimization"]
 
@@ -78,7 +79,8 @@ def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_
 def test_converge_budget_trains_every_dataset_in_its_natural_proportion_in_a_pinned_precision(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import yaml
-    from run_experiments import BUDGETS, SOURCES, arm_recipe, budget_ds_config
+    from run_experiments import BUDGETS, SOURCES, arm_recipe, budget_ds_overrides
+    from clorae_ds.train.engine import load_ds_config
 
     budget = BUDGETS["converge"]
     patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in SOURCES} for split in ("train", "dev")}
@@ -90,7 +92,7 @@ def test_converge_budget_trains_every_dataset_in_its_natural_proportion_in_a_pin
     assert recipe["output"]["save_every_steps"] == 100 and recipe["seed"] == 2
     zero0 = os.path.join(ROOT, "ds_configs", "zero0.json")
     assert json.load(open(zero0))["bf16"]["enabled"]  # the budget's precision wins over the config's
-    config = json.load(open(budget_ds_config(zero0, budget, str(tmp_path))))
+    config = load_ds_config(zero0, 1, budget_ds_overrides(budget))
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["bf16"] == {"enabled": budget.precision == "bf16"}
 
 

@@ -1,6 +1,7 @@
 """The training job end to end: real DeepSpeed (deepspeed launcher and torchrun, 2 ranks, gloo on CPU),
 a tiny T5 with C-LoRAE on shards the test writes, checked through the job's JSON log lines."""
 import glob
+import importlib.util
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from clorae_ds.data.shards import ShardWriterConfig, write_shards
 from clorae_ds.train.aml import AchievementWeights
 from clorae_ds.train.config import ConfigError, load_config
 from clorae_ds.train.engine import (CLIENT_STATE, DeepSpeedRunner, EngineConfigError, KNOWN_DS_KEYS, check_ds_config,
-                                    load_ds_config)
+                                    ds_settings, load_ds_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launchers", "train.py")
@@ -206,6 +207,9 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     for mode, expert_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
         log = train("single", "zero0.json", config, f"model.adapter.mode={mode}", "loss.aml=false",
                     f"output.dir={tmp_path / mode}")
+        setup = next(e for e in log if e["event"] == "setup")  # what trains how, and who said so
+        assert setup["micro_batch"] == {"value": 8, "from": os.path.join(ROOT, "ds_configs", "zero0.json")}
+        assert setup["optimizer"]["value"].startswith("AdamW lr 0.01") and setup["precision"]["value"] in ("bf16", "fp32")
         card = open(os.path.join(summary_of(log)["adapter"], "README.md")).read()  # the model card
         assert f"mode: `{mode}`" in card and "| All (sum) | " in card and "8 optimiser steps" in card
         assert ("--to peft" in card) == (mode != "clorae")
@@ -268,6 +272,28 @@ def test_every_ds_config_loads_and_typos_are_rejected():
         check_ds_config({"zero_optimization": {"stag": 2}}, "x.json")
     with pytest.raises(EngineConfigError, match="'auto'"):
         check_ds_config({"train_micro_batch_size_per_gpu": "auto"}, "x.json")
+    # The recipe owns the optimizer, its schedule and compilation: such sections are refused, naming the keys to use
+    with pytest.raises(EngineConfigError, match=r'"optimizer" section is refused: .* set optim.lr'):
+        check_ds_config({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, "x.json")
+    with pytest.raises(EngineConfigError, match=r'"scheduler" section is refused: .*optim.warmup_steps and optim.decay'):
+        check_ds_config({"scheduler": {"type": "WarmupLR"}}, "x.json")
+    with pytest.raises(EngineConfigError, match='"compile" section is refused'):
+        check_ds_config({"compile": {"enabled": True}}, "x.json")
+    for monitor, package in (("wandb", "wandb"), ("comet", "comet_ml")):
+        if importlib.util.find_spec(package) is None:  # the optional trackers: a missing one names its install
+            with pytest.raises(EngineConfigError, match=f"the {monitor} monitor needs the {package} package: pip install"):
+                check_ds_config({monitor: {"enabled": True}}, "x.json")
+    zero2 = os.path.join(ROOT, "ds_configs", "zero2.json")
+    config = load_ds_config(zero2, 2, ["ds.train_micro_batch_size_per_gpu=3", "ds.zero_optimization.stage=1",
+                                       "ds.gradient_clipping=0.5"])
+    assert config["train_batch_size"] == 6 and config["zero_optimization"]["stage"] == 1 and config["gradient_clipping"] == 0.5
+    settings = ds_settings(zero2, ["ds.train_micro_batch_size_per_gpu=3"], config)
+    assert settings["micro_batch"] == {"value": 3, "from": "command line ds.train_micro_batch_size_per_gpu"}
+    assert settings["gradient_accumulation"]["from"] == zero2
+    with pytest.raises(EngineConfigError, match="not ds.KEY=VALUE"):
+        load_ds_config(zero2, 1, ["ds.=3"])
+    with pytest.raises(EngineConfigError, match="unknown DeepSpeed keys"):
+        load_ds_config(zero2, 1, ["ds.train_micro_batch=3"])
 
 
 def test_recipes_parse(tmp_path):
@@ -464,3 +490,35 @@ def test_deepspeed_and_collectives_live_in_the_engine_only():
                     if re.search(r"^\s*(import deepspeed|from deepspeed)|torch\.distributed\.(?!run\b)", line):
                         offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.slow
+def test_two_ranks_feed_tensorboard_and_csv_monitors_from_the_deepspeed_config(tmp_path, tokenizer_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ds_config = tmp_path / "monitored.json"
+    ds_config.write_text(json.dumps({**json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json"))),
+                                     "tensorboard": {"enabled": True, "job_name": "tb"},
+                                     "csv_monitor": {"enabled": True, "job_name": "csv"}}))
+    run = tmp_path / "run"
+    command_line = command("deepspeed", str(ds_config))
+    command_line[command_line.index("--deepspeed")] = "--deepspeed_config"  # DeepSpeed's own spelling
+    proc = subprocess.run(command_line + ["--config", recipe(tmp_path, tokenizer_dir, schedule={"epochs": 2}),
+                                          f"output.dir={run}", "ds.train_micro_batch_size_per_gpu=4"],
+                          env=ENV, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    setup = next(e for e in events(proc.stdout) if e["event"] == "setup")
+    assert setup["micro_batch"] == {"value": 4, "from": "command line ds.train_micro_batch_size_per_gpu"}
+    assert setup["monitors"] == ["csv_monitor", "tensorboard"]
+    expected = {"Train/loss", "Train/loss/twitter2015", "Train/loss/mnre_v1", "Train/mim_loss", "Train/lr/experts",
+                "Train/samples_per_s", "Train/tokens_per_s", "Train/task_weight/twitter2015",
+                "Train/task_weight/mnre_v1", "Eval/all", "Eval/f1/twitter2015", "Eval/f1/mnre_v1"}
+    board = EventAccumulator(str(run / "monitors" / "tb"))
+    board.Reload()
+    assert expected <= set(board.Tags()["scalars"])
+    assert [e.step for e in board.Scalars("Train/loss")] == list(range(1, 17))  # every logging interval, once
+    assert len(board.Scalars("Eval/all")) == 2  # one per epoch
+    written = {name[:-len(".csv")] for name in os.listdir(run / "monitors" / "csv")}
+    assert {name.replace("/", "_") for name in expected} <= written
+    rows = open(run / "monitors" / "csv" / "Train_loss.csv").read().splitlines()
+    assert len(rows) == 17  # a header and one row per interval

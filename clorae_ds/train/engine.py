@@ -2,6 +2,7 @@
 save/load, parameter gathering, and the few collectives the training loop needs."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -24,7 +25,19 @@ KNOWN_DS_KEYS = {
     "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer", "optimizer", "scheduler", "communication_data_type", "prescale_gradients",
     "activation_checkpointing", "checkpoint", "dump_state", "seed",
+    "tensorboard", "csv_monitor", "wandb", "comet",
 }
+# Who owns what (README, "The recipe and the DeepSpeed config"): the DeepSpeed JSON owns parallelism, batch sizes,
+# precision, clipping and monitors; the recipe owns the optimizer, its schedule and compilation. A section of the
+# recipe's in the JSON would be ignored by DeepSpeed beside the client optimizer, so it is refused.
+RECIPE_OWNED_DS_KEYS = {
+    "optimizer": "the recipe owns the optimizer (AdamW): set optim.lr, optim.new_module_lr, optim.betas, "
+                 "optim.weight_decay",
+    "scheduler": "the recipe owns the learning-rate schedule: set optim.warmup_steps and optim.decay "
+                 "(linear | cosine | constant)",
+    "compile": "the model is not compiled by DeepSpeed here: torch.compile is not part of this version's training step",
+}
+MONITOR_PACKAGES = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
 KNOWN_ZERO_KEYS = {
     "stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size",
     "allgather_partitions", "offload_optimizer", "offload_param", "stage3_prefetch_bucket_size",
@@ -106,14 +119,18 @@ def init_distributed(timeout_s: int) -> DistContext:
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
-def load_ds_config(path: str, world_size: int) -> dict:
-    """Read and check a DeepSpeed JSON: unknown keys, batch sizes against the world size; bf16 falls back to
-    fp32 where the hardware has no bf16 (a GPU without it, a CPU without AVX512-BF16 / AMX-BF16)."""
+def load_ds_config(path: str, world_size: int, overrides=()) -> dict:
+    """Read and check a DeepSpeed JSON with `ds.KEY=VALUE` overrides applied (a launcher's way to change it
+    without rewriting the file): unknown keys, sections the recipe owns, monitors whose package is missing, batch
+    sizes against the world size; bf16 falls back to fp32 where the hardware has no bf16 (a GPU without it, a CPU
+    without AVX512-BF16 / AMX-BF16)."""
     try:
         with open(path) as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise EngineConfigError(f"cannot read DeepSpeed config {path}: {err}") from None
+    for assignment in overrides:
+        apply_ds_override(config, assignment)
     check_ds_config(config, path)
     micro = config.get("train_micro_batch_size_per_gpu")
     accumulation = config.get("gradient_accumulation_steps", 1)
@@ -147,7 +164,64 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def apply_ds_override(config: dict, assignment: str) -> None:
+    """`ds.a.b=value` (value parsed as YAML) into the DeepSpeed config."""
+    import yaml
+
+    key, sep, value = assignment.partition("=")
+    parts = key.split(".")
+    if not sep or parts[0] != "ds" or len(parts) < 2 or not all(parts[1:]):
+        raise EngineConfigError(f"DeepSpeed override {assignment!r} is not ds.KEY=VALUE")
+    node = config
+    for part in parts[1:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise EngineConfigError(f"DeepSpeed override {assignment!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def precision_of(config: dict) -> str:
+    return "bf16" if bf16_enabled(config) else "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
+
+
+def ds_settings(path: str, overrides, config: dict) -> dict:
+    """What the run takes from the DeepSpeed side and where each came from: the file, a ds.* override or
+    DeepSpeed's default (and precision's hardware fallback)."""
+    overridden = {a.partition("=")[0][len("ds."):].split(".")[0] for a in overrides}
+    with open(path) as f:
+        in_file = json.load(f)
+
+    def source(key: str) -> str:
+        return f"command line ds.{key}" if key in overridden else path if key in in_file else "default"
+
+    precision = precision_of(config)
+    asked = {**in_file, **{k: config[k] for k in ("bf16", "fp16") if k in overridden and k in config}}
+    precision_source = source("bf16") if bf16_enabled(asked) else source("fp16")
+    if bf16_enabled(asked) and precision != "bf16":
+        precision_source += " asks bf16; this hardware has no bf16 matmuls"
+    return {"micro_batch": {"value": config["train_micro_batch_size_per_gpu"],
+                            "from": source("train_micro_batch_size_per_gpu")},
+            "gradient_accumulation": {"value": config.get("gradient_accumulation_steps", 1),
+                                      "from": source("gradient_accumulation_steps")},
+            "precision": {"value": precision, "from": precision_source},
+            "gradient_clipping": {"value": config.get("gradient_clipping", 0.0), "from": source("gradient_clipping")},
+            "monitors": sorted(k for k in MONITOR_PACKAGES if config.get(k, {}).get("enabled"))}
+
+
 def check_ds_config(config: dict, where: str) -> None:
+    for key, why in RECIPE_OWNED_DS_KEYS.items():
+        if key in config:
+            raise EngineConfigError(f"{where}: the \"{key}\" section is refused: {why}")
+    for key, package in MONITOR_PACKAGES.items():
+        section = config.get(key, {})
+        if not isinstance(section, dict):
+            raise EngineConfigError(f"{where}: {key} must be a section like {{\"enabled\": true, \"output_path\": ...}}")
+        if section.get("enabled") and package and importlib.util.find_spec(package) is None:
+            raise EngineConfigError(f"{where}: the {key} monitor needs the {package} package: pip install {package} "
+                                    f"(or pip install -e '.[{key}]')")
     unknown = sorted(set(config) - KNOWN_DS_KEYS)
     unknown += sorted(f"zero_optimization.{k}" for k in set(config.get("zero_optimization", {})) - KNOWN_ZERO_KEYS)
     for key, value in config.items():
@@ -294,8 +368,18 @@ class DeepSpeedRunner:
         # Under ZeRO-3 a module's parameters are gathered by all ranks when it runs: the visual side runs at
         # every step, also on ranks whose micro-batch has no image, so the ranks' collectives match.
         model.always_run_image_modules = zero_stage(ds_config) == 3
+        # Monitors are fed by the trainer at its logging interval: DeepSpeed's own would read the loss on the host
+        # at every step.
+        monitors = {k: ds_config[k] for k in MONITOR_PACKAGES if k in ds_config}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config={k: v for k, v in ds_config.items() if k not in monitors})
+        self.monitor = None
+        if ctx.rank == 0 and any(section.get("enabled") for section in monitors.values()):
+            from deepspeed.monitor.config import get_monitor_config
+            from deepspeed.monitor.monitor import MonitorMaster
+
+            self.monitor = MonitorMaster(get_monitor_config(monitors))
         if self.engine.zero_optimization_stage() == 0 and self.engine.dp_world_size == 1:
             # One rank without ZeRO has nothing to reduce, but DeepSpeed would still copy every gradient into a
             # flat bucket, all-reduce it alone and copy it back: ~10 ops per parameter tensor per step.
@@ -309,6 +393,11 @@ class DeepSpeedRunner:
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    def write_metrics(self, events: list[tuple[str, float, int]]) -> None:
+        """(name, value, step) events to the DeepSpeed config's monitors (TensorBoard, CSV, W&B, Comet) on rank 0."""
+        if self.monitor is not None and events:
+            self.monitor.write_events(events)
 
     @property
     def zero_stage(self) -> int:

@@ -32,7 +32,7 @@ from ..eval.report import routing_report
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
-from .engine import DeepSpeedRunner, barrier, bf16_enabled, init_distributed, load_ds_config
+from .engine import DeepSpeedRunner, barrier, ds_settings, init_distributed, load_ds_config, precision_of
 
 MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 
@@ -132,15 +132,26 @@ def _texts_from_shards(patterns: dict, limit: int = 4000) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, ds_config_path: str, resume: Optional[str] = None):
+    def __init__(self, config: RunConfig, ds_config_path: str, resume: Optional[str] = None, ds_overrides=()):
         self.config, self.resume = config, resume
         self.ctx = init_distributed(config.dist_timeout_s)
         self.is_main = self.ctx.rank == 0
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
-        self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size)
+        self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size, ds_overrides)
+        for name in ("tensorboard", "csv_monitor", "comet"):  # monitors write into the run unless told otherwise
+            section = self.ds_config.get(name, {})
+            if section.get("enabled") and not section.get("output_path"):
+                section["output_path"] = os.path.join(config.output.dir, "monitors")
         # what the run trains in after load_ds_config's hardware fallback; a resume must not change it
-        self.precision = "bf16" if bf16_enabled(self.ds_config) else \
-            "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
+        self.precision = precision_of(self.ds_config)
+        if self.is_main:  # what trains how, and who said so (README: the recipe and the DeepSpeed config)
+            optim = config.optim
+            log_json(event="setup", **ds_settings(ds_config_path, ds_overrides, self.ds_config),
+                     optimizer={"value": f"AdamW lr {optim.lr:g} (experts), {optim.new_module_lr:g} (new modules), "
+                                         f"betas {tuple(optim.betas)}, weight decay {optim.weight_decay:g}",
+                                "from": "recipe optim.*"},
+                     scheduler={"value": f"{optim.warmup_steps} warmup steps, then {optim.decay}",
+                                "from": "recipe optim.warmup_steps, optim.decay"})
         self.out = config.output.dir
         self._check_output_dir()
 
@@ -281,6 +292,12 @@ class Trainer:
         if not self.is_main:
             return
         world = self.ctx.world_size
+        step = runner.global_step
+        runner.write_metrics([("Train/loss", means["loss"], step), ("Train/samples_per_s", means["samples_per_s"] * world, step),
+                              ("Train/tokens_per_s", means["tokens_per_s"] * world, step)]
+                             + [(f"Train/loss/{d}", v, step) for d, v in losses.items()]
+                             + ([("Train/mim_loss", means["mim"], step)] if means["mim"] is not None else [])
+                             + [(f"Train/lr/{group}", lr, step) for group, lr in runner.learning_rates.items()])
         eta = (self.total_steps - runner.global_step) * (time.time() - start) / max(1, runner.global_step)
         PROGRESS.show(f"step {runner.global_step}/{self.total_steps} epoch {state.epoch} loss {means['loss']:.4f} "
                       f"{means['samples_per_s'] * world:.1f} samples/s ETA {eta / 60:.1f} min")
@@ -308,6 +325,8 @@ class Trainer:
             if self.is_main:
                 log_json(event="task_weights", epoch=state.epoch, datasets=self.train_datasets, per_rank=per_rank,
                          achievement=self.aml.achievement)
+                self.runner.write_metrics([(f"Train/task_weight/{d}", w, self.runner.global_step)
+                                           for d, w in zip(self.train_datasets, self.aml.weights)])
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         self._save(report, state)
         return report
@@ -353,6 +372,8 @@ class Trainer:
             write_predictions(os.path.join(self.out, "dev_predictions.jsonl"), rows, step=runner.global_step)
             log_json(event="eval", step=runner.global_step, samples=len(rows), all=round(report["All"], 3),
                      f1={k: round(v["f1"], 4) for k, v in report.items() if k != "All"})
+            runner.write_metrics([("Eval/all", report["All"], runner.global_step)] +
+                                 [(f"Eval/f1/{k}", v["f1"], runner.global_step) for k, v in report.items() if k != "All"])
         return report
 
     # --- checkpoints -----------------------------------------------------------------------------------
