@@ -106,6 +106,14 @@ def train(launcher, ds_config, config_path, *extra, timeout=300):
     return events(stdout)
 
 
+def assert_png(path, size=None):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()  # a complete, valid PNG
+        assert image.format == "PNG" and (size is None or image.size == size)
+
+
 def summary_of(log):
     return next(e for e in log if e["event"] == "summary")
 
@@ -207,6 +215,16 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
     for mode, expert_columns in (("universal_only", 8), ("clorae", 8 + 3 * 2)):
         log = train("single", "zero0.json", config, f"model.adapter.mode={mode}", "loss.aml=false",
                     f"output.dir={tmp_path / mode}")
+        run_dir = tmp_path / mode  # the pictures of every run, drawn from its own events.jsonl
+        assert_png(run_dir / "run.png", (990, 630))
+        assert (run_dir / "routing.png").exists() == (mode == "clorae")
+        if mode == "clorae":
+            assert_png(run_dir / "routing.png")
+            assert set(json.loads((run_dir / "routing.json").read_text())["layer_groups"]) >= {"encoder.bottom"}
+        redraw = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "plot_run.py"), str(run_dir), "--out",
+                                 str(run_dir / "again.png")], capture_output=True, text=True, timeout=120)
+        assert redraw.returncode == 0, redraw.stderr
+        assert_png(run_dir / "again.png", (990, 630))
         setup = next(e for e in log if e["event"] == "setup")  # what trains how, and who said so
         assert setup["micro_batch"] == {"value": 8, "from": os.path.join(ROOT, "ds_configs", "zero0.json")}
         assert setup["optimizer"]["value"].startswith("AdamW lr 0.01") and setup["precision"]["value"] in ("bf16", "fp32")

@@ -57,13 +57,11 @@ def write_routing(report: dict, directory: str) -> list[str]:
     written = [os.path.join(directory, "routing.json")]
     with open(written[0], "w") as f:
         json.dump(report, f, indent=1)
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return written  # the plot is an optional extra (pip install matplotlib)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     groups = report["layer_groups"]
     tasks = sorted({t for per in groups.values() for t in per})
     fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 2, 3))
@@ -76,4 +74,5 @@ def write_routing(report: dict, directory: str) -> list[str]:
     fig.tight_layout()
     written.append(os.path.join(directory, "routing.png"))
     fig.savefig(written[-1])
+    plt.close(fig)
     return written

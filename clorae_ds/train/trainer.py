@@ -28,7 +28,8 @@ from ..models import ModelConfig
 from ..progress import PROGRESS
 from ..adapters import parameter_report, routing_stats
 from ..adapters.model import parameter_groups
-from ..eval.report import routing_report
+from ..eval.plots import plot_run, read_events
+from ..eval.report import routing_report, write_routing
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
@@ -43,9 +44,19 @@ class TrainingError(RuntimeError):
 
 
 
+EVENTS_NAME = "events.jsonl"  # every JSON event of a run, beside its outputs (rank 0; a resumed run appends)
+
+
 def log_json(**fields) -> None:
     PROGRESS.clear()
-    print(json.dumps(fields, default=float), flush=True)
+    line = json.dumps(fields, default=float)
+    print(line, flush=True)
+    if EVENT_LOG:
+        with open(EVENT_LOG[0], "a") as f:
+            f.write(line + "\n")
+
+
+EVENT_LOG: list = []  # the running job's events.jsonl path, set by the Trainer on rank 0
 
 
 @dataclass
@@ -144,7 +155,10 @@ class Trainer:
                 section["output_path"] = os.path.join(config.output.dir, "monitors")
         # what the run trains in after load_ds_config's hardware fallback; a resume must not change it
         self.precision = precision_of(self.ds_config)
+        self.out = config.output.dir
+        self._check_output_dir()
         if self.is_main:  # what trains how, and who said so (README: the recipe and the DeepSpeed config)
+            EVENT_LOG[:] = [os.path.join(self.out, EVENTS_NAME)]
             optim = config.optim
             log_json(event="setup", **ds_settings(ds_config_path, ds_overrides, self.ds_config),
                      optimizer={"value": f"AdamW lr {optim.lr:g} (experts), {optim.new_module_lr:g} (new modules), "
@@ -152,8 +166,6 @@ class Trainer:
                                 "from": "recipe optim.*"},
                      scheduler={"value": f"{optim.warmup_steps} warmup steps, then {optim.decay}",
                                 "from": "recipe optim.warmup_steps, optim.decay"})
-        self.out = config.output.dir
-        self._check_output_dir()
 
         model_config = ModelConfig.from_dict(dict(config.model))
         tokenizer_dir = os.path.join(self.out, "tokenizer")
@@ -341,8 +353,16 @@ class Trainer:
             summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.ctx.device)
         if self.is_main:
             log_json(**summary)
+            self._draw()
         self.metrics.close()
         return summary
+
+    def _draw(self) -> None:
+        """run.png (training curves) and, with a gate, routing.png / routing.json (gate weight on the task expert
+        per layer group and task over the final evaluation's generation: the paper's Fig. 6)."""
+        plot_run(read_events(EVENT_LOG[0]), os.path.join(self.out, "run.png"))
+        if self.adapter is not None and self.adapter.uses_gate:
+            write_routing(routing_report(routing_stats(self.runner.module), self.adapter.tasks), self.out)
 
     # --- evaluation ----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
