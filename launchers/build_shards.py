@@ -39,15 +39,16 @@ def main(argv=None) -> int:
     parser.add_argument("--input", required=True, help="the split file")
     parser.add_argument("--split", required=True, help="split name used in the shard names (train, dev, test)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
     parser.add_argument("--sample", type=int, default=None,
                         help="keep a seeded random subset of N samples, in file order (sample shards)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--images", default=None, help="directory of the dataset's image files")
     parser.add_argument("--require-images", action="store_true", help="drop samples whose image is missing")
     parser.add_argument("--features", default=None, help="directory of <image stem>.npy visual features")
-    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="a bad sample: stop naming file:line (fail), or drop and count it (skip)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line, only the JSON summary")
     args = parser.parse_args(argv)
     if args.require_images and not args.images:
         parser.error("--require-images needs --images DIR")

@@ -35,9 +35,9 @@ SAMPLES = [  # (task, input, target)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--steps", type=int, default=20, help="training steps on the six samples")
+    parser.add_argument("--rank", type=int, default=16, help="the adapter's rank r")
+    parser.add_argument("--output-dir", default="runs/demo", help="where the adapter is saved and reloaded from")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()  # the encoder-decoder's new cross-attention is expected

@@ -107,15 +107,15 @@ def progress_line(dataset: str, pattern: str, ctx):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--adapter", required=True, help="an adapter directory written by train.py")
     parser.add_argument("--shards", required=True, nargs="+", help="shard patterns (brace notation), one per dataset")
     parser.add_argument("--model-config", default=None, help="ModelConfig JSON/YAML (default: the run's)")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON; ZeRO-3 partitions the model for inference")
     parser.add_argument("--output", default=None, help="output directory (default: ADAPTER/../eval)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per generation batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    parser.add_argument("--num-workers", type=int, default=1, help="loader worker processes per rank")
     parser.add_argument("--exclude-datasets", default="", help="comma-separated datasets held out of training")
     parser.add_argument("--gold-triggers", action="store_true",
                         help="score event arguments given the gold triggers (default: the two-stage setting)")

@@ -122,10 +122,10 @@ def measure(model: MIEModel, input_len: int, target_len: int, batch: int = 1) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="t5-base")
+    parser.add_argument("--model", default="t5-base", help="the shape to count (t5-base, t5-large, ...)")
     parser.add_argument("--rank", type=int, default=None, help="default: 128 for t5-base, 64 otherwise (the paper's)")
-    parser.add_argument("--input-length", type=int, default=256)
-    parser.add_argument("--target-length", type=int, default=64)
+    parser.add_argument("--input-length", type=int, default=256, help="source tokens per sample")
+    parser.add_argument("--target-length", type=int, default=64, help="target tokens per sample")
     parser.add_argument("--batch", type=int, default=1,
                         help="samples per step, the tasks in equal shares (MIM's d_out·K² terms are per step)")
     parser.add_argument("--expert-path", choices=["own_task", "masked"], default="own_task",

@@ -386,15 +386,17 @@ def table(results: list, baseline: dict, budget_name: str, comparison: dict) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="data, steps and evaluation of every run (BUDGETS)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (experiments/*.yaml): {','.join(ARMS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--lrs", default=None,
                         help="a learning-rate grid for optim.lr, e.g. 4e-4,8e-4,1.6e-3: every arm runs at each, and "
                              "is reported at its best (default: the recipe's learning rate)")
-    parser.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "raw"))
+    parser.add_argument("--raw", default=os.path.join(ROOT, "..", "shared", "data", "raw"),
+                        help="the raw train/dev splits the shards are built from")
     parser.add_argument("--out", default=None, help="default runs/experiments-BUDGET")
-    parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"))
+    parser.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero0.json"),
+                        help="the DeepSpeed config of every run (the budget overrides its micro-batch and precision)")
     parser.add_argument("--launcher", default=None,
                         help='what starts launchers/train.py, e.g. "deepspeed --num_gpus 8" (default: this python)')
     parser.add_argument("--base", default=os.path.join(ROOT, "experiments", "base.yaml"),

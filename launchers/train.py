@@ -21,7 +21,7 @@ from clorae_ds.adapters import AdapterConfigError  # noqa: E402
 from clorae_ds.data.loader import LoaderError  # noqa: E402
 from clorae_ds.metrics import MetricsError  # noqa: E402
 from clorae_ds.models import ModelBuildError, ModelConfig  # noqa: E402
-from clorae_ds.train.config import ConfigError, load_config  # noqa: E402
+from clorae_ds.train.config import ConfigError, load_config, recipe_reference  # noqa: E402
 from clorae_ds.train.engine import EngineConfigError  # noqa: E402
 from clorae_ds.train.trainer import Trainer, TrainingError  # noqa: E402
 
@@ -29,13 +29,14 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=recipe_reference())
     parser.add_argument("--deepspeed", "--deepspeed_config", default=os.path.join(ROOT, "ds_configs", "zero0.json"),
                         help="DeepSpeed JSON config (default ds_configs/zero0.json): parallelism, batch sizes, precision, "
                              "clipping, monitors; change a key without editing it with ds.KEY=VALUE")
     parser.add_argument("--config", default=None, help="run recipe (YAML); default: the embedded default")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps")
-    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--output-dir", default=None, help="the run's output directory (output.dir)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on PORT + local rank (0: off; metrics.bind, default 127.0.0.1)")
     parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint in the output dir, if any) or a "

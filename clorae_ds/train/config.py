@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,17 +19,17 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: dict = field(default_factory=dict)  # dataset → shard pattern
-    dev: dict = field(default_factory=dict)
-    mix: Optional[dict] = None
-    num_workers: int = 2
-    shuffle_buffer: int = 500
+    dev: dict = field(default_factory=dict)  # dataset → shard pattern, evaluated after each epoch
+    mix: Optional[dict] = None  # dataset → sampling weight (default: proportional to size)
+    num_workers: int = 2  # loader worker processes per rank
+    shuffle_buffer: int = 500  # samples shuffled together per dataset stream
     # Batches drawn together from the mix, sorted by input length and cut into batches of similar lengths
     # (yielded in random order): less padding computed. 1: each batch drawn on its own.
     length_group: int = 16
-    batches_per_epoch: Optional[int] = None
+    batches_per_epoch: Optional[int] = None  # micro-batches per rank per epoch (default: one pass over the data)
     max_input_length: Optional[int] = None  # tokens; None: the encoding's default (data.loader.Encoding)
-    max_target_length: Optional[int] = None
-    image_size: int = 224
+    max_target_length: Optional[int] = None  # tokens of the target structure
+    image_size: int = 224  # pixels of the visual side's input images
 
 
 @dataclass
@@ -35,29 +37,29 @@ class LossConfig:
     aml: bool = True  # False: uniform task weights (the "w/o AML" ablation)
     # p_m: reference (single-task state-of-the-art) F1 per dataset, 0..1; datasets without one use 1.0.
     reference_f1: dict = field(default_factory=dict)
-    margin: float = 1.05
-    gamma: float = 2.0
+    margin: float = 1.05  # w = (1 − s/(margin·p))^gamma before the softmax
+    gamma: float = 2.0  # focusing exponent of the achievement weights
     ema: float = 0.1  # a ← ema·new + (1 − ema)·a; the first evaluation sets a directly
     nonfinite: str = "stop"  # a NaN/inf loss: stop, or skip the step (on every rank)
-    max_skipped_steps: int = 10
+    max_skipped_steps: int = 10  # with nonfinite=skip: stop after this many skipped steps
 
 
 @dataclass
 class OptimConfig:
     lr: float = 8e-4  # adapter experts, gate and MIM regressor (one tensor per layer: CLoRAELinear)
     new_module_lr: float = 1e-3  # new modules (cross-attention from an encoder checkpoint, visual side)
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
+    weight_decay: float = 0.0  # AdamW weight decay of every group
+    warmup_steps: int = 20  # linear warm-up steps of the learning rate
     decay: str = "linear"  # linear | cosine | constant
-    betas: tuple = (0.9, 0.999)
+    betas: tuple = (0.9, 0.999)  # AdamW betas
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 3
+    epochs: int = 3  # epochs, each ending with an evaluation, new task weights and a checkpoint
     max_steps: Optional[int] = None  # optimiser steps; stops early (evaluates, saves)
     max_minutes: Optional[float] = None  # wall-clock budget for training, checked every step
-    log_every: int = 10
+    log_every: int = 10  # optimiser steps between progress lines, train events and monitor writes
     # Sync the device around forward, backward and step and log their seconds per logging interval
     # (train event `phase_seconds`, with the data wait): for profiling, as the syncs cost speed.
     time_phases: bool = False
@@ -65,15 +67,15 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 48
-    batch_size: int = 32
-    num_beams: int = 1
+    max_new_tokens: int = 48  # generation length at evaluation
+    batch_size: int = 32  # samples per generation batch
+    num_beams: int = 1  # beam search width (1: greedy)
     max_samples: Optional[int] = None  # per dataset, first N (quick runs); None: the whole dev split
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # where checkpoints, adapters, events and pictures go
     keep_last: int = 2  # checkpoints kept
     save: bool = True  # false: no checkpoints, no adapter files (speed runs of large shapes)
     # A checkpoint every N optimiser steps besides the one after each evaluation (kill -9 loses at most N
@@ -94,7 +96,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    seed: int = 0
+    seed: int = 0  # adapter initialisation, data order and dropout
     dist_timeout_s: int = 1800  # collectives fail after this; also bounds how long ranks wait for rank 0's evaluation
 
     def to_dict(self) -> dict:
@@ -239,3 +241,40 @@ def _merge(base: dict, update: dict) -> dict:
     for key, value in update.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _field_notes(cls) -> dict:
+    """field → its description: the comment on its line, else the comment lines right above it (first sentence)."""
+    notes, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", stripped)
+        if match and not stripped.startswith(("def ", "class ", "@", "return")):
+            text = match.group(2) or " ".join(above)
+            notes[match.group(1)] = re.split(r"(?<!e\.g)\.\s", text, maxsplit=1)[0].rstrip(".")
+        above = []
+    return notes
+
+
+def recipe_reference() -> str:
+    """Every recipe key with its type, default and description, from the config dataclasses themselves."""
+    from ..adapters import CLoRAEConfig
+    from ..models import ModelConfig
+
+    sections = [("model", ModelConfig), ("model.adapter", CLoRAEConfig)] + \
+        [(name, cls) for name, cls in SECTIONS.items()] + [("", RunConfig)]
+    lines = ["recipe keys (YAML sections, or dotted key=value overrides):"]
+    for prefix, cls in sections:
+        notes, hints = _field_notes(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if prefix == "" and (f.name in SECTIONS or f.name == "model"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else \
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            kind = re.sub(r"typing\.|Optional\[(.*)\]", r"\1", str(hints[f.name]).replace("<class '", "").replace("'>", ""))
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            lines.append(f"  {key} ({kind}, default {default!r}): {notes.get(f.name, '')}")
+    return "\n".join(lines)
