@@ -410,9 +410,10 @@ def main(argv=None) -> int:
                         help="a recipe override for every arm (repeatable), e.g. --set optim.lr=1e-3")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop each arm after this many minutes of training (arms then differ in steps)")
-    parser.add_argument("--publish", action="store_true",
-                        help="after each evaluation and finished run, copy the results to docs/results/"
-                             "experiments-BUDGET.{json,md} (+ -curves.svg) and commit those files")
+    parser.add_argument("--publish", nargs="?", const=ROOT, default=None, metavar="REPO",
+                        help="after each evaluation and finished run, copy the results to REPO/docs/results/"
+                             "experiments-BUDGET.{json,md} (+ -curves.svg) and commit those files there (default REPO: "
+                             "this checkout; give another when the runs train from a frozen worktree of it)")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -544,7 +545,7 @@ def count_evaluations(out: str) -> int:
 
 def publish(out: str, args) -> None:
     """Regenerate the results from every run in OUT (finished rows, every run's curve), copy them to
-    docs/results/experiments-BUDGET.{json,md} and -curves.svg, and commit those files alone."""
+    REPO/docs/results/experiments-BUDGET.{json,md} and -curves.svg, and commit those files alone."""
     rows = []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name, "result.json")
@@ -554,7 +555,7 @@ def publish(out: str, args) -> None:
     with open(os.path.join(out, "baseline.json")) as f:
         baseline = json.load(f)
     write_results(out, args.budget, rows, baseline)
-    results_dir = os.path.join(ROOT, "docs", "results")
+    results_dir = os.path.join(args.publish, "docs", "results")
     copies = []
     for source, target in (("results.json", ".json"), ("results.md", ".md"), ("curves.svg", "-curves.svg")):
         if os.path.isfile(os.path.join(out, source)):
@@ -563,8 +564,8 @@ def publish(out: str, args) -> None:
     finished = sum(1 for r in rows)
     message = f"{args.budget} results: {finished} finished run(s), {count_evaluations(out)} evaluations"
     for attempt in range(5):  # another git command may hold the index lock for a moment
-        done = subprocess.run(["git", "-C", ROOT, "add", *copies], capture_output=True).returncode == 0 and \
-            subprocess.run(["git", "-C", ROOT, "commit", "-q", "-m", message, "--only", *copies],
+        done = subprocess.run(["git", "-C", args.publish, "add", *copies], capture_output=True).returncode == 0 and \
+            subprocess.run(["git", "-C", args.publish, "commit", "-q", "-m", message, "--only", *copies],
                            capture_output=True, text=True)
         if done and done.returncode == 0 or done and "nothing to commit" in done.stdout + done.stderr:
             return
