@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from clorae_ds.adapters import AdapterConfigError  # noqa: E402
 from clorae_ds.data.loader import LoaderError  # noqa: E402
 from clorae_ds.metrics import MetricsError  # noqa: E402
-from clorae_ds.models import ModelBuildError, ModelConfig  # noqa: E402
+from clorae_ds.models import ModelBuildError  # noqa: E402
 from clorae_ds.train.config import ConfigError, load_config, recipe_reference  # noqa: E402
 from clorae_ds.train.engine import EngineConfigError  # noqa: E402
 from clorae_ds.train.trainer import Trainer, TrainingError  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     os.chdir(ROOT) if args.config is None else None  # the default recipe names the bundled shards relative to the repo
     try:
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
-        ModelConfig.from_dict(dict(config.model)).check_pretrained()
+        config.model.check_pretrained()
         Trainer(config, args.deepspeed, resume=args.resume, ds_overrides=ds_overrides).run()
     except (ConfigError, EngineConfigError, TrainingError, LoaderError, ModelBuildError, AdapterConfigError,
             MetricsError, FileNotFoundError) as err:

@@ -84,11 +84,12 @@ class OutputConfig:
 
 
 from ..metrics import MetricsConfig  # noqa: E402
+from ..models import ModelConfig  # noqa: E402
 
 
 @dataclass
 class RunConfig:
-    model: dict = field(default_factory=lambda: {"family": "encoder_decoder", "pretrained": "minilm"})
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(family="encoder_decoder", pretrained="minilm"))
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -170,11 +171,10 @@ def _build_section(name: str, cls, value: dict):
     return cls(**{key: _coerce(f"{name}.{key}", item, hints[key]) for key, item in value.items()})
 
 
-def check_model(model: dict) -> None:
+def build_model(model: dict) -> ModelConfig:
     """The model section as the builder will read it (ModelConfig, its adapter and visual options), checked
     before any rank starts: building the configs loads nothing."""
     from ..adapters import AdapterConfigError
-    from ..models import ModelConfig
     from ..models.builder import ModelBuildError
     if not isinstance(model, dict):
         raise ConfigError("config section 'model' must be a mapping")
@@ -186,6 +186,7 @@ def check_model(model: dict) -> None:
         config.adapter_config()
     except (ModelBuildError, AdapterConfigError, TypeError) as err:
         raise ConfigError(f"model: {err}") from None
+    return config
 
 
 def build_config(data: dict) -> RunConfig:
@@ -198,8 +199,7 @@ def build_config(data: dict) -> RunConfig:
         if name in SECTIONS:
             kwargs[name] = _build_section(name, SECTIONS[name], value)
         elif name == "model":
-            check_model(value)
-            kwargs[name] = value
+            kwargs[name] = build_model(value)
         else:
             kwargs[name] = _coerce(name, value, typing.get_type_hints(RunConfig)[name])
     config = RunConfig(**kwargs)

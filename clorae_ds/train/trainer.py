@@ -9,7 +9,7 @@ import math
 import os
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -24,7 +24,6 @@ from ..data.render import render
 from ..eval import dataset_f1, score
 from ..eval.generate import GENERATE_INPUTS, generate_rows, write_predictions
 from ..eval.inference import encoding_for
-from ..models import ModelConfig
 from ..progress import PROGRESS
 from ..adapters import parameter_report, routing_stats
 from ..adapters.model import parameter_groups
@@ -167,7 +166,7 @@ class Trainer:
                      scheduler={"value": f"{optim.warmup_steps} warmup steps, then {optim.decay}",
                                 "from": "recipe optim.warmup_steps, optim.decay"})
 
-        model_config = ModelConfig.from_dict(dict(config.model))
+        model_config = replace(config.model)  # its tokenizer may be set below
         tokenizer_dir = os.path.join(self.out, "tokenizer")
         if model_config.preset is not None and model_config.tokenizer is None:
             # A preset's tokenizer is trained once, on rank 0, from the training text.
