@@ -540,3 +540,52 @@ def test_two_ranks_feed_tensorboard_and_csv_monitors_from_the_deepspeed_config(t
     assert {name.replace("/", "_") for name in expected} <= written
     rows = open(run / "monitors" / "csv" / "Train_loss.csv").read().splitlines()
     assert len(rows) == 17  # a header and one row per interval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(("deepspeed", "zero2.json", 1), ("single", "zero2.json", 2)),
+                                          (("single", "zero2.json", 2), ("deepspeed", "zero2.json", 1)),
+                                          (("deepspeed", "zero3.json", 1), ("deepspeed", "zero2.json", 1))],
+                         ids=["2-to-1-rank", "1-to-2-ranks", "zero3-to-zero2"])
+def test_resume_at_another_world_size_or_stage_restores_the_exact_state_and_keeps_the_global_batch(
+        before, after, tmp_path, tokenizer_dir):
+    from safetensors.torch import load_file
+
+    from clorae_ds.train.engine import PORTABLE_TENSORS, portable_digest
+
+    # a global batch of 16 either way: 2 ranks x 8 x accumulation 1, or 1 rank x 8 x accumulation 2
+    config = recipe(tmp_path, tokenizer_dir, optim={"lr": 0.01, "warmup_steps": 2, "decay": "constant"},
+                    output={"save_every_steps": 100})
+    run = tmp_path / "run"
+    (launcher, ds_config, accumulation), (launcher_after, ds_after, accumulation_after) = before, after
+    per_rank = f"data.batches_per_epoch={8 * accumulation}"  # 8 steps an epoch (the resumed run rescales it)
+    first = train(launcher, ds_config, config, "--output-dir", str(run), "--max-steps", "10",
+                  f"ds.gradient_accumulation_steps={accumulation}", per_rank)
+    weights = [e for e in first if e["event"] == "task_weights"][-1]  # after epoch 0 (8 steps)
+    saved = DeepSpeedRunner.read_client_state(str(run / "checkpoints"))
+    assert saved[0] == "global_step10" and saved[1]["batch_in_epoch"] == 2 * accumulation
+    resumed = train(launcher_after, ds_after, config, "--output-dir", str(run), "--max-steps", "12", "--resume", "auto",
+                    per_rank)
+    event = next(e for e in resumed if e["event"] == "resume")
+    assert event["global_batch"] == 16 and event["accumulation"] == [accumulation, accumulation_after]
+    assert event["step"] == 10 and event["batch_in_epoch"] == 2 * accumulation_after and "drawn anew" in event["data"]
+    # the masters and Adam's moments as loaded, read back from the new engine, equal what was saved bit for bit
+    assert event["state_digest"] == portable_digest(load_file(str(run / "checkpoints" / "global_step10" / PORTABLE_TENSORS)))
+    # train events come per micro-batch: with accumulation 2 the first one after the resume still reads step 10
+    assert set(steps(resumed)) == ({11, 12} if accumulation_after == 1 else {10, 11, 12})
+    lrs = [e["lr"]["experts"] for e in resumed if e["event"] == "train"]
+    assert lrs == [pytest.approx(0.01)] * len(lrs)  # the schedule continues past its warm-up
+    summary = summary_of(resumed)
+    assert summary["global_step"] == 12 and list(summary["task_weights"].values()) == pytest.approx(weights["per_rank"][0])
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_global_batch_the_new_world_size_cannot_keep(tmp_path, tokenizer_dir):
+    config = recipe(tmp_path, tokenizer_dir, output={"save_every_steps": 100})
+    run = tmp_path / "run"
+    train("single", "zero2.json", config, "--output-dir", str(run), "--max-steps", "2")  # global batch 8
+    proc = subprocess.run(command("deepspeed", "zero2.json") + ["--config", config, "--output-dir", str(run), "--resume",
+                                                                "auto"], env=ENV, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert proc.returncode != 0 and "global batch of 8" in proc.stderr + proc.stdout
+    assert "set ds.train_micro_batch_size_per_gpu to a divisor of 4" in proc.stderr + proc.stdout

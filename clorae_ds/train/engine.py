@@ -47,6 +47,10 @@ KNOWN_ZERO_KEYS = {
 
 
 CLIENT_STATE = "clorae_state.json"
+# The trainable state keyed by parameter name, whatever the world size and ZeRO stage that wrote it: fp32 masters
+# and Adam's moments (safetensors) plus Adam's step count, the scheduler and the engine's counters (JSON).
+PORTABLE_TENSORS, PORTABLE_STATE = "portable_state.safetensors", "portable_state.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class EngineConfigError(ValueError):
@@ -229,6 +233,17 @@ def check_ds_config(config: dict, where: str) -> None:
             raise EngineConfigError(f"{where}: {key} is 'auto': there is no HF Trainer to fill it; give a value")
     if unknown:
         raise EngineConfigError(f"{where}: unknown DeepSpeed keys {unknown} (DeepSpeed would ignore them silently)")
+
+
+def portable_digest(tensors: dict) -> str:
+    """sha256 over a portable state's tensors in name order: equal digests, equal state bit for bit."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def lr_lambda(warmup: int, total: int, decay: str):
@@ -462,6 +477,7 @@ class DeepSpeedRunner:
         # the RNG states: a run killed in between resumed from a checkpoint it could not load. Here `latest`
         # moves (atomically) only once every rank has written everything.
         self.engine.save_checkpoint(directory, tag=tag, exclude_frozen_parameters=True, save_latest=False)
+        self._save_portable(os.path.join(directory, tag))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -492,6 +508,100 @@ class DeepSpeedRunner:
             return None
         with open(path) as f:
             return tag, json.load(f)
+
+    def _trainable(self) -> list:
+        return [(name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def _base_states(self) -> list[dict]:
+        """The torch optimizer's per-tensor states (flat partitions under ZeRO, parameters without it)."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        return list(base.state.values())
+
+    def portable_tensors(self) -> dict[str, torch.Tensor]:
+        """master/NAME, exp_avg/NAME, exp_avg_sq/NAME of every trainable parameter, whole, in fp32 (a collective
+        under ZeRO: every rank calls it)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        tensors = {}
+        plain = getattr(self.optimizer, "optimizer", None) is None  # the torch optimizer itself (ZeRO-0, fp32)
+        for name, param in self._trainable():
+            if plain:
+                state = self.optimizer.state.get(param, {})
+                master = param.detach()
+                moments = {k: state.get(k, torch.zeros_like(param)) for k in MOMENTS}
+            else:
+                master = safe_get_full_fp32_param(param)
+                moments = {k: safe_get_full_optimizer_state(param, k) for k in MOMENTS}
+            tensors[f"master/{name}"] = master.float().cpu().contiguous()
+            for key, value in moments.items():
+                tensors[f"{key}/{name}"] = value.float().cpu().contiguous()
+        return tensors
+
+    def _save_portable(self, path: str) -> None:
+        tensors = self.portable_tensors()
+        steps = [float(state["step"]) for state in self._base_states() if "step" in state]
+        if self.ctx.rank == 0:
+            save_file(tensors, os.path.join(path, PORTABLE_TENSORS))
+            with open(os.path.join(path, PORTABLE_STATE), "w") as f:
+                json.dump({"adam_step": steps[0] if steps else 0.0, "scheduler": self.scheduler.state_dict(),
+                           "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                           "world_size": self.ctx.world_size, "zero_stage": self.zero_stage}, f, indent=1)
+
+    def _create_optimizer_states(self) -> None:
+        """Adam creates its states at the first step and DeepSpeed links each parameter's fragment of them then
+        (its optimizer's lazy hook): create them (zeros, step 0) and link them now, so that a loaded state can be
+        set before any step."""
+        base = self.optimizer.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state.get(flat):
+                    base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device),
+                                        "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def load_portable(self, path: str, seed: int) -> str:
+        """Set masters, moments, Adam's step, the scheduler and the engine's counters from a portable state written
+        at another world size or ZeRO stage; the RNG is reseeded per rank (old ranks' streams do not map). Returns
+        the digest of the state as loaded, read back from the optimizer (portable_digest)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if self.zero_stage == 3:
+            raise EngineConfigError("resuming at another world size into ZeRO-3 is not supported: resume at ZeRO "
+                                    "0-2 (ds.zero_optimization.stage=2), or at the world size that saved it")
+        tensors = load_file(os.path.join(path, PORTABLE_TENSORS))
+        with open(os.path.join(path, PORTABLE_STATE)) as f:
+            saved = json.load(f)
+        trainable = self._trainable()
+        missing = sorted({f"master/{n}" for n, _ in trainable} - set(tensors))
+        if missing:
+            raise EngineConfigError(f"{path}: the portable state lacks {missing[:3]}: a different model or adapter")
+        plain = getattr(self.optimizer, "optimizer", None) is None
+        if not plain:
+            self._create_optimizer_states()
+        with torch.no_grad():
+            for name, param in trainable:
+                master = tensors[f"master/{name}"].to(param.device)
+                param.data.copy_(master.to(param.dtype))  # ZeRO 0-2 keep every parameter whole on every rank
+                if plain:
+                    state = self.optimizer.state.setdefault(param, {})
+                    for key in MOMENTS:
+                        state[key] = tensors[f"{key}/{name}"].to(param.device, param.dtype).clone()
+                    state["step"] = torch.tensor(0.0, device=param.device)
+                else:
+                    safe_set_full_fp32_param(param, master)
+                    for key in MOMENTS:
+                        safe_set_full_optimizer_state(param, tensors[f"{key}/{name}"].to(param.device), key)
+        for state in self._base_states():
+            if torch.is_tensor(state.get("step")):
+                state["step"].fill_(saved["adam_step"])
+            elif "step" in state:
+                state["step"] = saved["adam_step"]
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler's state holds the rate; the optimizer's groups do not read it back
+        self.engine.global_steps, self.engine.global_samples = saved["global_steps"], saved["global_samples"]
+        torch.manual_seed(seed * 100003 + saved["global_steps"] * 101 + self.ctx.rank)
+        return portable_digest(self.portable_tensors())
 
     def load(self, directory: str, tag: str) -> None:
         loaded, _ = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=False,

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +33,8 @@ from ..eval.report import routing_report, write_routing
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
-from .engine import DeepSpeedRunner, barrier, ds_settings, init_distributed, load_ds_config, precision_of
+from .engine import (PORTABLE_STATE, DeepSpeedRunner, barrier, ds_settings, init_distributed, load_ds_config,
+                     precision_of)
 
 MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 
@@ -156,6 +158,7 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.out = config.output.dir
         self._check_output_dir()
+        self.rescale = self._plan_rescale()  # resuming at another world size or ZeRO stage
         if self.is_main:  # what trains how, and who said so (README: the recipe and the DeepSpeed config)
             EVENT_LOG[:] = [os.path.join(self.out, EVENTS_NAME)]
             optim = config.optim
@@ -192,7 +195,7 @@ class Trainer:
             batch_size=self.ds_config["train_micro_batch_size_per_gpu"], eval_batch_size=config.eval.batch_size,
             num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
             length_group=config.data.length_group, seed=config.seed,
-            batches_per_epoch=config.data.batches_per_epoch)
+            batches_per_epoch=self._batches_per_epoch())
         self.loader = loader_config.build(self.tokenizer, encoding, self.ctx.rank, self.ctx.world_size)
         self.datasets = self.loader.datasets
         self.train_datasets = sorted(config.data.train)
@@ -247,7 +250,8 @@ class Trainer:
             for batch in self.loader.train_epoch(state.epoch, skip_batches=state.batch_in_epoch):
                 self.train_step(batch, state, start)
                 every = self.config.output.save_every_steps
-                if every and self.runner.global_step % every == 0 and not state.stop:
+                boundary = state.batch_in_epoch % self.accumulation == 0  # after an optimiser step, not inside one
+                if every and boundary and self.runner.global_step % every == 0 and not state.stop:
                     self._checkpoint(state)
                 if state.stop:
                     break
@@ -400,7 +404,9 @@ class Trainer:
         return {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best_all": state.best_all,
                 "skipped_steps": state.skipped_steps, "aml": self.aml.state_dict(),
                 "adapter_config": self.adapter.to_dict() if self.adapter else None, "datasets": self.train_datasets,
-                "precision": self.precision}
+                "precision": self.precision, "world_size": self.ctx.world_size,
+                "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"], "accumulation": self.accumulation,
+                "zero_stage": self.runner.zero_stage}
 
     def _checkpoint(self, state: RunState) -> None:
         """Trainable weights, optimizer, scheduler, RNG and the run's position (epoch, next batch, task weights):
@@ -429,10 +435,8 @@ class Trainer:
                 json.dump({"run": self.config.to_dict(), "model": asdict(self.model_config)}, f, indent=1, default=str)
         runner.barrier()
 
-    def _resume(self) -> RunState:
-        fresh = RunState()
-        if not self.resume:
-            return fresh
+    def _find_checkpoint(self) -> Optional[tuple[str, str, dict]]:
+        """(directory, tag, run state) of the checkpoint --resume names; None for 'auto' with nothing saved."""
         directory = os.path.join(self.out, "checkpoints") if self.resume == "auto" else self.resume
         tag = None
         if self.resume != "auto" and os.path.basename(os.path.normpath(directory)).startswith("global_step"):
@@ -440,9 +444,48 @@ class Trainer:
         found = DeepSpeedRunner.read_client_state(directory, tag)
         if found is None:
             if self.resume == "auto":
-                return fresh  # nothing saved yet: a fresh start (a requeued job's first attempt)
+                return None  # nothing saved yet: a fresh start (a requeued job's first attempt)
             raise TrainingError(f"--resume {self.resume}: no clorae_ds checkpoint in {directory!r}")
-        tag, state = found
+        return directory, *found
+
+    def _batches_per_epoch(self) -> Optional[int]:
+        """data.batches_per_epoch counts micro-batches per rank: at a new accumulation it scales with it, so that an
+        epoch keeps its optimiser steps (unset, the loader derives it from the data, which scales by itself)."""
+        per_rank = self.config.data.batches_per_epoch
+        if per_rank is None or self.rescale is None:
+            return per_rank
+        old, new = self.rescale["accumulation"]
+        return per_rank * new // old
+
+    def _plan_rescale(self) -> Optional[dict]:
+        """At another world size than the checkpoint's: the gradient accumulation that keeps its global batch
+        (micro-batch × accumulation × world size), set in the DeepSpeed config before the engine exists; refused
+        when no whole accumulation keeps it."""
+        found = self._find_checkpoint() if self.resume else None
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if found is None or (found[2].get("world_size", self.ctx.world_size) == self.ctx.world_size
+                             and found[2].get("zero_stage", stage) == stage):
+            return None
+        state, world = found[2], self.ctx.world_size
+        micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        global_batch = state["micro_batch"] * state["accumulation"] * state["world_size"]
+        if global_batch % (micro * world):
+            raise TrainingError(
+                f"--resume: the checkpoint trained with a global batch of {global_batch} (micro-batch "
+                f"{state['micro_batch']} x accumulation {state['accumulation']} x {state['world_size']} ranks), which "
+                f"micro-batch {micro} x {world} ranks cannot keep with a whole accumulation: set "
+                f"ds.train_micro_batch_size_per_gpu to a divisor of {global_batch // world}")
+        accumulation = global_batch // (micro * world)
+        self.ds_config.update(gradient_accumulation_steps=accumulation, train_batch_size=global_batch)
+        return {"world_size": [state["world_size"], world], "zero_stage": [state["zero_stage"], stage],
+                "accumulation": [state["accumulation"], accumulation], "micro_batch": [state["micro_batch"], micro],
+                "global_batch": global_batch}
+
+    def _resume(self) -> RunState:
+        found = self._find_checkpoint() if self.resume else None
+        if found is None:
+            return RunState()
+        directory, tag, state = found
         # Checked before any tensor is loaded: a different adapter would fail deep in DeepSpeed otherwise.
         saved = state.get("adapter_config")
         current = self.adapter.to_dict() if self.adapter else None
@@ -457,9 +500,33 @@ class Trainer:
         if state.get("datasets") != self.train_datasets:
             raise TrainingError(f"--resume: the checkpoint trained {state.get('datasets')}, this run "
                                 f"{self.train_datasets}")
-        self.runner.load(directory, tag)
         self.aml.load_state_dict(state["aml"])
+        position = state["batch_in_epoch"]
+        if self.rescale is None:
+            self.runner.load(directory, tag)
+            if self.is_main:
+                log_json(event="resume", step=self.runner.global_step, epoch=state["epoch"], batch_in_epoch=position)
+            return RunState(state["epoch"], position, state["best_all"], state["skipped_steps"])
+        if not os.path.isfile(os.path.join(directory, tag, PORTABLE_STATE)):
+            raise TrainingError(f"--resume at {self.ctx.world_size} ranks, ZeRO-{self.rescale['zero_stage'][1]}: "
+                                f"{directory}/{tag} was saved at {state['world_size']} ranks, ZeRO-"
+                                f"{state['zero_stage']}, and holds no {PORTABLE_STATE} (written by this version's "
+                                "checkpoints): resume it as it was saved")
+        digest = self.runner.load_portable(os.path.join(directory, tag), self.config.seed)
+        old_accumulation, accumulation = self.rescale["accumulation"]
+        steps_in_epoch = position // old_accumulation
+        position = steps_in_epoch * accumulation  # micro-batches per rank of the new stream skipped
         if self.is_main:
-            log_json(event="resume", step=self.runner.global_step, epoch=state["epoch"],
-                     batch_in_epoch=state["batch_in_epoch"])
-        return RunState(state["epoch"], state["batch_in_epoch"], state["best_all"], state["skipped_steps"])
+            micro, world = self.rescale["micro_batch"][1], self.ctx.world_size
+            log_json(event="resume", step=self.runner.global_step, epoch=state["epoch"], batch_in_epoch=position,
+                     **self.rescale, state_digest=digest,
+                     data=f"epoch {state['epoch']}'s sample stream is drawn anew for {world} ranks (streams are seeded "
+                          f"per rank and worker): its first {position} micro-batches per rank "
+                          f"({position * micro * world} samples) are skipped, the {steps_in_epoch * self.rescale['global_batch']} "
+                          f"samples the old ranks read in this epoch are not tracked (some may be read again)")
+            PROGRESS.clear()
+            print(f"resume: {self.rescale['world_size'][0]} -> {self.ctx.world_size} ranks, ZeRO-"
+                  f"{self.rescale['zero_stage'][0]} -> ZeRO-{self.rescale['zero_stage'][1]}, gradient accumulation "
+                  f"{old_accumulation} -> {accumulation} (global batch {self.rescale['global_batch']} kept), masters, "
+                  "moments, step and schedule from the portable state", file=sys.stderr, flush=True)
+        return RunState(state["epoch"], position, state["best_all"], state["skipped_steps"])
