@@ -26,6 +26,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)
 
 SHAPE = dict(d_model=512, d_ff=1024, d_kv=64, num_layers=8, num_heads=6, feed_forward_proj="gated-gelu")
 ARMS = {"kept": False, "checkpointed": True}
@@ -81,12 +82,17 @@ def main(argv=None):
     parser.add_argument("--source-length", type=int, default=256)
     parser.add_argument("--target-length", type=int, default=64)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="default: bf16 where the hardware has bf16 matmuls (as the engine decides), else fp32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in this process
     args = parser.parse_args(argv)
+    if args.dtype is None:  # emulated bf16 (a CPU without AVX512-BF16) runs many times slower than fp32
+        from clorae_ds.train.engine import bf16_supported
+
+        args.dtype = "bf16" if bf16_supported() else "fp32"
     if args.arm:
         print(json.dumps(measure(args)))
         return
@@ -95,7 +101,7 @@ def main(argv=None):
     for _ in range(args.rounds):
         for arm in ARMS:
             for key, malloc in (("step_s", {}), ("peak_mib", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
-                cmd = [sys.executable, os.path.abspath(__file__), "--arm", arm] + \
+                cmd = [sys.executable, os.path.abspath(__file__), "--arm", arm, "--dtype", args.dtype] + \
                     (argv if argv is not None else sys.argv[1:])
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **malloc})
                 if proc.returncode != 0:

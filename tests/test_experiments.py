@@ -101,7 +101,8 @@ def test_converge_budget_trains_every_dataset_in_its_natural_proportion_in_a_pin
 def test_an_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path):
     out = tmp_path / "exp"
     command = [sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke", "--arms",
-               "lora", "--out", str(out), "--set", "output.save_every_steps=3"]
+               "lora", "--out", str(out), "--set", "output.save_every_steps=3", "--set", "eval.max_samples=4",
+               "--set", "eval.max_new_tokens=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
