@@ -2,11 +2,9 @@
 rendering from recorded benchmark output."""
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -96,31 +94,37 @@ def test_converge_budget_trains_every_dataset_in_its_natural_proportion_in_a_pin
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["bf16"] == {"enabled": budget.precision == "bf16"}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(RAW), reason="../shared/data/raw is not beside the checkout")
-def test_an_interrupted_run_resumes_from_its_last_step_checkpoint(tmp_path):
-    out = tmp_path / "exp"
-    command = [sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke", "--arms",
-               "lora", "--out", str(out), "--set", "output.save_every_steps=3", "--set", "eval.max_samples=4",
-               "--set", "eval.max_new_tokens=8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = out / "lora-seed0" / "checkpoints" / "latest"
-    deadline = time.time() + 400
-    while time.time() < deadline and not latest.exists():
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training process
-    proc.wait()
-    assert latest.exists(), "no step checkpoint before the deadline"
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming lora (seed 0)" in proc.stderr
-    log = (out / "lora-seed0" / "train.log").read_text()  # both attempts' events
-    resumed = [json.loads(line[line.find("{"):]) for line in log.splitlines() if '"event": "resume"' in line]
-    assert len(resumed) == 1 and resumed[0]["step"] in (3, 6)
-    row = json.loads((out / "results.json").read_text())["results"][0]
-    assert row["steps"] == 8 and row["wall_seconds"] > 0
+def test_an_interrupted_run_is_resumed_and_a_changed_one_refused(tmp_path, monkeypatch):
+    """What the runner decides for a run directory an earlier invocation left: an unfinished run of the same recipe
+    restarts train.py with --resume auto, appending to its log, with its earlier wall time kept; another recipe's is
+    refused. (train.py's resume itself: tests/test_train.py.)"""
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import argparse
+
+    import run_experiments
+    from run_experiments import BUDGETS, start_arm
+
+    started = []
+    monkeypatch.setattr(run_experiments.subprocess, "Popen", lambda command, **kwargs: started.append((command, kwargs)))
+    budget = BUDGETS["converge"]
+    patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in run_experiments.SOURCES} for split in ("train", "dev")}
+    args = argparse.Namespace(base=os.path.join(ROOT, "experiments", "base.yaml"), set=[], launcher=None, parallel=True,
+                              deepspeed=os.path.join(ROOT, "ds_configs", "zero0.json"))
+    fresh = start_arm("lora", None, 0, patterns, budget, str(tmp_path), args)
+    assert "--resume" not in started[-1][0] and started[-1][1]["env"]["OMP_NUM_THREADS"] == "1"
+    assert "ds.train_micro_batch_size_per_gpu=32" in started[-1][0] and "ds.bf16.enabled=false" in started[-1][0]
+    fresh.log.write("first attempt\n")
+    fresh.log.close()
+    (tmp_path / "lora-seed0" / "checkpoints").mkdir()  # the interrupted attempt saved a step checkpoint
+    (tmp_path / "lora-seed0" / "wall_seconds").write_text("120.5")
+    again = start_arm("lora", None, 0, patterns, budget, str(tmp_path), args)
+    assert started[-1][0][-2:] == ["--resume", "auto"] and again.wall_before == 120.5
+    again.log.write("second attempt\n")
+    again.log.close()
+    assert (tmp_path / "lora-seed0" / "train.log").read_text() == "first attempt\nsecond attempt\n"
+    args.set = ["optim.lr=1e-3"]
+    with pytest.raises(SystemExit, match="holds an unfinished run of another recipe"):
+        start_arm("lora", None, 0, patterns, budget, str(tmp_path), args)
 
 
 def test_learning_rate_grid_reports_each_arm_at_its_best_rate(tmp_path):

@@ -524,6 +524,8 @@ class DeepSpeedRunner:
 
         tensors = {}
         plain = getattr(self.optimizer, "optimizer", None) is None  # the torch optimizer itself (ZeRO-0, fp32)
+        if not plain:
+            self._create_optimizer_states()
         for name, param in self._trainable():
             if plain:
                 state = self.optimizer.state.get(param, {})
@@ -543,20 +545,24 @@ class DeepSpeedRunner:
         if self.ctx.rank == 0:
             save_file(tensors, os.path.join(path, PORTABLE_TENSORS))
             with open(os.path.join(path, PORTABLE_STATE), "w") as f:
-                json.dump({"adam_step": steps[0] if steps else 0.0, "scheduler": self.scheduler.state_dict(),
+                json.dump({"adam_step": max(steps, default=0.0), "scheduler": self.scheduler.state_dict(),
                            "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
                            "world_size": self.ctx.world_size, "zero_stage": self.zero_stage}, f, indent=1)
 
     def _create_optimizer_states(self) -> None:
-        """Adam creates its states at the first step and DeepSpeed links each parameter's fragment of them then
-        (its optimizer's lazy hook): create them (zeros, step 0) and link them now, so that a loaded state can be
-        set before any step."""
+        """Adam creates a tensor's states at its first step with a gradient, and DeepSpeed links each parameter's
+        fragment of them once, at its first step: a state created later (a partition that had no gradient then) is
+        never linked, and one that does not exist yet cannot be read or set. Create the missing ones (zeros, step 0:
+        what Adam would create) and link them all again."""
+        if not hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            return  # ZeRO-3 reads and writes its partitions directly
         base = self.optimizer.optimizer
         for group in base.param_groups:
             for flat in group["params"]:
                 if not base.state.get(flat):
                     base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device),
                                         "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        self.optimizer._hp_optimizer_states_linked = False
         self.optimizer._lazy_init_hp_params_optimizer_state()
 
     def load_portable(self, path: str, seed: int) -> str:
