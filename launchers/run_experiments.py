@@ -39,6 +39,7 @@ from clorae_ds.eval.bootstrap import paired_bootstrap  # noqa: E402
 from clorae_ds.eval import score  # noqa: E402
 from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.eval.parse import cap_repeats  # noqa: E402
+from clorae_ds.eval.plots import plot_curves  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
 from clorae_ds.train.engine import bf16_supported  # noqa: E402
 
@@ -514,29 +515,6 @@ def curves_table(curves: dict, results: list) -> str:
         lines.append(f"| {name}{'' if curve['finished'] else ' (running)'} | " +
                      " | ".join("—" if s not in at else f"{at[s]:.1f}" for s in steps) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_curves(curves: dict, path: str) -> None:
-    """Dev All against step, one line per run (SVG: text, diffable); skipped where matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no curves plot", file=sys.stderr)
-        return
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for name, curve in curves.items():
-        if curve["evaluations"]:
-            axes.plot([e["step"] for e in curve["evaluations"]], [e["all"] for e in curve["evaluations"]],
-                      marker="o", label=name, linestyle="-" if curve["finished"] else "--")
-    axes.set_xlabel("optimiser step")
-    axes.set_ylabel("dev All (sum of F1 × 100)")
-    axes.legend(fontsize=7)
-    axes.grid(alpha=0.3)
-    plt.rcParams["svg.hashsalt"] = "clorae_ds"  # stable ids: a regenerated plot diffs only where it changed
-    figure.savefig(path, format="svg", metadata={"Date": None})
-    plt.close(figure)
 
 
 def count_evaluations(out: str) -> int:

@@ -1,4 +1,5 @@
-"""Pictures of a run: its training curves (run.png) from the JSON events the trainer writes to events.jsonl."""
+"""Pictures of runs: a run's training curves (run.png) from the JSON events the trainer writes to events.jsonl, and
+an experiment's dev All curves (run_experiments.py)."""
 from __future__ import annotations
 
 import json
@@ -60,3 +61,19 @@ def plot_run(events: list[dict], path: str) -> str:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    """Dev All against step, one line per run of an experiment (SVG: text, diffable; dashed while it runs)."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        if curve["evaluations"]:
+            axes.plot([e["step"] for e in curve["evaluations"]], [e["all"] for e in curve["evaluations"]],
+                      marker="o", label=name, linestyle="-" if curve["finished"] else "--")
+    axes.set_xlabel("optimiser step")
+    axes.set_ylabel("dev All (sum of F1 × 100)")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    plt.rcParams["svg.hashsalt"] = "clorae_ds"  # stable ids: a regenerated plot diffs only where it changed
+    figure.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(figure)

@@ -23,7 +23,7 @@ from ..adapters.model import adapter_state_dict, is_trainable
 KNOWN_DS_KEYS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
     "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "optimizer", "scheduler", "communication_data_type", "prescale_gradients",
+    "zero_force_ds_cpu_optimizer", "communication_data_type", "prescale_gradients",
     "activation_checkpointing", "checkpoint", "dump_state", "seed",
     "tensorboard", "csv_monitor", "wandb", "comet",
 }
@@ -512,6 +512,11 @@ class DeepSpeedRunner:
     def _trainable(self) -> list:
         return [(name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad]
 
+    @property
+    def _plain_optimizer(self) -> bool:
+        """The torch optimizer itself (ZeRO-0 in fp32), not a DeepSpeed wrapper holding fp32 partitions."""
+        return getattr(self.optimizer, "optimizer", None) is None
+
     def _base_states(self) -> list[dict]:
         """The torch optimizer's per-tensor states (flat partitions under ZeRO, parameters without it)."""
         base = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -523,7 +528,7 @@ class DeepSpeedRunner:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         tensors = {}
-        plain = getattr(self.optimizer, "optimizer", None) is None  # the torch optimizer itself (ZeRO-0, fp32)
+        plain = self._plain_optimizer
         if not plain:
             self._create_optimizer_states()
         for name, param in self._trainable():
@@ -581,7 +586,7 @@ class DeepSpeedRunner:
         missing = sorted({f"master/{n}" for n, _ in trainable} - set(tensors))
         if missing:
             raise EngineConfigError(f"{path}: the portable state lacks {missing[:3]}: a different model or adapter")
-        plain = getattr(self.optimizer, "optimizer", None) is None
+        plain = self._plain_optimizer
         if not plain:
             self._create_optimizer_states()
         with torch.no_grad():

@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -33,8 +32,8 @@ from ..eval.report import routing_report, write_routing
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
-from .engine import (PORTABLE_STATE, DeepSpeedRunner, barrier, ds_settings, init_distributed, load_ds_config,
-                     precision_of)
+from .engine import (MONITOR_PACKAGES, PORTABLE_STATE, DeepSpeedRunner, barrier, ds_settings, init_distributed,
+                     load_ds_config, precision_of, zero_stage)
 
 MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 
@@ -150,14 +149,15 @@ class Trainer:
         self.is_main = self.ctx.rank == 0
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size, ds_overrides)
-        for name in ("tensorboard", "csv_monitor", "comet"):  # monitors write into the run unless told otherwise
+        for name in MONITOR_PACKAGES:  # monitors write into the run unless told otherwise (wandb has no path)
             section = self.ds_config.get(name, {})
-            if section.get("enabled") and not section.get("output_path"):
+            if name != "wandb" and section.get("enabled") and not section.get("output_path"):
                 section["output_path"] = os.path.join(config.output.dir, "monitors")
         # what the run trains in after load_ds_config's hardware fallback; a resume must not change it
         self.precision = precision_of(self.ds_config)
         self.out = config.output.dir
         self._check_output_dir()
+        self.checkpoint = self._find_checkpoint() if resume else None  # what --resume continues from
         self.rescale = self._plan_rescale()  # resuming at another world size or ZeRO stage
         if self.is_main:  # what trains how, and who said so (README: the recipe and the DeepSpeed config)
             EVENT_LOG[:] = [os.path.join(self.out, EVENTS_NAME)]
@@ -461,8 +461,7 @@ class Trainer:
         """At another world size than the checkpoint's: the gradient accumulation that keeps its global batch
         (micro-batch × accumulation × world size), set in the DeepSpeed config before the engine exists; refused
         when no whole accumulation keeps it."""
-        found = self._find_checkpoint() if self.resume else None
-        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        found, stage = self.checkpoint, zero_stage(self.ds_config)
         if found is None or (found[2].get("world_size", self.ctx.world_size) == self.ctx.world_size
                              and found[2].get("zero_stage", stage) == stage):
             return None
@@ -482,10 +481,9 @@ class Trainer:
                 "global_batch": global_batch}
 
     def _resume(self) -> RunState:
-        found = self._find_checkpoint() if self.resume else None
-        if found is None:
+        if self.checkpoint is None:
             return RunState()
-        directory, tag, state = found
+        directory, tag, state = self.checkpoint
         # Checked before any tensor is loaded: a different adapter would fail deep in DeepSpeed otherwise.
         saved = state.get("adapter_config")
         current = self.adapter.to_dict() if self.adapter else None
@@ -524,9 +522,4 @@ class Trainer:
                           f"per rank and worker): its first {position} micro-batches per rank "
                           f"({position * micro * world} samples) are skipped, the {steps_in_epoch * self.rescale['global_batch']} "
                           f"samples the old ranks read in this epoch are not tracked (some may be read again)")
-            PROGRESS.clear()
-            print(f"resume: {self.rescale['world_size'][0]} -> {self.ctx.world_size} ranks, ZeRO-"
-                  f"{self.rescale['zero_stage'][0]} -> ZeRO-{self.rescale['zero_stage'][1]}, gradient accumulation "
-                  f"{old_accumulation} -> {accumulation} (global batch {self.rescale['global_batch']} kept), masters, "
-                  "moments, step and schedule from the portable state", file=sys.stderr, flush=True)
         return RunState(state["epoch"], position, state["best_all"], state["skipped_steps"])
