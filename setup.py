@@ -29,8 +29,10 @@ setup(
     ],
     extras_require={
         # peft is the benchmark's reference LoRA and loads exported adapters in tests; hypothesis drives property
-        # tests; pytest-cov the tiers' coverage; tensorboard reads the monitor test's event files.
-        "dev": ["pytest>=9.2", "hypothesis>=6.170", "peft>=0.21.2", "pytest-cov>=7.1", "tensorboard>=2.21"],
+        # tests; pytest-xdist runs them two at a time (pytest.ini); pytest-cov the tiers' coverage; tensorboard reads
+        # the monitor test's event files.
+        "dev": ["pytest>=9.2", "pytest-xdist>=3.8", "hypothesis>=6.170", "peft>=0.21.2", "pytest-cov>=7.1",
+                "tensorboard>=2.21"],
         # The trackers of the DeepSpeed config's monitor sections (csv_monitor needs nothing).
         "tensorboard": ["tensorboard>=2.21"],
         "wandb": ["wandb>=0.31"],

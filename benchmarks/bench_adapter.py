@@ -6,7 +6,7 @@ A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers by default; 
 v, o, wi, wo adapted), rank r 64, 3 tasks, a mixed batch of 8 x 128 tokens. Each arm runs forward +
 backward of the same loss; arms are interleaved round by round and the median time is kept. Each arm's ATen ops per
 step (views excluded: about one kernel each on a GPU, where the small shape is launch-bound) are counted once
-beside its time. On a device where the layer pads its rank-space widths (CPU, CUDA: layer.RANK_ALIGNMENT), two arms
+beside its time. On a device where the layer pads its rank-space widths (CPU, CUDA: KernelPolicy.rank_alignment), two arms
 more run C-LoRAE with them unpadded (clorae_unpadded, with and without MIM), which measure that choice. Prints a
 table and ends with one JSON line.
 """
@@ -17,14 +17,15 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import T5Config, T5EncoderModel
 
-from clorae_ds.adapters import CLoRAEConfig, apply_clorae, collect_mim_loss, task_routing
-from clorae_ds.adapters import layer as layer_module
+from clorae_ds.adapters import (KERNEL_POLICIES, CLoRAEConfig, KernelPolicy, apply_clorae, collect_mim_loss,
+                                set_kernel_policy, task_routing)
 from clorae_ds.adapters.layer import CLoRAELinear
 
 TARGETS = ["q", "k", "v", "o", "wi", "wo"]
@@ -98,19 +99,12 @@ def make_step(name, model, input_ids, task_ids):
     return step
 
 
-def unpadded(step, device_type: str):
+def unpadded(step, model, device_type: str):
     """step with the layer's rank-space widths left as they are on this device: R = 127 expert columns (r 64, N 3,
     r_t 21) make every adapter product's width odd, which MKL runs slower and tensor-core kernels want 16-byte
-    aligned, against the few kernels a layer call the padding costs. The layer's per-device table is swapped for
-    this arm's calls only."""
-    def run():
-        table = layer_module.RANK_ALIGNMENT
-        layer_module.RANK_ALIGNMENT = {**table, device_type: 1}
-        try:
-            step()
-        finally:
-            layer_module.RANK_ALIGNMENT = table
-    return run
+    aligned, against the few kernels a layer call the padding costs."""
+    set_kernel_policy(model, replace(KERNEL_POLICIES.get(device_type, KernelPolicy()), rank_alignment=1))
+    return step
 
 
 def saved_activation_bytes(step) -> int:
@@ -184,28 +178,23 @@ def main(argv=None):
     shuffled_ids = task_ids[torch.randperm(args.batch, generator=gen)]
 
     # arm: (task ids, implementation, adapter options). The loop arm has no MIM, so it is compared with
-    # C-LoRAE without MIM; "clorae" is the full training-time cost (MIM on, beta 0.01) on the path this device
-    # takes by default (expert_path auto); the own_task / masked arms force one path each.
+    # C-LoRAE without MIM; "clorae" is the full training-time cost (MIM on, beta 0.01).
     arms = {"peft_lora": (task_ids, "peft_lora", {}),
             "clorae": (task_ids, "clorae", {}),
             "clorae_without_mim": (task_ids, "clorae", {"mim_beta": 0.0}),
-            "clorae_own_task": (task_ids, "clorae", {"expert_path": "own_task"}),
-            "clorae_own_task_without_mim": (task_ids, "clorae", {"expert_path": "own_task", "mim_beta": 0.0}),
-            "clorae_masked": (task_ids, "clorae", {"expert_path": "masked"}),
-            "clorae_masked_without_mim": (task_ids, "clorae", {"expert_path": "masked", "mim_beta": 0.0}),
             "clorae_unsorted_batch": (shuffled_ids, "clorae", {}),
             "universal_only": (task_ids, "clorae", {"mode": "universal_only"}),
             "per_task_loop": (task_ids, "per_task_loop", {"mim_beta": 0.0})}
     # Where this device pads rank-space widths, the same two unpadded
     device_type = torch.device(args.device).type
-    if layer_module.RANK_ALIGNMENT.get(device_type, 1) > 1:
+    if KERNEL_POLICIES.get(device_type, KernelPolicy()).rank_alignment > 1:
         arms.update(clorae_unpadded=(task_ids, "clorae", {}), clorae_unpadded_without_mim=(task_ids, "clorae", {"mim_beta": 0.0}))
     steps, reports = {}, {}
     for arm, (ids, kind, options) in arms.items():
         model = build_arm(kind, t5_config, args.rank, args.dropout, args.device, dtype, **options)
         steps[arm] = make_step(kind, model, input_ids, ids)
         if arm.startswith("clorae_unpadded"):
-            steps[arm] = unpadded(steps[arm], device_type)
+            steps[arm] = unpadded(steps[arm], model, device_type)
         reports[arm] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                         "saved_activation_bytes": saved_activation_bytes(steps[arm]),
                         "ops_per_step": dispatched_ops(steps[arm])}
@@ -243,8 +232,7 @@ def main(argv=None):
         "loop_over_clorae": round(reports["per_task_loop"]["fwd_bwd_ms"] / reports["clorae_without_mim"]["fwd_bwd_ms"], 4),
         "universal_only_over_peft_lora": round(reports["universal_only"]["fwd_bwd_ms"] / base_ms, 4),
         **{f"{arm}_over_peft_lora": round(reports[arm]["fwd_bwd_ms"] / base_ms, 4)
-           for arm in ("clorae_own_task", "clorae_own_task_without_mim", "clorae_masked", "clorae_masked_without_mim",
-                       "clorae_unpadded", "clorae_unpadded_without_mim") if arm in reports},
+           for arm in ("clorae_unpadded", "clorae_unpadded_without_mim") if arm in reports},
         "clorae_unsorted_over_peft_lora": round(reports["clorae_unsorted_batch"]["fwd_bwd_ms"] / base_ms, 4),
         "clorae_over_peft_lora_ops": round(reports["clorae"]["ops_per_step"] / reports["peft_lora"]["ops_per_step"], 4),
         "device": device_name, "dtype": str(dtype).replace("torch.", ""), "arms": reports,

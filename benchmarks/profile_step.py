@@ -36,7 +36,7 @@ def build_arm(args, arm: str):
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    adapter = {"rank": args.rank, "alpha": 2 * args.rank, "expert_path": args.expert_path, **ADAPTERS[arm]}
+    adapter = {"rank": args.rank, "alpha": 2 * args.rank, **ADAPTERS[arm]}
     return ModelConfig(family="encoder_decoder", pretrained=args.pretrained, adapter=adapter).build()
 
 
@@ -44,8 +44,7 @@ def batches_for(args, built, device) -> tuple[list[dict], list[int]]:
     from benchmarks.bench_train import embedded_batches
 
     batches, tokens = embedded_batches(built.tokenizer, args.batch, args.warmup + args.steps + args.profile_steps)
-    # task_ids stay on the host (the routing reads them there); the rest goes to the device before timing.
-    return [{k: (v if k == "task_ids" else v.to(device)) for k, v in b.items()} for b in batches], tokens
+    return [{k: v.to(device) for k, v in b.items()} for b in batches], tokens
 
 
 def step_function(args, engine: str, built, device, dtype):
@@ -114,7 +113,7 @@ def profile_arm(args, engine: str, arm: str, device, dtype) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# Step profile {report['date']} — {report['device']}", "",
              f"MiniLM encoder-decoder, micro-batch {report['batch']}, rank {report['rank']}, {report['dtype']}, "
-             f"expert_path {report['expert_path']}, torch {report['torch']}.", "",
+             f"torch {report['torch']}.", "",
              "| engine | arm | s/step | tokens/s | over LoRA | profiled ms/step | kernel ms/step | kernels | launches "
              "| syncs | memcpy | host ops |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["arms"]:
@@ -146,7 +145,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--pretrained", default=None,
                         help="MiniLM folder (default .whl/minilm when present, else the installed package)")
-    parser.add_argument("--expert-path", default="auto", choices=["auto", "masked", "own_task"])
     parser.add_argument("--engines", default="plain,zero2")
     parser.add_argument("--arms", default="lora,clorae,clorae_without_mim")
     parser.add_argument("--warmup", type=int, default=3)
@@ -164,7 +162,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "batch": args.batch, "rank": args.rank, "dtype": args.dtype, "expert_path": args.expert_path, "arms": []}
+              "batch": args.batch, "rank": args.rank, "dtype": args.dtype, "arms": []}
     start, longest = time.time(), 0.0
     for engine in args.engines.split(","):
         for arm in args.arms.split(","):

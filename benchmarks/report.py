@@ -33,8 +33,6 @@ BENCHMARKS = {  # key: command, relative to the repository root
     "cost_t5_large": ["launchers/report_cost.py", "--model", "t5-large"],
 }
 ADAPTER_ARMS = [("clorae", "C-LoRAE (MIM on)"), ("clorae_without_mim", "C-LoRAE without MIM"),
-                ("clorae_own_task", "own-task path (MIM on)"), ("clorae_own_task_without_mim", "own-task path without MIM"),
-                ("clorae_masked", "masked pass (MIM on)"), ("clorae_masked_without_mim", "masked pass without MIM"),
                 ("clorae_unsorted_batch", "C-LoRAE, unsorted batch"), ("universal_only", "our universal_only (= LoRA)"),
                 ("per_task_loop", "per-task loop (no MIM)"), ("clorae_unpadded", "rank widths unpadded (MIM on)"),
                 ("clorae_unpadded_without_mim", "unpadded, without MIM")]
@@ -92,18 +90,15 @@ def adapter_section(measured: dict, machine: str, device_runs: list) -> list:
         lines.append("")
     ratio = result["clorae_over_peft_lora"]
     lines += [f"**Target (1.10x with MIM, 1.08x without) {'met' if ratio <= 1.10 else 'not met'}** here: "
-              f"{ratio:.2f}x with MIM, {result['clorae_without_mim_over_peft_lora']:.2f}x without (the path "
-              "`expert_path: auto` takes on every device: masked). "
-              "At r 64 and d_model 512 LoRA's own adapter is about a quarter of "
-              "the step, so the own-task path's r + r_t = 85 columns (1.33x LoRA's 64) put the floor near 1.07x; the "
-              "masked pass computes all r + N·r_t = 127 columns in fewer, larger kernels. MIM is exact and computed in "
-              "rank space: the token Gram C = Z̃ᵀZ̃ and M̃·C (d_out × the rank space's width, every channel's residual), on the "
-              "masked path for all the layer calls of one routing and shape at once (batched, at collection), by blocks per "
-              "layer call on the own-task path; the backward keeps "
-              "M̃ᵀWM̃ only on the task columns (the teacher is detached). On CPU rank-space widths run padded with zeros "
+              f"{ratio:.2f}x with MIM, {result['clorae_without_mim_over_peft_lora']:.2f}x without. "
+              "At r 64 and d_model 512 LoRA's own adapter is about a quarter of the step; the masked pass computes all "
+              "r + N·r_t = 127 columns in a few large kernels. MIM is exact and computed in rank space: the token Gram "
+              "C = Z̃ᵀZ̃ and M̃·C (d_out × the rank space's width, every channel's residual), for all the layer calls of "
+              "one routing and shape at once (batched, at collection); the backward keeps M̃ᵀWM̃ only on the task "
+              "columns (the teacher is detached). On CPU rank-space widths run padded with zeros "
               "to a multiple of 8: MKL runs odd widths up to 2x slower, and the masked pass keeps its whole rank space "
               "that wide, so that its elementwise work reads whole rows (a strided bf16 operand runs 4-8x slower on "
-              "CPU). CUDA pads them too (`RANK_ALIGNMENT` in clorae_ds/adapters/layer.py), as the tensor cores' kernels "
+              "CPU). CUDA pads them too (`KernelPolicy.rank_alignment` in clorae_ds/adapters/layer.py), as the tensor cores' kernels "
               "want 16-byte aligned operands and R = 127 makes every adapter product's width odd; with MIM expert_B's "
               "rows are R + 3 = 130 wide too, so MIM's copy of it is made with rows 136 apart (the products read that "
               "copy), and on CUDA B's gradient comes from a fresh aligned product and one add: padding costs the small "
@@ -141,8 +136,7 @@ def train_section(measured: dict, machine: str) -> list:
                      f"{arm['tokens_per_s'] / plain:.3f} | {', '.join(str(x) for x in arm['all_rounds'])} |")
     overheads = {k: v for k, v in result.items() if k.endswith("_overhead")}
     lines += ["", f"What a user pays per step for C-LoRAE (gate, three task experts, MIM on) against LoRA r 16 (the "
-              f"universal expert alone), same model, batches and engine (ZeRO-0, one rank; C-LoRAE on the path "
-              f"`expert_path: auto` takes, masked on CPU): "
+              f"universal expert alone), same model, batches and engine (ZeRO-0, one rank): "
               f"**{result['clorae_over_lora_step']:.2f}x** (`clorae_over_lora_step`; target 1.10x)."]
     if "clorae_over_lora_step_each_round" in result:
         lines[-1] += (" The three ZeRO-0 adapters (LoRA, C-LoRAE, C-LoRAE without MIM) train in one process, step "
@@ -205,34 +199,24 @@ def cost_section(measured: dict) -> list:
         for method, r in result["methods"].items():
             lines.append(f"| {method} | {r['trainable_params'] / 1e6:.1f}M | {r['forward_gflops']:.1f} | "
                          f"{r['forward_backward_gflops']:.0f} |")
-        lines += ["", f"C-LoRAE / LoRA fwd+bwd FLOPs: {result['clorae_over_lora_flops']:.3f} ({result['expert_path']} "
-                  f"path; without MIM {result['clorae_without_mim_over_lora_flops']:.3f}, and that plus exact MIM's "
+        lines += ["", f"C-LoRAE / LoRA fwd+bwd FLOPs: {result['clorae_over_lora_flops']:.3f} ("
+                  f"without MIM {result['clorae_without_mim_over_lora_flops']:.3f}, and that plus exact MIM's "
                   f"lower bound of {result['methods']['C-LoRAE']['mim_floor_gflops']:.1f} GFLOPs "
                   f"{result['clorae_floor_over_lora_flops']:.3f}). "
                   f"C-LoRAE / LoRA trainable parameters: {result['clorae_over_lora_trainable']:.2f} "
                   f"(experts and gates alone: {result['clorae_over_lora_expert_params']:.2f}; the MIM regressors "
                   "make the rest).", ""]
-    lines += ["The paper reports C-LoRAE at about twice LoRA's trainable parameters, which this matches. The "
-              "own-task path is counted (each token through its r + r_t columns; `--expert-path masked` counts the "
-              "masked pass); every matmul is counted, in-place ones included (the counter counts no elementwise "
-              "work, for any method). The target, 1.12x at T5-base r 128, is "
+    lines += ["The paper reports C-LoRAE at about twice LoRA's trainable parameters, which this matches. Every matmul "
+              "is counted, in-place ones included (the counter counts no elementwise work, for any method), on the "
+              "masked pass, which runs every token through all r + N·r_t expert columns. The target, 1.12x at "
+              "T5-base r 128, is "
               + ("met at batch 1" if measured["cost_t5_base"]["clorae_over_lora_flops"] <= 1.12 else "missed at batch 1")
               + (", and exact MIM on this layer's fused up-projection cannot meet it there"
                  if measured["cost_t5_base"]["clorae_floor_over_lora_flops"] > 1.12 else "")
-              + ": the task columns alone (r_t = r // 3 more per token) cost the 'without MIM' ratio, and the layer's "
-              "up-projection, y += (z ⊙ coef)·Bᵀ, never forms the universal and task outputs U and D, so every "
-              "channel's Σ_t v_c² over K = r + r_t columns takes at least d_out·K·min(T, K) more FLOPs per layer call "
-              "(from the token outputs, or from the token Gram's quadratic forms with their symmetry, whichever is "
-              "smaller), the task columns' gradients at least 4·d_out·r_t·min(T, K) more — the lower bound above "
-              "(`mim_floor_gflops`, from the layer calls' shapes). With the teacher detached (the default) the "
-              "own-task MIM keeps only what its value and the task columns' gradients need: the universal block's "
-              "diagonal (in token space below T = d_out·r/(d_out − r) tokens: the decoder's 64 here) and the cross "
-              "block once. Over a batch the d_out-side products amortise. An up-projection split into U = z_U·B_Uᵀ "
-              "and D = z_t·B_tᵀ (the same matmul FLOPs) would give MIM from elementwise work alone, at the 'without "
-              "MIM' ratio in these counts (which count no elementwise work), at the price of about 27 passes over a "
-              "(tokens × d_out) tensor per layer call: implemented in an earlier version and measured slower in wall "
-              "time at training shapes (see "
-              "clorae_ds/adapters/layer.py).", ""]
+              + ": the up-projection, y += (z ⊙ coef)·Bᵀ, never forms the universal and task outputs U and D, so "
+              "every channel's Σ_t v_c² over K = r + r_t columns takes at least d_out·K·min(T, K) more FLOPs per "
+              "layer call, the task columns' gradients at least 4·d_out·r_t·min(T, K) more: the lower bound above "
+              "(`mim_floor_gflops`, from the layer calls' shapes). Over a batch the d_out-side products amortise.", ""]
     return lines
 
 

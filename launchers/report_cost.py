@@ -32,7 +32,7 @@ SHAPES = {  # T5 v1.0 shapes (the paper's T5-base / T5-large rows); random weigh
 }
 
 
-def build(model, method: str, rank: int, expert_path: str = "own_task") -> MIEModel:
+def build(model, method: str, rank: int) -> MIEModel:
     """`model`: a SHAPES name, a dict of T5Config fields, or a local T5 directory. Build it inside
     `torch.device("meta")` to count a large shape's FLOPs without allocating it."""
     from transformers import T5Config, T5ForConditionalGeneration
@@ -50,7 +50,7 @@ def build(model, method: str, rank: int, expert_path: str = "own_task") -> MIEMo
     if method == "full fine-tuning":
         return wrapped.requires_grad_(True)
     mode = "universal_only" if method == "LoRA" else "clorae"
-    return apply_clorae(wrapped, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=0.0, mode=mode, expert_path=expert_path,
+    return apply_clorae(wrapped, CLoRAEConfig(rank=rank, alpha=2 * rank, dropout=0.0, mode=mode,
                                               mim_beta=0.0 if method == "C-LoRAE without MIM" else 0.01,
                                               target_modules=DEFAULT_TARGETS["t5"]))
 
@@ -128,18 +128,15 @@ def main(argv=None) -> int:
     parser.add_argument("--target-length", type=int, default=64, help="target tokens per sample")
     parser.add_argument("--batch", type=int, default=1,
                         help="samples per step, the tasks in equal shares (MIM's d_out·K² terms are per step)")
-    parser.add_argument("--expert-path", choices=["own_task", "masked"], default="own_task",
-                        help="the C-LoRAE path counted (own_task: each token through its own task's columns, the "
-                             "fewest FLOPs; masked: what expert_path auto runs)")
     args = parser.parse_args(argv)
     rank = args.rank or (128 if args.model == "t5-base" else 64 if args.model != "tiny" else 8)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = {}
     for method in ("full fine-tuning", "LoRA", "C-LoRAE", "C-LoRAE without MIM"):
-        rows[method] = measure(build(args.model, method, rank, args.expert_path), args.input_length,
+        rows[method] = measure(build(args.model, method, rank), args.input_length,
                                args.target_length, args.batch)
-    print(f"{args.model}, rank {rank}, batch {args.batch}, input {args.input_length}, target {args.target_length} tokens, "
-          f"C-LoRAE {args.expert_path} path")
+    print(f"{args.model}, rank {rank}, batch {args.batch}, input {args.input_length}, target {args.target_length} tokens "
+          "(C-LoRAE's masked pass: every token through all r + N·r_t expert columns)")
     print("| method | trainable params | fwd GFLOPs | fwd+bwd GFLOPs |\n|---|---|---|---|")
     for method, r in rows.items():
         print(f"| {method} | {r['trainable_params'] / 1e6:.3g}M | {r['forward_gflops']:.3g} | "
@@ -154,7 +151,7 @@ def main(argv=None) -> int:
         rows["LoRA"]["forward_backward_gflops"]
     print(f"C-LoRAE / LoRA fwd+bwd FLOPs: {flops:.3f} (without MIM: {without_mim:.3f}; without MIM plus exact MIM's "
           f"floor of {rows['C-LoRAE']['mim_floor_gflops']:.3g} GFLOPs: {floor:.3f})")
-    print(json.dumps({"model": args.model, "rank": rank, "batch": args.batch, "expert_path": args.expert_path,
+    print(json.dumps({"model": args.model, "rank": rank, "batch": args.batch,
                       "clorae_over_lora_flops": round(flops, 4),
                       "clorae_without_mim_over_lora_flops": round(without_mim, 4),
                       "clorae_floor_over_lora_flops": round(floor, 4),

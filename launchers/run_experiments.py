@@ -176,9 +176,8 @@ def start_arm(arm: str, lr: Optional[float], seed: int, patterns: dict, budget, 
                         (args.set or []) + ([] if lr is None else [f"optim.lr={lr}"]))
     recipe_path, result_path = os.path.join(arm_dir, "recipe.yaml"), os.path.join(arm_dir, "result.json")
     earlier = None
-    if os.path.isfile(recipe_path):
-        with open(recipe_path) as f:
-            earlier = f.read()
+    if os.path.isfile(recipe_path):  # read through today's defaults: a key added since is not a change of recipe
+        earlier = yaml.safe_dump(load_config(recipe_path).to_dict())
     if os.path.isfile(result_path):  # finished by an earlier, interrupted invocation: reuse if the recipe matches
         if earlier != merged:
             raise SystemExit(f"{arm_dir} holds a finished run of another recipe: remove it or choose another --out")

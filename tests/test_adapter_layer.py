@@ -1,5 +1,7 @@
-"""The C-LoRAE layer against method.md eq. 3-8, its gradients, MIM, and its errors."""
+"""The fast C-LoRAE layer against reference.py (method.md eq. 3-8 and 5 in plain autograd), its gradients, MIM,
+and its errors."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,22 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError, apply_clorae,
-                                collect_mim_loss, parameter_report, routing_stats, task_routing)
-from clorae_ds.adapters import layer as layer_module
-from clorae_ds.adapters.layer import MIM_EPS, PACKED_SCALE, PACKED_SHIFT, PACKED_VAR, mim_loss
+from clorae_ds.adapters import (KERNEL_POLICIES, MODES, AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError,
+                                apply_clorae, collect_mim_loss, parameter_report, reference, routing_stats, task_routing)
+from clorae_ds.adapters.layer import MIM_EPS, PACKED_SCALE, PACKED_SHIFT, PACKED_VAR, _dropout, _dropout_keep, mim_loss
 
-MODES = ["clorae", "universal_only", "task_only", "no_gate"]
 ORDERS = {"sorted": [0, 0, 1, 2, 2], "mixed": [2, 0, 1, 0, 2]}
-# (order, expert path): a sorted batch through the own-task path and the masked one; a mixed batch is always masked
-PATHS = {"sorted-own_task": ("sorted", "own_task"), "sorted-masked": ("sorted", "masked"),
-         "mixed": ("mixed", "own_task")}
+# The kernels a device runs, all exercised on the CPU: the CPU's, CUDA's (rank-space widths padded to 8, products
+# written into aligned rows, torch.native_dropout, the tanh-form gate) and CUDA's unpadded (bench_adapter's arms).
+KERNELS = {"cpu": KERNEL_POLICIES["cpu"], "gpu": KERNEL_POLICIES["cuda"],
+           "gpu_unpadded": replace(KERNEL_POLICIES["cuda"], rank_alignment=1)}
 
 
-def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
+def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, kernels="cpu", **options):
     options = {"rank": 6, "tasks": ["mner", "mre", "mee"], "alpha": 12, "dropout": 0.0, "target_modules": ["x"],
                "mode": mode, **options}
     layer = CLoRAELinear(nn.Linear(d_in, d_out), CLoRAEConfig(**options)).to(dtype)
+    layer.kernel_policy = KERNELS[kernels]
     with torch.no_grad():  # non-zero B and gate, so every term of eq. 8 matters
         for name, param in layer.named_parameters():
             if param.requires_grad:
@@ -30,42 +32,14 @@ def make_layer(mode, dtype=torch.float64, d_in=6, d_out=5, **options):
     return layer
 
 
-def use_gpu_paths(monkeypatch, kernels: str = "gpu"):
-    """The layer's kernels as a GPU runs them, exercised on the CPU: rank-space widths padded to 8 with products
-    written into aligned rows (kernels "gpu", CUDA's) or without a zero pad ("gpu_unpadded", bench_adapter's
-    unpadded arms), torch.native_dropout, the tanh-form gate (layer._gate_form)."""
-    monkeypatch.setattr(layer_module, "RANK_ALIGNMENT", {} if kernels == "gpu_unpadded" else {"cpu": 8})
-    monkeypatch.setattr(layer_module, "UNALIGNED_OUTPUT_DEVICES", ())
-    monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ())
-    monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
-
-
-def eq8_by_hand(layer, x, task_ids):
-    """y = W0·x + b + (α/r)·(g1·B_U·A_U·x + g2·B_n·A_n·x) from expert_weights() alone."""
-    w = layer.expert_weights()
-    config = layer.config
-    y = F.linear(x, layer.base.weight, layer.base.bias)
-    universal = x @ w["universal_A"].T @ w["universal_B"].T if "universal_A" in w else 0
-    task = 0
-    if "task_A" in w:
-        task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
-    if "gate" in w:
-        g = torch.softmax(x @ w["gate"].T, dim=-1)
-        return y + config.alpha / config.rank * (g[..., :1] * universal + g[..., 1:] * task)
-    return y + config.alpha / config.rank * (universal + task)
-
-
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", PATHS)
-@pytest.mark.parametrize("kernels", ["cpu", "gpu", "gpu_unpadded"])
-def test_output_equals_eq8_from_expert_weights(mode, case, kernels, monkeypatch):
-    if kernels != "cpu":
-        use_gpu_paths(monkeypatch, kernels)
-    order, path = PATHS[case]
-    layer = make_layer(mode, expert_path=path).eval()
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_output_equals_the_reference(mode, order, kernels):
+    layer = make_layer(mode, kernels=kernels).eval()
     task_ids = torch.tensor(ORDERS[order])
     x = torch.randn(5, 4, 6, dtype=torch.float64)
-    torch.testing.assert_close(layer(x, task_ids), eq8_by_hand(layer, x, task_ids))
+    torch.testing.assert_close(layer(x, task_ids), reference.forward(layer, x, task_ids))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -85,16 +59,12 @@ RANKS = {"R12": {"rank": 6}, "R8": {"rank": 2, "task_rank": 2}}
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", PATHS)
 @pytest.mark.parametrize("ranks", RANKS)
-@pytest.mark.parametrize("kernels", ["cpu", "gpu", "gpu_unpadded"])
-def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, kernels, monkeypatch):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_hand_written_backward_matches_numerical_gradients(mode, ranks, kernels):
     """kernels gpu / gpu_unpadded: the rank-space widths and the gate form a GPU runs, here on the CPU."""
-    if kernels != "cpu":
-        use_gpu_paths(monkeypatch, kernels)
-    order, path = PATHS[case]
-    layer = make_layer(mode, mim_detach_teacher=False, expert_path=path, **RANKS[ranks]).train()
-    task_ids = torch.tensor(ORDERS[order])
+    layer = make_layer(mode, mim_detach_teacher=False, kernels=kernels, **RANKS[ranks]).train()
+    task_ids = torch.tensor(ORDERS["mixed"])
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     params = [p for p in layer.parameters() if p.requires_grad]
 
@@ -106,9 +76,8 @@ def test_hand_written_backward_matches_numerical_gradients(mode, case, ranks, ke
     assert torch.autograd.gradcheck(run, (x, *params))
 
 
-@pytest.mark.parametrize("path", ["own_task", "masked"])
-def test_dropout_applies_to_the_adapter_branch_input_which_experts_and_gate_read(path):
-    layer = make_layer("clorae", dropout=0.5, expert_path=path).train()
+def test_dropout_applies_to_the_adapter_branch_input_which_experts_and_gate_read():
+    layer = make_layer("clorae", dropout=0.5).train()
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     task_ids = torch.tensor(ORDERS["sorted"])
     torch.manual_seed(1)
@@ -117,23 +86,19 @@ def test_dropout_applies_to_the_adapter_branch_input_which_experts_and_gate_read
     y2 = layer(x, task_ids)
     torch.testing.assert_close(y1, y2)  # the mask comes from torch's RNG: reproducible under a seed
     torch.manual_seed(1)
-    dropped = layer_module._dropout(x.detach().reshape(-1, 6), 0.5)[0].view_as(x)
-    base = F.linear(x, layer.base.weight, layer.base.bias)
+    keep = _dropout(x.detach().reshape(-1, 6), 0.5, KERNELS["cpu"])[1].view_as(x)
     # eq. 8 on drop(x) for the experts and the gate alike; the frozen base on x itself
-    expected = base + eq8_by_hand(layer, dropped, task_ids) - F.linear(dropped, layer.base.weight, layer.base.bias)
-    torch.testing.assert_close(y1, expected)
+    torch.testing.assert_close(y1, reference.forward(layer, x, task_ids, keep))
     assert not torch.allclose(y1, layer.eval()(x, task_ids))
     y1.sum().backward()
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("custom", [True, False], ids=["cpu_mask", "native_dropout"])
-@pytest.mark.parametrize("path", ["own_task", "masked"])
-def test_backward_with_dropout_matches_numerical_gradients(custom, path, monkeypatch):
+@pytest.mark.parametrize("kernels", ["cpu", "gpu"], ids=["cpu_mask", "native_dropout"])
+def test_backward_with_dropout_matches_numerical_gradients(kernels):
     """Both dropout implementations (_dropout_keep's float mask on CPU, torch.native_dropout's bool mask on
     other devices), the mask redrawn identically at every evaluation under a fixed seed."""
-    monkeypatch.setattr(layer_module, "CUSTOM_DROPOUT_DEVICES", ("cpu",) if custom else ())
-    layer = make_layer("clorae", dropout=0.3, mim_detach_teacher=False, expert_path=path).train()
+    layer = make_layer("clorae", dropout=0.3, mim_detach_teacher=False, kernels=kernels).train()
     task_ids = torch.tensor(ORDERS["sorted"])
     x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -151,7 +116,6 @@ def test_backward_with_dropout_matches_numerical_gradients(custom, path, monkeyp
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_drops_a_fraction_p_and_keeps_the_mean(p):
-    from clorae_ds.adapters.layer import _dropout_keep
     torch.manual_seed(0)
     keep = _dropout_keep(torch.zeros(1000, 1000), p)
     assert keep.unique().tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-3)]
@@ -161,45 +125,13 @@ def test_dropout_mask_drops_a_fraction_p_and_keeps_the_mean(p):
         assert (keep.view(-1)[chunk::4] == 0).float().mean().item() == pytest.approx(p, abs=4e-3)
 
 
-def test_mim_equals_the_explicit_full_width_formula():
-    layer = make_layer("clorae").train()
-    with torch.no_grad():
-        layer.mim_regressor[:, PACKED_VAR].normal_()
-    task_ids = torch.tensor(ORDERS["mixed"])
-    x = torch.randn(5, 4, 6, dtype=torch.float64)
-    layer(x, task_ids)
-    low_rank = collect_mim_loss(layer)
-    w = layer.expert_weights()
-    universal = x @ w["universal_A"].T @ w["universal_B"].T
-    task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
-    variance = F.softplus(layer.mim_regressor[:, PACKED_VAR]) + MIM_EPS
-    mu = layer.mim_regressor[:, PACKED_SCALE] * task + layer.mim_regressor[:, PACKED_SHIFT]
-    explicit = 0.5 * ((mu - universal) ** 2 / variance + torch.log(variance)).mean()
-    torch.testing.assert_close(low_rank, explicit)
-
-
-def direct_vid(layer, x, task_ids, real, detach_teacher=False):
-    """method.md §2 per token and channel, in fp64, over the real tokens only."""
-    w = layer.split_experts(layer.expert_A, layer.expert_B)
-    universal = x @ w["universal_A"].T @ w["universal_B"].T
-    if detach_teacher:
-        universal = universal.detach()
-    task = torch.einsum("bsi,bri,bor->bso", x, w["task_A"][task_ids], w["task_B"][task_ids])
-    variance = F.softplus(layer.mim_regressor[:, PACKED_VAR]) + MIM_EPS
-    per_channel = 0.5 * ((layer.mim_regressor[:, PACKED_SCALE] * task + layer.mim_regressor[:, PACKED_SHIFT] - universal) ** 2 / variance + torch.log(variance))
-    return per_channel[real].mean()
-
-
-@pytest.mark.parametrize("case", PATHS)
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("mode,kernels", [("clorae", "cpu"), ("clorae", "gpu"), ("clorae", "gpu_unpadded"),
                                           ("no_gate", "cpu"), ("no_gate", "gpu_unpadded")])
-def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(case, mode, kernels, monkeypatch):
+def test_mim_leaves_padding_out_and_matches_the_reference_in_value_and_gradients(order, mode, kernels):
     """The masked path's MIM puts its constant column in z's first column past the experts' (the gate's or a
     pad) and adds one only where there is none: no gate and no pad (widths unpadded)."""
-    if kernels != "cpu":
-        use_gpu_paths(monkeypatch, kernels)
-    order, path = PATHS[case]
-    layer = make_layer(mode, mim_detach_teacher=False, expert_path=path).train()
+    layer = make_layer(mode, mim_detach_teacher=False, kernels=kernels).train()
     with torch.no_grad():
         layer.mim_regressor[:, PACKED_VAR].normal_()
     task_ids = torch.tensor(ORDERS[order])
@@ -210,7 +142,7 @@ def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(ca
         layer(x)
         ours = collect_mim_loss(layer)
     params = [p for p in layer.parameters() if p.requires_grad]
-    direct = direct_vid(layer, x, task_ids, real)
+    direct = reference.mim(layer, x, task_ids, real)
     torch.testing.assert_close(ours, direct)
     for got, want in zip(torch.autograd.grad(ours, params, allow_unused=True, materialize_grads=True),
                          torch.autograd.grad(direct, params, allow_unused=True, materialize_grads=True)):
@@ -224,14 +156,11 @@ def test_mim_leaves_padding_out_and_matches_direct_vid_in_value_and_gradients(ca
 
 
 @pytest.mark.parametrize("d_out", [5, 40])
-@pytest.mark.parametrize("case", PATHS)
-def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_detached(case, d_out):
-    """The default (mim_detach_teacher): every gradient, the layer input's included, equals that of the direct
-    VID with U(x) detached, so MIM reaches the task experts and the regressor and never the universal expert.
-    The own-task path takes the universal block's diagonal in token space at d_out 5 (20 tokens, rank 6) and
-    from the Gram at d_out 40."""
-    order, path = PATHS[case]
-    layer = make_layer("clorae", d_out=d_out, expert_path=path).train()
+@pytest.mark.parametrize("order", ORDERS)
+def test_detached_teacher_gradients_match_the_reference_with_the_universal_output_detached(order, d_out):
+    """The default (mim_detach_teacher): every gradient, the layer input's included, equals that of the reference
+    VID with U(x) detached, so MIM reaches the task experts and the regressor and never the universal expert."""
+    layer = make_layer("clorae", d_out=d_out).train()
     with torch.no_grad():
         layer.mim_regressor[:, PACKED_VAR].normal_()
         layer.mim_regressor[:, PACKED_SCALE].normal_()
@@ -243,7 +172,7 @@ def test_detached_teacher_gradients_match_direct_vid_with_the_universal_output_d
         layer(x)
         ours = collect_mim_loss(layer)
     inputs = [x] + [p for p in layer.parameters() if p.requires_grad]
-    direct = direct_vid(layer, x, task_ids, real, detach_teacher=True)
+    direct = reference.mim(layer, x, task_ids, real)
     torch.testing.assert_close(ours, direct)
     for got, want in zip(torch.autograd.grad(ours, inputs, allow_unused=True, materialize_grads=True),
                          torch.autograd.grad(direct, inputs, allow_unused=True, materialize_grads=True)):
@@ -298,14 +227,14 @@ def test_autocast_bf16_runs_close_to_fp32(mode):
     layer = make_layer(mode, dtype=torch.float32).train()
     x = torch.randn(4, 8, 6)
     task_ids = torch.tensor([0, 1, 2, 0])
-    reference = layer(x, task_ids)
+    fp32 = layer(x, task_ids)
     collect_mim_loss(layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x, task_ids)
         mim = collect_mim_loss(layer)
     assert y.dtype == torch.bfloat16
     (y.float().square().mean() + (mim if mim is not None else 0)).backward()
-    torch.testing.assert_close(y.float(), reference, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(y.float(), fp32, atol=0.1, rtol=0.05)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in layer.parameters() if p.requires_grad)
 
@@ -316,10 +245,10 @@ def test_bf16_parameters_with_an_fp32_buffer_train():
     layer = make_layer("clorae", dtype=torch.float32)
     for param in layer.parameters():
         param.data = param.data.to(torch.bfloat16)
-    reference = copy.deepcopy(layer).double()
+    fp64 = copy.deepcopy(layer).double()
     x, task_ids = torch.randn(3, 4, 6, dtype=torch.bfloat16), torch.tensor([0, 1, 2])
     results = []
-    for model, inputs in ((layer, x), (reference, x.double())):
+    for model, inputs in ((layer, x), (fp64, x.double())):
         y = model.train()(inputs, task_ids)
         mim = collect_mim_loss(model)
         (y.float().square().mean() + mim.float()).backward()
@@ -336,11 +265,10 @@ def test_bf16_parameters_with_an_fp32_buffer_train():
         assert (grad - grads_ref[name]).abs().max() < 0.05 * grads_ref[name].abs().max(), name
 
 
-@pytest.mark.parametrize("path", ["own_task", "masked"])
-def test_mim_value_keeps_fp32_precision_under_bf16_parameters(path):
+def test_mim_value_keeps_fp32_precision_under_bf16_parameters():
     """Summed over a model's layers MIM is tens (mostly ½·log σ²), where bf16 moves in steps of 0.125-0.25: its
     value stays fp32 so that the logged trend shows. Here one layer's σ² ≈ 5e21 puts it near 25."""
-    layer = make_layer("clorae", dtype=torch.float32, expert_path=path)
+    layer = make_layer("clorae", dtype=torch.float32)
     with torch.no_grad():
         layer.mim_regressor[:, PACKED_VAR] = 5e21
     for param in layer.parameters():
@@ -348,16 +276,15 @@ def test_mim_value_keeps_fp32_precision_under_bf16_parameters(path):
     x, task_ids = torch.randn(3, 4, 6, dtype=torch.bfloat16), torch.tensor([0, 1, 2])
     layer.train()(x, task_ids)
     mim = collect_mim_loss(layer)
-    reference = copy.deepcopy(layer).double()  # the same bf16 values, in fp64
-    reference(x.double(), task_ids)
-    expected = collect_mim_loss(reference)
+    fp64 = copy.deepcopy(layer).double()  # the same bf16 values, in fp64
+    fp64(x.double(), task_ids)
+    expected = collect_mim_loss(fp64)
     assert mim.dtype == torch.float32 and 20 < expected.item() < 30
     assert abs(mim.item() - expected.item()) < 1e-3
 
 
-@pytest.mark.parametrize("path", ["own_task", "masked"])
-def test_mim_teacher_detached_by_default(path):
-    layer = make_layer("clorae", expert_path=path).train()
+def test_mim_teacher_detached_by_default():
+    layer = make_layer("clorae").train()
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     layer(x, torch.tensor(ORDERS["sorted"]))
     collect_mim_loss(layer).backward()
@@ -389,7 +316,7 @@ def test_mim_is_recorded_only_in_training_with_grad():
 
 @pytest.mark.parametrize("task_ids", [[2, 0, 2, 0], [0, 0, 2, 2]])
 def test_absent_tasks_get_exactly_zero_gradient_and_base_none(task_ids):
-    layer = make_layer("clorae", expert_path="own_task").train()
+    layer = make_layer("clorae").train()
     x = torch.randn(4, 3, 6, dtype=torch.float64)
     layer(x, torch.tensor(task_ids)).pow(2).sum().backward()
     grads = layer.split_experts(layer.expert_A.grad, layer.expert_B.grad)
@@ -400,11 +327,10 @@ def test_absent_tasks_get_exactly_zero_gradient_and_base_none(task_ids):
     assert not layer.base.weight.requires_grad
 
 
-@pytest.mark.parametrize("path", ["own_task", "masked"])
-def test_every_parameter_gets_a_gradient_whatever_the_tasks(path):
+def test_every_parameter_gets_a_gradient_whatever_the_tasks():
     """ZeRO-3 reduces per parameter: every rank must produce a gradient for every adapter tensor, even when
     its micro-batch holds a single task (the absent tasks' slices are zero)."""
-    layer = make_layer("clorae", expert_path=path).train()
+    layer = make_layer("clorae").train()
     layer(torch.randn(2, 3, 6, dtype=torch.float64), torch.tensor([1, 1])).sum().backward()
     for name, param in layer.named_parameters():
         if param.requires_grad:
@@ -430,10 +356,10 @@ def test_routing_stats_track_gate_weight_per_task():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_tanh_form_gate_gives_the_softmax_gates_outputs_gradients_and_statistics(dtype, monkeypatch):
+def test_tanh_form_gate_gives_the_softmax_gates_outputs_gradients_and_statistics(dtype):
     """The masked path's gate as a GPU computes it, s = tanh(l) with column weights α/2r·(1 ± s), against the
     row-wise softmax the CPU runs: the same layer output, parameter and input gradients, and gate statistics."""
-    layer = make_layer("clorae", dtype=dtype, d_in=16, d_out=24, expert_path="masked").train()
+    layer = make_layer("clorae", dtype=dtype, d_in=16, d_out=24).train()
     x = torch.randn(3, 5, 16, dtype=torch.float64).to(dtype)
     task_ids = torch.tensor([2, 0, 1])
 
@@ -447,7 +373,7 @@ def test_tanh_form_gate_gives_the_softmax_gates_outputs_gradients_and_statistics
         return y, x_in.grad, fresh.expert_A.grad, fresh.expert_B.grad, routing_stats(nn.Sequential(fresh))["0"]
 
     softmax_form = run()
-    monkeypatch.setattr(layer_module, "SOFTMAX_GATE_DEVICES", ())
+    layer.kernel_policy = replace(KERNELS["cpu"], softmax_gate=False)
     tanh_form = run()
     tolerance = {} if dtype == torch.float64 else {"atol": 0.02, "rtol": 0.02}
     for name, want, got in zip(["y", "x grad", "expert_A grad", "expert_B grad", "gate statistics"], softmax_form,
@@ -476,15 +402,13 @@ class MatrixProducts(TorchDispatchMode):
 
 @pytest.mark.parametrize("mim_beta", [0.01, 0.0])
 @pytest.mark.parametrize("rank", [15, 6])
-def test_aligned_products_read_and_write_rows_a_multiple_of_8_apart(rank, mim_beta, monkeypatch):
+def test_aligned_products_read_and_write_rows_a_multiple_of_8_apart(rank, mim_beta):
     """Where a device pads rank-space widths to 8 and wants aligned product outputs (CUDA: tensor cores want
     16-byte aligned rows), every product of the masked pass, forward and backward, reads and writes rows a
     multiple of 8 elements apart from an aligned start — expert_B's R + 3 columns included, through MIM's
     aligned copy and its gradient's fresh product. Rank 15: R = 30 expert columns, read 32 wide, the regressor's
     columns making 33 (as r 64 makes 127, 128 and 130); rank 6: R = 12, read 16 wide, past expert_B's 15."""
-    use_gpu_paths(monkeypatch, "gpu")
-    layer = make_layer("clorae", dtype=torch.float32, d_in=16, d_out=24, expert_path="masked", mim_beta=mim_beta,
-                       rank=rank)
+    layer = make_layer("clorae", dtype=torch.float32, d_in=16, d_out=24, kernels="gpu", mim_beta=mim_beta, rank=rank)
     x = torch.randn(3, 8, 16, requires_grad=True)
     with MatrixProducts() as products:
         with task_routing(layer, torch.tensor([2, 0, 1])):
@@ -503,19 +427,18 @@ def test_gate_row_trains_as_the_two_row_gate_under_adam():
     layer = make_layer("clorae", dropout=0.0).train()
     with torch.no_grad():
         layer.expert_A[-1].zero_()  # the zero init, from which W_g's rows stay opposite
-    reference = {k: v.clone().requires_grad_() for k, v in layer.expert_weights().items()}
-    assert torch.count_nonzero(reference["gate"]) == 0
+    two_row = {k: v.clone().requires_grad_() for k, v in layer.expert_weights().items()}
+    assert torch.count_nonzero(two_row["gate"]) == 0
     ours = torch.optim.AdamW([layer.expert_A, layer.expert_B], lr=0.05, eps=1e-12, weight_decay=0.1)
-    theirs = torch.optim.AdamW(list(reference.values()), lr=0.05, eps=1e-12, weight_decay=0.1)
+    theirs = torch.optim.AdamW(list(two_row.values()), lr=0.05, eps=1e-12, weight_decay=0.1)
     r, R = layer.universal_rank, layer.expert_columns
     for seed in range(5):
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(3, 4, 6, dtype=torch.float64, generator=generator)
         task_ids, target = torch.tensor([0, 2, 1]), torch.randn(3, 4, 5, dtype=torch.float64, generator=generator)
         (layer(x, task_ids) - target).square().sum().backward()
-        universal = x @ reference["universal_A"].T @ reference["universal_B"].T
-        task = torch.einsum("bsi,bri,bor->bso", x, reference["task_A"][task_ids], reference["task_B"][task_ids])
-        g = torch.softmax(x @ reference["gate"].T, dim=-1)
+        universal, task = reference.universal_output(x, two_row), reference.task_output(x, two_row, task_ids)
+        g = torch.softmax(x @ two_row["gate"].T, dim=-1)  # eq. 6 with the paper's (2, d_in) W_g
         by_hand = F.linear(x, layer.base.weight, layer.base.bias) + layer.config.scaling * (
             g[..., :1] * universal + g[..., 1:] * task)
         (by_hand - target).square().sum().backward()
@@ -524,7 +447,7 @@ def test_gate_row_trains_as_the_two_row_gate_under_adam():
             optimizer.zero_grad()
     trained = layer.expert_weights()
     assert torch.count_nonzero(trained["gate"]) > 0
-    for name, weight in reference.items():
+    for name, weight in two_row.items():
         torch.testing.assert_close(trained[name], weight.detach(), msg=name)
     assert torch.equal(layer.expert_A[r:R].detach().view_as(trained["task_A"]), trained["task_A"])
 
@@ -581,10 +504,9 @@ def test_no_matching_target_is_an_error():
         apply_clorae(nn.Sequential(nn.Linear(2, 2)), CLoRAEConfig(rank=3, target_modules=["q"]))
 
 
-@pytest.mark.parametrize("mode,task_ids", [("universal_only", [0, 1, 2]), ("clorae", [0, 0, 2]), ("clorae", [0, 2, 0])])
-def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task_ids):
-    """A batch sorted by task runs each token through its own K = r + r_t columns; an unsorted one through all
-    R = r + N·r_t columns (the masked pass). Counted on the CPU, padding included."""
+@pytest.mark.parametrize("mode", ["universal_only", "clorae"])
+def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode):
+    """Every token runs through all R = r + N·r_t columns (the masked pass). Counted on the CPU, padding included."""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(
@@ -592,26 +514,19 @@ def test_counted_flops_of_one_adapted_linear_match_the_analytic_count(mode, task
     report_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_cost)
     d_in, d_out, tokens = 48, 40, 12
-    layer = make_layer(mode, dtype=torch.float32, d_in=d_in, d_out=d_out, rank=6, mim_beta=0.0,
-                       expert_path="own_task").train()
+    layer = make_layer(mode, dtype=torch.float32, d_in=d_in, d_out=d_out, rank=6, mim_beta=0.0).train()
     x = torch.randn(3, tokens // 3, d_in, requires_grad=True)
     with report_cost.flop_counter() as counter:
-        layer(x, torch.tensor(task_ids)).square().sum().backward()
-    masked = mode == "universal_only" or task_ids != sorted(task_ids)
-    columns = layer.universal_rank + (layer.expert_columns - 6 if masked else layer.task_rank)
+        layer(x, torch.tensor([0, 2, 0])).square().sum().backward()
+    columns = layer.expert_columns
     base = 2 * tokens * d_in * d_out * 2  # forward + grad_x (the base weight is frozen)
     # The down-projection [A; gate row] (one row more with a gate): forward, weight grads, input grads; the
-    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU products run padded
-    # with zeros to a multiple of 8 columns (layer._rank_padding): the own-task path's two whose output is that
-    # many columns wide (the down-projection's forward, the gradient into the rank space); the masked path's
-    # rank space is the down-projection's padded width throughout, and its products with B (B's gradient
-    # included) read B's columns padded.
+    # up-projection: forward, weight grads, and the gradient into the rank space. On the CPU the rank space is the
+    # down-projection's width padded with zeros to a multiple of 8 (KernelPolicy.rank_alignment) throughout, and
+    # the products with B (B's gradient included) read B's columns padded.
     gated = mode == "clorae"
     down = columns + gated
-    if masked:
-        adapter = 2 * tokens * d_in * 3 * (down + -down % 8) + 2 * tokens * d_out * 3 * (columns + -columns % 8)
-    else:
-        adapter = 2 * tokens * d_in * (down + (-down % 8) + 2 * down) + 2 * tokens * d_out * (3 * columns + (-columns % 8))
+    adapter = 2 * tokens * d_in * 3 * (down + -down % 8) + 2 * tokens * d_out * 3 * (columns + -columns % 8)
     # The routing statistics sum (g1, g2) per task (the gate's own work is elementwise, which is not counted).
     gate = 2 * tokens * 3 * 2 if gated else 0
     assert counter.get_total_flops() == base + adapter + gate

@@ -65,12 +65,12 @@ def test_quality_epochs_fit_the_time_left():
 
 def test_bench_adapter_runs_unpadded_arms_where_the_device_pads(monkeypatch, capsys):
     """On a device whose rank-space widths the layer pads (the CPU, as CUDA), bench_adapter adds C-LoRAE with them
-    unpadded, which run fewer ops (no padding) and leave the layer's table as it was."""
+    unpadded, which run fewer ops (no padding) and leave the layer's policy table as it was."""
     monkeypatch.syspath_prepend(ROOT)
     from benchmarks import bench_adapter
-    from clorae_ds.adapters import layer as layer_module
-    table = dict(layer_module.RANK_ALIGNMENT)
-    assert table["cpu"] > 1
+    from clorae_ds.adapters import KERNEL_POLICIES
+    table = dict(KERNEL_POLICIES)
+    assert table["cpu"].rank_alignment > 1
     assert bench_adapter.main(["--device", "cpu", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--rank", "8",
                                "--batch", "3", "--seq", "4", "--rounds", "1", "--threads", "1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -78,4 +78,4 @@ def test_bench_adapter_runs_unpadded_arms_where_the_device_pads(monkeypatch, cap
     assert summary["clorae_unpadded_over_peft_lora"] > 0 and summary["clorae_unpadded_without_mim_over_peft_lora"] > 0
     # r 8, N 3, r_t 2: R = 14 expert columns and the gate's, padded to 16 but in the unpadded arms
     assert arms["clorae_unpadded_without_mim"]["ops_per_step"] < arms["clorae_without_mim"]["ops_per_step"]
-    assert layer_module.RANK_ALIGNMENT == table
+    assert KERNEL_POLICIES == table

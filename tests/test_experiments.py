@@ -178,7 +178,7 @@ def test_performance_report_renders_recorded_results(tmp_path):
     method = {"trainable_params": 2e6, "forward_gflops": 1.0, "forward_backward_gflops": 3.0, "mim_floor_gflops": 0.2}
     cost = {"rank": 8, "clorae_over_lora_trainable": 2.0, "clorae_over_lora_expert_params": 2.0,
             "clorae_over_lora_flops": 1.3, "clorae_without_mim_over_lora_flops": 1.1,
-            "clorae_floor_over_lora_flops": 1.2, "expert_path": "own_task",
+            "clorae_floor_over_lora_flops": 1.2,
             "methods": {"full fine-tuning": method, "LoRA": method, "C-LoRAE": method}}
     data = {"date": "2026-11-26", "machine": "test machine", "results": {
         "adapter": {"device": "cpu (2 threads)", "dtype": "float32", "arms": arms, "loop_over_clorae": 1.0,
@@ -204,7 +204,7 @@ def test_performance_report_renders_recorded_results(tmp_path):
     assert "**1.07x** (`clorae_over_lora_step`" in text and "**1.03x** (`clorae_without_mim_over_lora_step`" in text
     assert "ZeRO-2 +5.0 %" in text and "| 2000 | 10.0 | 200x |" in text
     assert "| checkpointed | 2.60 | 200 |" in text and "peak memory 0.250, step time 1.30" in text
-    assert "C-LoRAE / LoRA fwd+bwd FLOPs: 1.300 (own_task path; without MIM 1.100, and that plus exact MIM's lower " \
+    assert "C-LoRAE / LoRA fwd+bwd FLOPs: 1.300 (without MIM 1.100, and that plus exact MIM's lower " \
            "bound of 0.2 GFLOPs 1.200)" in text
     assert "`python benchmarks/bench_adapter.py`" in text and "NVIDIA H200" in text  # benchmarks/results rows
 

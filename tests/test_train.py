@@ -74,8 +74,8 @@ def command(launcher, ds_config):
         return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
                 str(free_port()), TRAIN, "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN,
-                "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), TRAIN, "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
     return [sys.executable, TRAIN, "--deepspeed", os.path.join(ROOT, "ds_configs", ds_config)]
 
 
@@ -92,16 +92,21 @@ def events(stdout):
 
 
 def train(launcher, ds_config, config_path, *extra, timeout=300):
+    return run_events(command(launcher, ds_config), config_path, *extra, timeout=timeout)
+
+
+def run_events(launch, config_path, *extra, timeout=300):
+    """The events of a run started by `launch`, a command() line, that must succeed."""
     # A session of its own, so that a run past its timeout goes with every rank the launcher started (no orphan
     # left to slow the tests after it), and its output says where the ranks were.
-    proc = subprocess.Popen(command(launcher, ds_config) + ["--config", config_path, *extra], env=ENV,
+    proc = subprocess.Popen(launch + ["--config", config_path, *extra], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{launcher} {ds_config} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+        pytest.fail(f"{' '.join(launch[:3])} still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return events(stdout)
 
@@ -126,10 +131,11 @@ def steps(log):
 @pytest.mark.parametrize("launcher, ds_config", [("deepspeed", "zero2.json"), ("deepspeed", "zero3.json"),
                                                  ("torchrun", "zero0.json")])
 def test_two_ranks_train_evaluate_broadcast_and_export(launcher, ds_config, tmp_path, tokenizer_dir):
-    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    log = train(launcher, ds_config, recipe(tmp_path, tokenizer_dir, schedule={"epochs": 3}))
-    # DeepSpeed's CPU shared-memory allreduce segments (~70 MB per rank) do not outlive the run
-    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
+    launch = command(launcher, ds_config)
+    port = launch[launch.index("--master_port") + 1]
+    log = run_events(launch, recipe(tmp_path, tokenizer_dir, schedule={"epochs": 3}))
+    # DeepSpeed's CPU shared-memory allreduce segments (~70 MB per rank, named by the run's port) do not outlive it
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     losses = steps(log)
     assert len(losses) == 24  # 3 epochs x 8 micro-batches per rank, one optimiser step each
     first, last = sum(list(losses.values())[:3]), sum(list(losses.values())[-3:])

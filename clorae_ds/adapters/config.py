@@ -10,7 +10,9 @@ from typing import Optional
 MODES = ("clorae", "universal_only", "task_only", "no_gate")
 # The paper's three tasks, one task expert each; the data layer maps each dataset to one of them.
 DEFAULT_TASKS = ("mner", "mre", "mee")
-EXPERT_PATHS = ("auto", "own_task", "masked")
+# Keys of older adapter configs and recipes that no longer choose anything: expert_path picked between a per-task
+# segment path and the masked pass, which is now the only one (fewest kernels; it measured fastest on CPU).
+RETIRED_KEYS = ("expert_path",)
 # Not peft's adapter_config.json / adapter_model.safetensors: tools that find those names take a folder for a peft
 # adapter, which ours is not (launchers/export.py writes real peft folders). Folders saved under the old names load.
 ADAPTER_CONFIG_NAME = "clorae_config.json"
@@ -47,19 +49,8 @@ class CLoRAEConfig:
     mim_detach_teacher: bool = True
     modules_to_save: list[str] = field(default_factory=list)  # modules that train fully and are saved with the adapter
     base_model_name: str = ""  # recorded in the adapter file (set by the builder)
-    # How a batch's task experts run. own_task: each token through its own K = r + r_t columns (batches sorted
-    # by task, as the collator delivers them; fewest FLOPs). masked: one pass over all R = r + N·r_t columns
-    # with a per-token column mask, MIM batched over layer calls (fewest kernels; any order). auto: masked on
-    # every device. On CPU it measured fastest (the default model's step 1.12-1.25x LoRA's over runs against
-    # 1.26-1.41x own-task; level at r 64); on CUDA the own-task step measured launch-bound (H200, the default at
-    # micro-batch 32: 20k kernels a step against LoRA's 2k, kernel time 4 % of the step), and the masked pass,
-    # with 2.6x fewer ops a step on CPU, is the one to launch fewer kernels (not yet timed there).
-    # Unsorted batches always take the masked pass.
-    expert_path: str = "auto"
 
     def __post_init__(self):
-        if self.expert_path not in EXPERT_PATHS:
-            raise AdapterConfigError(f"unknown expert_path {self.expert_path!r}; expected one of {', '.join(EXPERT_PATHS)}")
         if self.mode not in MODES:
             raise AdapterConfigError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if isinstance(self.tasks, str) or not self.tasks:
@@ -131,6 +122,8 @@ class CLoRAEConfig:
         method = data.pop("method", "clorae")
         if method != "clorae":
             raise AdapterConfigError(f"adapter method is {method!r}, not 'clorae'")
+        for key in RETIRED_KEYS:
+            data.pop(key, None)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

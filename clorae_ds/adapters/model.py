@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LEGACY_ADAPTER_FILES, AdapterConfigError, CLoRAEConfig,
                      name_matches)
-from .layer import MIM_COLUMNS, CLoRAELinear, mim_loss
+from .layer import MIM_COLUMNS, CLoRAELinear, KernelPolicy, mim_loss
 from .routing import TaskRouting
 
 EXPERT_PARAMS = ("expert_A", "expert_B")  # the gate is expert_A's last row, the MIM regressor expert_B's last columns
@@ -111,28 +111,46 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if is_trainable(model, name)}
 
 
-@contextlib.contextmanager
-def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = False,
-                 token_masks: Optional[list[torch.Tensor]] = None):
-    """Route every adapted layer of `model` by `task_ids` (batch,) for the calls made inside the block
-    (forward or generate); `record_stats` accumulates the gate statistics read by routing_stats();
-    `token_masks` are (batch, length) masks of real tokens, one per sequence length the model runs (the MIM
-    loss leaves padding out; a layer input whose length has no mask counts every token). Clears
-    MIM terms left uncollected by an earlier call, so a forgotten collection never keeps an old graph alive."""
+def set_task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = False,
+                     token_masks: Optional[list[torch.Tensor]] = None) -> list:
+    """Route every adapted layer of `model` by `task_ids` (batch,) until restore_task_routing(model, returned);
+    `record_stats` accumulates the gate statistics read by routing_stats(); `token_masks` are (batch, length) masks
+    of real tokens, one per sequence length the model runs (the MIM loss leaves padding out; a layer input whose
+    length has no mask counts every token). Clears MIM terms left uncollected by an earlier call, so a forgotten
+    collection never keeps an old graph alive. Plain attribute stores, no context manager: MIEModel.forward calls
+    it inside the graph torch.compile captures."""
     layers = [layer for _, layer in clorae_layers(model)]
     if not layers:  # no adapter (full fine-tuning): nothing to route
-        yield None
-        return
+        return []
     routing = TaskRouting(task_ids, layers[0].config.num_tasks, record_stats, token_masks)
     previous = [layer.routing for layer in layers]
     for layer in layers:
         layer.routing = routing
         layer.pop_mim_terms()
+    return previous
+
+
+def restore_task_routing(model: nn.Module, previous: list) -> None:
+    for (_, layer), routing in zip(clorae_layers(model), previous):
+        layer.routing = routing
+
+
+@contextlib.contextmanager
+def task_routing(model: nn.Module, task_ids: torch.Tensor, record_stats: bool = False,
+                 token_masks: Optional[list[torch.Tensor]] = None):
+    """set_task_routing for the calls made inside the block (forward or generate)."""
+    previous = set_task_routing(model, task_ids, record_stats, token_masks)
     try:
-        yield routing
+        yield
     finally:
-        for layer, prev in zip(layers, previous):
-            layer.routing = prev
+        restore_task_routing(model, previous)
+
+
+def set_kernel_policy(model: nn.Module, policy: Optional[KernelPolicy]) -> None:
+    """Run every adapted layer of `model` with `policy`'s kernels whatever its device (benchmarks force CUDA's on a
+    CPU to count a GPU step's work); None: each device's own (layer.KERNEL_POLICIES)."""
+    for _, layer in clorae_layers(model):
+        layer.kernel_policy = policy
 
 
 def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple]:

@@ -1,10 +1,9 @@
 """Which task expert each token of a batch uses.
 
-A `TaskRouting` is built once per model call from the batch's task ids and shared by every adapted layer.
-It turns the ids into per-token tensors (a one-hot task matrix, an expert-column mask and the masked path's
-column weights, the real-token mask of the MIM loss) once per shape,
-so the layers' hot path does no host work and no host-device synchronisation. Pass task ids that live on
-the CPU (the collator's do).
+A `TaskRouting` is built once per model call from the batch's task ids and shared by every adapted layer. It turns
+the ids into per-token tensors on the layers' device (a one-hot task matrix, an expert-column mask and the masked
+pass's column weights, the real-token mask of the MIM loss) once per shape, with tensor operations only: no host
+work on tensor values and no host-device synchronisation, so that the model compiles as one graph.
 """
 from __future__ import annotations
 
@@ -17,17 +16,24 @@ class RoutingError(ValueError):
     pass
 
 
+def check_task_ids(task_ids: torch.Tensor, num_tasks: int) -> None:
+    """A clear RoutingError for ids that are not a 1-D integer tensor of known tasks. Called where a batch is made
+    and by TaskRouting for ids on the CPU: reading values on a GPU would stall it, and torch.compile cannot trace a
+    decision on a tensor's values."""
+    if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise RoutingError(f"task_ids must be a 1-D integer tensor (batch,), got {tuple(task_ids.shape)} "
+                           f"{task_ids.dtype}")
+    if len(task_ids) and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
+        raise RoutingError(f"task ids {sorted(set(task_ids.tolist()))} out of range for {num_tasks} tasks")
+
+
 class TaskRouting:
     def __init__(self, task_ids: torch.Tensor, num_tasks: int, record_stats: bool = False,
                  token_masks: Optional[list[torch.Tensor]] = None):
         task_ids = torch.as_tensor(task_ids)
-        if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise RoutingError(f"task_ids must be a 1-D integer tensor (batch,), got {tuple(task_ids.shape)} "
-                               f"{task_ids.dtype}")
-        self.task_ids_cpu = task_ids.detach().to("cpu", torch.int64)
-        if len(self.task_ids_cpu) and (self.task_ids_cpu.min() < 0 or self.task_ids_cpu.max() >= num_tasks):
-            raise RoutingError(f"task ids {sorted(set(self.task_ids_cpu.tolist()))} out of range for "
-                               f"{num_tasks} tasks")
+        if task_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_task_ids(task_ids, num_tasks)
+        self.task_ids = task_ids.to(torch.int64)
         self.num_tasks = num_tasks
         self.record_stats = record_stats  # accumulate per-task gate statistics (a few extra kernels per layer)
         self._cache: dict[tuple, object] = {}
@@ -44,22 +50,26 @@ class TaskRouting:
 
     @property
     def batch_size(self) -> int:
-        return len(self.task_ids_cpu)
+        return len(self.task_ids)
 
-    def token_tasks(self, batch: int, tokens_per_sample: int) -> torch.Tensor:
-        """Task id of every token row (CPU). `batch` may be a multiple of the routed batch: generate()
+    def token_tasks(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:
+        """Task id of every token row, on `device`. `batch` may be a multiple of the routed batch: generate()
         expands each sample in place (repeat_interleave) for beams."""
         base = self.batch_size
         if base == 0 or batch % base:
             raise RoutingError(f"layer input has batch {batch}, but task routing was set for {base} samples")
-        return self.task_ids_cpu.repeat_interleave(batch // base * tokens_per_sample)
+        return self.task_ids.to(device).repeat_interleave(batch // base * tokens_per_sample)
+
+    def _one_hot(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:
+        """(tokens, N) bool: a comparison, not F.one_hot, which checks the ids' range with a host sync on a GPU."""
+        tasks = self.token_tasks(batch, tokens_per_sample, device)
+        return tasks[:, None] == torch.arange(self.num_tasks, device=device)
 
     def one_hot(self, batch: int, tokens_per_sample: int, device, dtype) -> torch.Tensor:
         """(tokens, N) one-hot task matrix."""
         key = ("one_hot", batch, tokens_per_sample, str(device), dtype)
         if key not in self._cache:
-            tasks = self.token_tasks(batch, tokens_per_sample)
-            self._cache[key] = torch.nn.functional.one_hot(tasks, self.num_tasks).to(device=device, dtype=dtype)
+            self._cache[key] = self._one_hot(batch, tokens_per_sample, device).to(dtype)
         return self._cache[key]
 
     def column_mask(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device,
@@ -68,10 +78,8 @@ class TaskRouting:
         task expert, 0 on every other task's columns."""
         key = ("columns", batch, tokens_per_sample, universal_rank, task_rank, str(device), dtype)
         if key not in self._cache:
-            tasks = self.token_tasks(batch, tokens_per_sample)
-            task_columns = torch.nn.functional.one_hot(tasks, self.num_tasks).repeat_interleave(task_rank, dim=1)
-            mask = torch.cat([torch.ones(len(tasks), universal_rank, dtype=task_columns.dtype), task_columns], 1)
-            self._cache[key] = mask.to(device=device, dtype=dtype)
+            task_columns = self._one_hot(batch, tokens_per_sample, device).to(dtype).repeat_interleave(task_rank, dim=1)
+            self._cache[key] = torch.cat([task_columns.new_ones(len(task_columns), universal_rank), task_columns], 1)
         return self._cache[key]
 
     def column_coefficients(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int,
@@ -134,23 +142,4 @@ class TaskRouting:
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
             count = real.sum().clamp(min=1) if real is not None else torch.tensor(float(batch * tokens_per_sample))
             self._cache[key] = count.to(device=device, dtype=torch.float32)
-        return self._cache[key]
-
-    def segments(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int) -> Optional[list]:
-        """[(task, first column, last column, first row, last row)] when every task's samples are contiguous
-        (a batch sorted by task, as the collator delivers it), else None. Columns are the task expert's within
-        the fused [universal | task 0 | ...] layout; rows are token rows."""
-        key = ("segments", batch, tokens_per_sample, universal_rank, task_rank)
-        if key not in self._cache:
-            tasks = self.token_tasks(batch, 1).tolist()  # one entry per sample row
-            runs = []
-            for i, task in enumerate(tasks):
-                if runs and runs[-1][0] == task:
-                    runs[-1][2] = i + 1
-                else:
-                    runs.append([task, i, i + 1])
-            contiguous = len({task for task, _, _ in runs}) == len(runs)
-            self._cache[key] = [(task, universal_rank + task * task_rank, universal_rank + (task + 1) * task_rank,
-                                 start * tokens_per_sample, stop * tokens_per_sample)
-                                for task, start, stop in runs] if contiguous else None
         return self._cache[key]

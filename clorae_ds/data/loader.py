@@ -125,12 +125,6 @@ class SampleEncoder:
         return item
 
     def collate(self, items: list[dict], records: Optional[list[Record]] = None, valid=None) -> dict:
-        # Samples sorted by task (stable): each task's rows are one contiguous segment, which the adapter's
-        # own-task path runs without copying rows.
-        order = sorted(range(len(items)), key=lambda i: items[i]["task_id"])
-        items = [items[i] for i in order]
-        records = None if records is None else [records[i] for i in order]
-        valid = None if valid is None else [valid[i] for i in order]
         pad = self.tokenizer.pad_token_id
         key = "prompt_ids" if records is not None and self.encoding.causal else "input_ids"
         inputs = [item[key] for item in items]

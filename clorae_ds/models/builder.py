@@ -98,7 +98,7 @@ class ModelConfig:
                 options["target_modules"] = list(options["target_modules"]) + [VISUAL_LINEARS]
         options["modules_to_save"] = modules_to_save
         options.setdefault("base_model_name", self.pretrained or f"{self.family}-{self.preset}")
-        return CLoRAEConfig(**options)
+        return CLoRAEConfig.from_dict(options)
 
     def build(self, tokenizer_texts: Optional[Iterable[str]] = None,
               tokenizer_dir: Optional[str] = None) -> "BuiltModel":

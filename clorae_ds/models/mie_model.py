@@ -7,9 +7,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.encoder_decoder.modeling_encoder_decoder import shift_tokens_right
 
-from ..adapters import checkpoint_context_fn, task_routing
+from ..adapters import checkpoint_context_fn, restore_task_routing, set_task_routing, task_routing
 from .visual import VisualSide
 
 VISUAL_KEYS = ("visual_features", "visual_boxes", "visual_mask", "image_present")
@@ -104,13 +106,28 @@ class MIEModel(nn.Module):
         token_masks = [attention_mask.bool()]
         if self.is_seq2seq and labels is not None:
             token_masks.append(labels != -100)
-        with self._routing(task_ids, record_routing, token_masks):
+        # set and restored by hand, not in a with block: torch.compile captures this whole forward as one graph
+        previous = set_task_routing(self, task_ids, record_routing, token_masks) if task_ids is not None else []
+        try:
             if not self.is_seq2seq:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                **self._llava_images(pixel_values))
             pixel_values, visual = self._blank_visual(input_ids, pixel_values, visual)
             encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
+            if self.family == "encoder_decoder" and labels is not None:
+                return self._encoder_decoder_with_loss(encoded, attention_mask, labels)
             return self.lm(encoder_outputs=encoded, attention_mask=attention_mask, labels=labels)
+        finally:
+            restore_task_routing(self, previous)
+
+    def _encoder_decoder_with_loss(self, encoded, attention_mask, labels) -> Seq2SeqLMOutput:
+        """EncoderDecoderModel's forward with labels, its decoder inputs and loss computed here as it computes them:
+        given labels it issues a FutureWarning on every call, which also breaks a torch.compile graph."""
+        config = self.lm.config
+        decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+        out = self.lm(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+        loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
+        return Seq2SeqLMOutput(loss=loss, **out)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, task_ids=None, pixel_values=None, **kwargs):

@@ -23,14 +23,14 @@ from clorae_ds.models import ModelConfig
 
 def main():
     tokenizer_dir, out_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    bf16, expert_path, checkpointing = sys.argv[4] == "bf16", sys.argv[5], sys.argv[6:] == ["checkpointing"]
+    bf16, checkpointing = sys.argv[4] == "bf16", sys.argv[5:] == ["checkpointing"]
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)  # identical initial weights on both ranks
     # r 16: R + the gate row = 32 rows, which the masked pass reads as they are (no pad on the CPU either), so
     # ZeRO-3's partitioned expert_A itself is what the layer's backward reads (as on a GPU, which pads nothing)
     built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir,
-                        adapter={"rank": 16, "dropout": 0.0, "expert_path": expert_path},
+                        adapter={"rank": 16, "dropout": 0.0},
                         gradient_checkpointing=checkpointing).build()
     model, tokenizer = built.model, built.tokenizer
     layer_calls = []  # adapted layer calls per step: a recompute in backward calls them again

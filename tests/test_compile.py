@@ -1,0 +1,50 @@
+"""The adapted model under torch.compile: one graph per step with no break on every backbone (as peft LoRA there),
+forward and backward traced whole in every mode, and compiled equal to eager."""
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from clorae_ds.adapters import KERNEL_POLICIES, MODES, collect_mim_loss, set_kernel_policy
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from graph_breaks import count_breaks, step, tiny_model  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["t5", "encoder_decoder", "llava"])
+def test_clorae_compiles_as_one_graph_in_training_and_evaluation(family, tmp_path):
+    """peft LoRA's count on these backbones is 1 graph, 0 breaks (benchmarks/graph_breaks.py prints both)."""
+    model, batch = tiny_model(family, "clorae", str(tmp_path / "tokenizer"))
+    for training in (True, False):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):  # LLaVA's own .item() calls
+            assert count_breaks(model, batch, training) == {"graphs": 1, "breaks": 0, "reasons": []}, training
+
+
+def losses_and_grads(model, batch, compiled: bool):
+    torch._dynamo.reset()
+    run = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    torch.manual_seed(7)
+    loss = run(model, batch, True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_fullgraph_forward_and_backward_equal_eager(mode, tokenizer_dir, tmp_path):
+    """fullgraph=True turns any break into an error. Dropout on (the adapter's and the backbone's): both runs draw
+    torch.native_dropout's masks in the same order from the same seed (the CPU's own mask kernel does not trace, so
+    eager is told to use native_dropout too)."""
+    model, batch = tiny_model("t5", mode, str(tmp_path / "tokenizer"))
+    model.train()
+    set_kernel_policy(model, replace(KERNEL_POLICIES["cpu"], cpu_dropout_mask=False))
+    eager_loss, eager_grads = losses_and_grads(model, batch, False)
+    compiled_loss, compiled_grads = losses_and_grads(model, batch, True)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert len(compiled_grads) == len(eager_grads) > 0
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert collect_mim_loss(model) is None  # the compiled step collected its own MIM terms
