@@ -479,6 +479,12 @@ def test_bad_configs_raise_clear_errors(options, message):
         CLoRAEConfig(**{"rank": 8, "tasks": ["a", "b", "c"], **options})
 
 
+def test_configs_naming_the_retired_expert_path_still_load():
+    """expert_path chose between the own-task segment path and the masked pass, now the only one."""
+    for path in ("auto", "own_task", "masked"):
+        assert CLoRAEConfig.from_dict({"rank": 6, "expert_path": path}) == CLoRAEConfig(rank=6)
+
+
 def test_task_rank_override_and_unknown_keys():
     assert CLoRAEConfig(rank=64, task_rank=16).expert_task_rank == 16
     assert CLoRAEConfig(rank=64).expert_task_rank == 21

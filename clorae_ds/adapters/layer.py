@@ -189,25 +189,16 @@ def _vid_var_grad(grad_mim, residual_sq, variance, var_slope, tokens) -> torch.T
 
 
 class _MaskedDelta(torch.autograd.Function):
-    """The masked path: y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; p]ᵀ (expert_A, its gate row p last
-    where it has one) and coef = column_base + s·column_slope (TaskRouting.column_coefficients: α/r·g1 on the
-    universal columns, α/r·g2 on the token's own task columns, 0 elsewhere), (g1, g2) = softmax([−l, l]), s = g2
-    or tanh(l) as gate_form says ("softmax" or "tanh", KernelPolicy.softmax_gate; None without a gate row). Every
-    rank-space tensor is as wide as the down-projection's output W (R expert columns, the gate's column,
-    _rank_padding's zeros), coef 0 past R, so that their elementwise work runs on whole rows: CPU kernels run a
-    strided bf16 operand 4-8× slower than a contiguous one (an addcmul of 576 × 31: 46 µs against 7). The products with B read its columns zero-padded to
-    U = R + _rank_padding(R) ≤ W: where expert_B carries the MIM regressor's columns after its R expert columns
-    (CLoRAELinear) and U ≤ R + 3, those columns are the pad, as coef is 0 past R (0 × a finite weight is 0 in the
-    product, and the gradient there is 0); otherwise a zero pad is joined. Returns (y, gates, z, mim_B): gates
-    each token's (g1, g2) (tokens, 2) or s = tanh(l) (tokens, 1) for routing statistics (_gate_pair; not
-    differentiable); with `mim`, what this layer's MIM
-    term needs, which _GroupMIMLoss reads for a group of layers at once: the down-projection's output
-    [z | l | pad] (tokens, W) and expert_B, experts and regressor, (d_out, R + 3), fresh tensors, never the
-    parameter (ZeRO-3 releases it after the layer's forward); that copy of expert_B has its rows aligned
-    (_aligned_copy), and the products with B read it in the parameter's place. Their gradients come back into this
-    node's backward and join the delta's there, so each parameter gets one gradient per step (ZeRO-2 reduces each
-    once) and only when ZeRO-3 has gathered it. y is base_out updated in place in eager, a fresh tensor under
-    torch.compile."""
+    """y = base_out + (z ⊙ coef)·Bᵀ with [z | l] = drop(x)·[A; p]ᵀ and coef = column_base + s·column_slope
+    (TaskRouting.column_coefficients: α/r·g1 on the universal columns, α/r·g2 on the token's own task's, 0 elsewhere),
+    s = g2 ("softmax" gate_form) or tanh(l) ("tanh"; None without a gate). Every rank-space tensor is W wide (R
+    expert columns, the gate's, the pad), coef 0 past R, so elementwise work runs on whole rows (a strided bf16
+    operand runs 4-8× slower on CPU). The products with B read U = R + pad columns: the regressor's where expert_B
+    has them (coef is 0 there), else a zero pad. Returns (y, gates, z, mim_B): gates for routing statistics (not
+    differentiable); with `mim`, the down-projection's output and a row-aligned copy of expert_B (never the
+    parameter, which ZeRO-3 releases after the forward) for _GroupMIMLoss, whose gradients join the delta's in this
+    node's backward: one gradient per parameter per step. y is base_out updated in place in eager, a fresh tensor
+    under torch.compile."""
 
     @staticmethod
     def forward(ctx, base_out, x, expert_A, expert_B, rank, mim, column_base, column_slope, gate_form, scaling,
@@ -363,22 +354,14 @@ def _regressed_experts(expert_B: torch.Tensor, regressor: torch.Tensor, universa
 
 
 class _GroupMIMLoss(torch.autograd.Function):
-    """Σ over a group of L masked-path layer calls (same routing, same shapes) of each call's MIM term (method.md
-    §2): the mean over real tokens and channels of ½[(mu(D) − U)²/σ² + log σ²], mu(D) = scale⊙D + shift,
-    σ² = softplus(var) + eps, exact, without a (tokens × d_out) tensor. With Z̃ = [−z_U | z_task | 1 | 0] (the
-    down-projection's output z through the signs of TaskRouting.mim_signs: each token's own task columns only,
-    the constant in column R, all zero on padding) and M̃ = [B_U, scale⊙B_task, shift, 0], a real token's
-    residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃: a square Gram over the tokens
-    and M̃·C (d_out × width) per layer, which the backward reuses for B, the regressor and the variance. Z̃ is as
-    wide as z where z has a column past R (the gate's or a pad: the constant takes it), else one wider: 32 rather
-    than 33 columns at the default's r 16, which the CPU's batched products run 30 % faster. The backward's
-    M̃ᵀWM̃ is zeroed on the columns z's gradient does not reach — past R, and the universal expert's when the
-    teacher is detached — so that z's gradient comes out of one product whole. Batched over the group's layers
-    (bmm), computed in fp32 at least (the expansion cancels terms); the regressors transposed to (L, 3, d_out), as
-    CPU kernels run a strided column 5-7× slower (softplus of 30 × 384: 144 µs against 20). The gradients are
-    written in the inputs' dtypes directly, expert_B's one tensor per layer (experts and regressor). Inputs: signs,
-    real_tokens, r, R, detach_teacher, then the L z's and the L expert_B's (_MaskedDelta's outputs, so the
-    gradients go back through that node)."""
+    """Σ over a group of L layer calls (same routing, same shapes) of each call's MIM term, exact, without a
+    tokens × d_out tensor. With Z̃ = [−z_U | z_task | 1 | 0] (z through TaskRouting.mim_signs: the token's own task
+    columns only, the constant in column R, zero on padding) and M̃ = [B_U, scale⊙B_task, shift, 0], a real token's
+    residual is v = M̃·Z̃_t, so channel c's Σ_t v_c² is (M̃·C·M̃ᵀ)_cc with C = Z̃ᵀZ̃. The backward reuses M̃·C for B,
+    the regressor and the variance, and zeroes M̃ᵀWM̃ where z's gradient does not reach (past R; the universal
+    columns under a detached teacher). Batched over the layers (bmm), in fp32 at least (the expansion cancels
+    terms), the regressors transposed to (L, 3, d_out) (a strided column runs 5-7× slower on CPU). Inputs: signs,
+    real_tokens, r, R, detach_teacher, then the L z's and the L expert_B copies (_MaskedDelta's outputs)."""
 
     @staticmethod
     def forward(ctx, signs, real_tokens, universal_rank, rank, detach_teacher, *tensors):

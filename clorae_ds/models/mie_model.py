@@ -125,7 +125,8 @@ class MIEModel(nn.Module):
         given labels it issues a FutureWarning on every call, which also breaks a torch.compile graph."""
         config = self.lm.config
         decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-        out = self.lm(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+        out = self.lm(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                      decoder_attention_mask=(decoder_input_ids != config.pad_token_id).long())
         loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
         return Seq2SeqLMOutput(loss=loss, **out)
 
