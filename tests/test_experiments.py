@@ -218,7 +218,8 @@ def test_performance_report_renders_recorded_results(tmp_path):
 @pytest.mark.slow
 def test_bench_checkpointing_measures_both_arms_and_the_memory_checkpointing_saves():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_checkpointing.py"), "--batch", "4",
-                           "--source-length", "128", "--target-length", "32", "--rounds", "1", "--steps", "1"],
+                           "--source-length", "128", "--target-length", "32", "--rounds", "1", "--steps", "1",
+                           "--rank", "8", "--threads", "1"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
