@@ -34,3 +34,9 @@ def llava_tokenizer_dir(tmp_path_factory):
 def _seed():
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: spread over the xdist workers from the start, the long multi-rank runs and benchmark
+    smokes no longer end the suite one after another while the other workers sit idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
