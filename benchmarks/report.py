@@ -200,6 +200,8 @@ def cost_section(measured: dict) -> list:
             lines.append(f"| {method} | {r['trainable_params'] / 1e6:.1f}M | {r['forward_gflops']:.1f} | "
                          f"{r['forward_backward_gflops']:.0f} |")
         lines += ["", f"C-LoRAE / LoRA fwd+bwd FLOPs: {result['clorae_over_lora_flops']:.3f} ("
+                  + ("counted on the own-task path, since retired: each token through its r + r_t columns; "
+                     if result.get("expert_path") == "own_task" else "") +
                   f"without MIM {result['clorae_without_mim_over_lora_flops']:.3f}, and that plus exact MIM's "
                   f"lower bound of {result['methods']['C-LoRAE']['mim_floor_gflops']:.1f} GFLOPs "
                   f"{result['clorae_floor_over_lora_flops']:.3f}). "
@@ -207,8 +209,8 @@ def cost_section(measured: dict) -> list:
                   f"(experts and gates alone: {result['clorae_over_lora_expert_params']:.2f}; the MIM regressors "
                   "make the rest).", ""]
     lines += ["The paper reports C-LoRAE at about twice LoRA's trainable parameters, which this matches. Every matmul "
-              "is counted, in-place ones included (the counter counts no elementwise work, for any method), on the "
-              "masked pass, which runs every token through all r + N·r_t expert columns. The target, 1.12x at "
+              "is counted, in-place ones included (the counter counts no elementwise work, for any method); "
+              "`report_cost.py` now counts the masked pass, every token through all r + N·r_t expert columns. The target, 1.12x at "
               "T5-base r 128, is "
               + ("met at batch 1" if measured["cost_t5_base"]["clorae_over_lora_flops"] <= 1.12 else "missed at batch 1")
               + (", and exact MIM on this layer's fused up-projection cannot meet it there"
