@@ -17,9 +17,9 @@ class RoutingError(ValueError):
 
 
 def check_task_ids(task_ids: torch.Tensor, num_tasks: int) -> None:
-    """A clear RoutingError for ids that are not a 1-D integer tensor of known tasks. Called where a batch is made
-    and by TaskRouting for ids on the CPU: reading values on a GPU would stall it, and torch.compile cannot trace a
-    decision on a tensor's values."""
+    """A clear RoutingError for ids that are not a 1-D integer tensor of known tasks. TaskRouting calls it for ids on
+    the CPU only, outside torch.compile: reading values on a GPU would stall it, and a compiled graph cannot branch
+    on a tensor's values. The collator's ids come from task names (CLoRAEConfig.task_id refuses unknown ones)."""
     if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise RoutingError(f"task_ids must be a 1-D integer tensor (batch,), got {tuple(task_ids.shape)} "
                            f"{task_ids.dtype}")
