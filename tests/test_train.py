@@ -261,10 +261,13 @@ def test_clear_errors(tmp_path, tokenizer_dir):
                                                              "--resume", "auto", "model.adapter.rank=4"],
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "different adapter config" in proc.stderr
-    # A checkpoint of another precision (as a machine with or without bf16 in hardware would have written it)
+    # A checkpoint of another precision (as a machine with or without bf16 in hardware would have written it),
+    # its adapter config naming a retired key (not a change of adapter: the precision is what is refused)
     tag, state = DeepSpeedRunner.read_client_state(str(tmp_path / "r" / "checkpoints"))
     other = {"bf16": "fp32", "fp32": "bf16"}[state["precision"]]
-    (tmp_path / "r" / "checkpoints" / tag / CLIENT_STATE).write_text(json.dumps({**state, "precision": other}))
+    retired = {**state["adapter_config"], "expert_path": "own_task"}
+    (tmp_path / "r" / "checkpoints" / tag / CLIENT_STATE).write_text(
+        json.dumps({**state, "precision": other, "adapter_config": retired}))
     proc = subprocess.run(command("single", "zero0.json") + ["--config", config, f"output.dir={tmp_path / 'r'}",
                                                              "--resume", "auto"],
                           env=ENV, capture_output=True, text=True, timeout=120)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..adapters import collect_mim_loss, save_adapter
 from ..adapters.export import model_card
-from ..adapters.config import CLoRAEConfig
+from ..adapters.config import AdapterConfigError, CLoRAEConfig
 from ..data.loader import MIELoader
 from ..data.record import TASKS, Record
 from ..data.render import render
@@ -486,6 +486,11 @@ class Trainer:
         directory, tag, state = self.checkpoint
         # Checked before any tensor is loaded: a different adapter would fail deep in DeepSpeed otherwise.
         saved = state.get("adapter_config")
+        if saved is not None:  # read through today's config: a retired key is not a change of adapter
+            try:
+                saved = CLoRAEConfig.from_dict(saved).to_dict()
+            except AdapterConfigError as e:
+                raise TrainingError(f"--resume: the checkpoint's adapter config: {e}") from None
         current = self.adapter.to_dict() if self.adapter else None
         if saved != current:
             diff = sorted(k for k in set(saved or {}) | set(current or {})
