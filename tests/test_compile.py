@@ -1,6 +1,8 @@
 """The adapted model under torch.compile: one graph per step with no break on every backbone (as peft LoRA there),
 forward and backward traced whole in every mode, and compiled equal to eager."""
+import json
 import os
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -48,3 +50,32 @@ def test_fullgraph_forward_and_backward_equal_eager(mode, tokenizer_dir, tmp_pat
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert collect_mim_loss(model) is None  # the compiled step collected its own MIM terms
+
+
+@pytest.mark.slow
+def test_the_trainer_compiled_at_two_ranks_under_zero2_trains_as_eager_and_never_recompiles(tokenizer_dir, tmp_path):
+    """model.compile=true, 2 ranks, ZeRO-2, dropout off (the adapter's and the backbone's): the 5 steps' losses equal eager's within 1e-4 (fp32,
+    inductor's own kernels), over batches of varying lengths; then 20 more steps under
+    set_stance("fail_on_recompile") compile nothing more (the graph count guards against dynamo's silent eager
+    fallback once it gives up recompiling)."""
+    from .test_train import ENV, free_port, recipe
+
+    config = recipe(tmp_path, tokenizer_dir)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "compile_worker.py")
+    zero2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero2.json")
+    results = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        out.mkdir()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), worker, config, zero2, str(out),
+                        *(["--fixed", "20"] if compiled else []), f"model.compile={str(compiled).lower()}",
+                        "model.adapter.dropout=0.0", "model.shape={dropout_rate: 0.0}", "data.batches_per_epoch=5", "schedule.epochs=5", "schedule.log_every=1",
+                        f"output.dir={out / 'run'}", "ds.bf16.enabled=false"],
+                       env=ENV, check=True, timeout=600)
+        results[compiled] = json.loads((out / "rank0.json").read_text())
+    eager, compiled = results[False], results[True]
+    assert len(eager["lengths"]) > 1  # the lengths vary
+    torch.testing.assert_close(torch.tensor(compiled["losses"][:5]), torch.tensor(eager["losses"]), rtol=1e-4, atol=0)
+    assert eager["graphs_after_warmup"] == 0 and compiled["graphs_after_warmup"] == 1  # one graph for every length
+    assert compiled["graphs_after_fixed"] == 1 and compiled["graph_breaks"] == 0 and len(compiled["losses"]) == 25

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clorae_ds.adapters import (AdapterConfigError, CLoRAEConfig, CLoRAELinear, RoutingError, adapter_state_dict,
                                 apply_clorae, clorae_layers, collect_mim_loss, load_adapter, parameter_report,
@@ -88,6 +89,32 @@ def test_backward_trains_only_the_adapter(tokenizer_dir):
         task_B_grad = layer.split_experts(layer.expert_A.grad, layer.expert_B.grad)["task_B"]
         assert torch.count_nonzero(task_B_grad[1]) == 0
         assert torch.count_nonzero(task_B_grad[0]) > 0
+
+
+class DispatchedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["t5", "encoder_decoder", "llava"])
+def test_the_loss_is_the_backbones_own_and_is_computed_only_when_asked(family, tokenizer_dir, llava_tokenizer_dir):
+    built = tiny(family, tokenizer=llava_tokenizer_dir if family == "llava" else tokenizer_dir, full_finetune=True)
+    model = built.model.eval()
+    ids, mask, labels = batch(built.tokenizer)
+    if family == "llava":  # a decoder-only model's labels are its input ids
+        labels = ids.masked_fill(mask == 0, -100)
+    torch.testing.assert_close(model(ids, mask, labels=labels).loss,
+                               model.lm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    for return_loss in (True, False):
+        with DispatchedOps() as dispatched:
+            out = model(ids, mask, labels=labels, return_loss=return_loss)
+        assert (out.loss is not None) == return_loss
+        assert any("nll_loss" in op for op in dispatched.ops) == return_loss  # no cross-entropy thrown away
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])

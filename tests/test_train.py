@@ -272,10 +272,13 @@ def test_clear_errors(tmp_path, tokenizer_dir):
                                                              "--resume", "auto"],
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"trained in {other}, this run would train in {state['precision']}" in proc.stderr
-    proc = subprocess.run(command("single", "zero0.json") + ["--config", config, "optim.lr=.nan", "optim.warmup_steps=0",
-                                                             f"output.dir={tmp_path / 'nan'}"],
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "non-finite loss" in proc.stderr
+    # A NaN learning rate: step 0 trains on a finite loss, step 1's is NaN on both ranks. Noted on the device, it
+    # is read at the first log interval (step 3), which stops the run before logging or saving anything there.
+    proc = subprocess.run(command("torchrun", "zero2.json") + ["--config", config, "optim.lr=.nan",
+                                                               "schedule.log_every=3", f"output.dir={tmp_path / 'nan'}"],
+                          env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "non-finite loss at step 1 on some rank, found at step 3" in proc.stderr
+    assert not [e for e in events(proc.stdout) if e["event"] == "train"]
 
 
 def test_every_ds_config_loads_and_typos_are_rejected():

@@ -153,6 +153,8 @@ _LOGIT_PAIRS: dict = {}  # per device, fp32 [−1, 1]: a logit column times it i
 
 
 def _logit_pair(device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # a constant of the graph; the cache's first fill would recompile
+        return torch.tensor([-1.0, 1.0], device=device)
     pair = _LOGIT_PAIRS.get(device)
     if pair is None:
         pair = _LOGIT_PAIRS[device] = torch.tensor([-1.0, 1.0], device=device)

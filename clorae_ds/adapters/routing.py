@@ -39,14 +39,24 @@ class TaskRouting:
         self._cache: dict[tuple, object] = {}
         # (batch, length) masks of real tokens, told apart by their length: a layer input of that length
         # gets that mask (MIEModel keeps its sequences' lengths distinct); other inputs count every token.
-        self.token_masks = {}
-        for mask in token_masks or []:
+        # A list compared by length, not a dict keyed by it: under torch.compile a size used as a key is
+        # specialized (a recompile for every length).
+        self.token_masks = list(token_masks or [])
+        for i, mask in enumerate(self.token_masks):
             if mask.dim() != 2 or mask.shape[0] != self.batch_size:
                 raise RoutingError(f"token mask of shape {tuple(mask.shape)} does not fit a batch of "
                                    f"{self.batch_size}")
-            if mask.shape[1] in self.token_masks:
+            if any(mask.shape[1] == other.shape[1] for other in self.token_masks[:i]):
                 raise RoutingError(f"two token masks of length {mask.shape[1]}: a layer could not tell them apart")
-            self.token_masks[mask.shape[1]] = mask
+
+    def _cached(self, key: tuple, compute):
+        """compute() once per routing in eager; inline under torch.compile, where a cache keyed by sizes would
+        specialize every dynamic size, and the graph fuses these small elementwise ops into their consumers."""
+        if torch.compiler.is_compiling():
+            return compute()
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     @property
     def batch_size(self) -> int:
@@ -67,20 +77,18 @@ class TaskRouting:
 
     def one_hot(self, batch: int, tokens_per_sample: int, device, dtype) -> torch.Tensor:
         """(tokens, N) one-hot task matrix."""
-        key = ("one_hot", batch, tokens_per_sample, str(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = self._one_hot(batch, tokens_per_sample, device).to(dtype)
-        return self._cache[key]
+        return self._cached(("one_hot", batch, tokens_per_sample, str(device), dtype),
+                            lambda: self._one_hot(batch, tokens_per_sample, device).to(dtype))
 
     def column_mask(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, device,
                     dtype) -> torch.Tensor:
         """(tokens, r + N·r_t): 1 on the universal expert's columns and on the columns of the token's own
         task expert, 0 on every other task's columns."""
-        key = ("columns", batch, tokens_per_sample, universal_rank, task_rank, str(device), dtype)
-        if key not in self._cache:
+        def compute():
             task_columns = self._one_hot(batch, tokens_per_sample, device).to(dtype).repeat_interleave(task_rank, dim=1)
-            self._cache[key] = torch.cat([task_columns.new_ones(len(task_columns), universal_rank), task_columns], 1)
-        return self._cache[key]
+            return torch.cat([task_columns.new_ones(len(task_columns), universal_rank), task_columns], 1)
+        return self._cached(("columns", batch, tokens_per_sample, universal_rank, task_rank, str(device), dtype),
+                            compute)
 
     def column_coefficients(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int,
                             scaling: float, gate: Optional[str], width: int, device,
@@ -90,32 +98,32 @@ class TaskRouting:
         token's own task columns, 0 on every other task's columns and on the columns past r + N·r_t (the layer's
         gate column and pad). `gate` "softmax": s = g2; "tanh": s = tanh(l) = 2·g2 − 1 (so base is α/2r on all
         the token's columns, slope ∓α/2r). Without a gate (None), (α/r on the token's columns, None)."""
-        key = ("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gate, width, str(device),
-               dtype)
-        if key not in self._cache:
+        def compute():
             mask = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
             mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
-            if gate is not None:
-                universal = torch.arange(mask.shape[1], device=device) < universal_rank
-                if gate == "tanh":  # α/r·g2 = α/2r·(1 + s), α/r·g1 = α/2r·(1 − s)
-                    base, step = mask * (scaling / 2), scaling / 2
-                else:
-                    base, step = mask * (universal * scaling), scaling
-                slope = mask * torch.where(universal, -step, step)
-                self._cache[key] = (base.to(dtype), slope.to(dtype))
+            if gate is None:
+                return (mask * scaling).to(dtype), None
+            universal = torch.arange(mask.shape[1], device=device) < universal_rank
+            if gate == "tanh":  # α/r·g2 = α/2r·(1 + s), α/r·g1 = α/2r·(1 − s)
+                base, step = mask * (scaling / 2), scaling / 2
             else:
-                self._cache[key] = ((mask * scaling).to(dtype), None)
-        return self._cache[key]
+                base, step = mask * (universal * scaling), scaling
+            slope = mask * torch.where(universal, -step, step)
+            return base.to(dtype), slope.to(dtype)
+        return self._cached(("coefficients", batch, tokens_per_sample, universal_rank, task_rank, scaling, gate, width,
+                             str(device), dtype), compute)
 
     def token_mask(self, batch: int, tokens_per_sample: int, device, dtype) -> Optional[torch.Tensor]:
         """(tokens, 1) mask of real tokens for a layer input of this shape, or None (every token real)."""
-        mask = self.token_masks.get(tokens_per_sample)
-        if mask is None or batch != self.batch_size:
+        if batch != self.batch_size:
             return None
-        key = ("token_mask", tokens_per_sample, str(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = mask.reshape(-1, 1).to(device=device, dtype=dtype)
-        return self._cache[key]
+        for mask in self.token_masks:
+            if mask.shape[1] == tokens_per_sample:
+                break
+        else:
+            return None
+        return self._cached(("token_mask", tokens_per_sample, str(device), dtype),
+                            lambda: mask.reshape(-1, 1).to(device=device, dtype=dtype))
 
     def mim_signs(self, batch: int, tokens_per_sample: int, universal_rank: int, task_rank: int, width: int,
                   device) -> torch.Tensor:
@@ -124,22 +132,22 @@ class TaskRouting:
         column R, MIM's constant (the first column past the experts': the layer's gate column or pad, whose z MIM
         does not read, so that MIM's tensors stay `width` wide where a column is free), 0 on the other tasks'
         columns and past R."""
-        key = ("mim_signs", batch, tokens_per_sample, universal_rank, task_rank, width, str(device))
-        if key not in self._cache:
+        def compute():
             columns = self.column_mask(batch, tokens_per_sample, universal_rank, task_rank, device, torch.float32)
             rank = columns.shape[1]
             signs = torch.cat([-columns[:, :universal_rank], columns[:, universal_rank:],
                                columns.new_ones(len(columns), 1),
                                columns.new_zeros(len(columns), max(width, rank + 1) - rank - 1)], 1)
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
-            self._cache[key] = signs if real is None else signs * real
-        return self._cache[key]
+            return signs if real is None else signs * real
+        return self._cached(("mim_signs", batch, tokens_per_sample, universal_rank, task_rank, width, str(device)),
+                            compute)
 
     def real_token_count(self, batch: int, tokens_per_sample: int, device) -> torch.Tensor:
         """How many token rows are real (not padding), as an fp32 scalar, at least 1."""
-        key = ("real_tokens", batch, tokens_per_sample, str(device))
-        if key not in self._cache:
+        def compute():
             real = self.token_mask(batch, tokens_per_sample, device, torch.float32)
-            count = real.sum().clamp(min=1) if real is not None else torch.tensor(float(batch * tokens_per_sample))
-            self._cache[key] = count.to(device=device, dtype=torch.float32)
-        return self._cache[key]
+            if real is None:  # a size, not float(size), which would specialize a dynamic one under torch.compile
+                return torch.scalar_tensor(batch * tokens_per_sample, dtype=torch.float32, device=device)
+            return real.sum().clamp(min=1)
+        return self._cached(("real_tokens", batch, tokens_per_sample, str(device)), compute)

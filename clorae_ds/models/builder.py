@@ -65,6 +65,9 @@ class ModelConfig:
     # Recompute each transformer block in backward instead of keeping its activations (MIEModel
     # .enable_gradient_checkpointing): larger batches fit, for about a third more compute per step.
     gradient_checkpointing: bool = False
+    # Train through torch.compile (the trainer compiles the forward, its batch and sequence dimensions marked
+    # dynamic). Off by default: on 2 CPU cores inductor made every arm slower (docs/PERFORMANCE.md).
+    compile: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:

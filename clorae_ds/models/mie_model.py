@@ -8,8 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
-from transformers.models.encoder_decoder.modeling_encoder_decoder import shift_tokens_right
+from transformers.modeling_outputs import BaseModelOutput
 
 from ..adapters import checkpoint_context_fn, restore_task_routing, set_task_routing, task_routing
 from .visual import VisualSide
@@ -96,9 +95,11 @@ class MIEModel(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden)
 
     def forward(self, input_ids, attention_mask, labels=None, task_ids=None, pixel_values=None,
-                record_routing=False, **visual):
-        """Returns the backbone's output (logits, and loss when labels are given). `record_routing`
-        accumulates gate statistics (routing_stats) for this call."""
+                record_routing=False, return_loss=True, **visual):
+        """The backbone's output: logits and, given labels, their mean token cross-entropy as `loss` unless
+        `return_loss` is False (the trainer weighs its own per-dataset loss from the logits). Labels are not
+        passed to the backbone, which would compute that cross-entropy whether or not it is used.
+        `record_routing` accumulates gate statistics (routing_stats) for this call."""
         if self.is_seq2seq and labels is not None and labels.shape[1] == input_ids.shape[1]:
             # One more ignored label position keeps the decoder's length apart from the encoder's, so each
             # adapted layer finds its own real-token mask by length (the MIM loss leaves padding out).
@@ -110,25 +111,28 @@ class MIEModel(nn.Module):
         previous = set_task_routing(self, task_ids, record_routing, token_masks) if task_ids is not None else []
         try:
             if not self.is_seq2seq:
-                return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               **self._llava_images(pixel_values))
-            pixel_values, visual = self._blank_visual(input_ids, pixel_values, visual)
-            encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
-            if self.family == "encoder_decoder" and labels is not None:
-                return self._encoder_decoder_with_loss(encoded, attention_mask, labels)
-            return self.lm(encoder_outputs=encoded, attention_mask=attention_mask, labels=labels)
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **self._llava_images(pixel_values))
+            else:
+                pixel_values, visual = self._blank_visual(input_ids, pixel_values, visual)
+                encoded = self.encode(input_ids, attention_mask, pixel_values=pixel_values, **visual)
+                out = self.lm(encoder_outputs=encoded, attention_mask=attention_mask, **self._decoder_inputs(labels))
         finally:
             restore_task_routing(self, previous)
+        if labels is not None and return_loss:
+            logits, targets = (out.logits, labels) if self.is_seq2seq else (out.logits[:, :-1], labels[:, 1:])
+            out["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return out
 
-    def _encoder_decoder_with_loss(self, encoded, attention_mask, labels) -> Seq2SeqLMOutput:
-        """EncoderDecoderModel's forward with labels, its decoder inputs and loss computed here as it computes them:
-        given labels it issues a FutureWarning on every call, which also breaks a torch.compile graph."""
-        config = self.lm.config
-        decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-        out = self.lm(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                      decoder_attention_mask=(decoder_input_ids != config.pad_token_id).long())
-        loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
-        return Seq2SeqLMOutput(loss=loss, **out)
+    def _decoder_inputs(self, labels) -> dict:
+        """Teacher forcing: the labels shifted right behind the decoder's start token, as the backbone itself
+        would shift them; EncoderDecoderModel's decoder also masks the padding the shift brings in."""
+        if labels is None:
+            return {}
+        decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        if self.family != "encoder_decoder":
+            return {"decoder_input_ids": decoder_input_ids}
+        return {"decoder_input_ids": decoder_input_ids,
+                "decoder_attention_mask": (decoder_input_ids != self.lm.config.pad_token_id).long()}
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, task_ids=None, pixel_values=None, **kwargs):

@@ -40,7 +40,9 @@ class LossConfig:
     margin: float = 1.05  # w = (1 − s/(margin·p))^gamma before the softmax
     gamma: float = 2.0  # focusing exponent of the achievement weights
     ema: float = 0.1  # a ← ema·new + (1 − ema)·a; the first evaluation sets a directly
-    nonfinite: str = "stop"  # a NaN/inf loss: stop, or skip the step (on every rank)
+    # A NaN/inf loss: stop within a log interval, naming the step (no sync a step), or skip the step on every
+    # rank (one small all-reduce a micro-batch, to decide before the step).
+    nonfinite: str = "stop"
     max_skipped_steps: int = 10  # with nonfinite=skip: stop after this many skipped steps
 
 
@@ -58,7 +60,7 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = 3  # epochs, each ending with an evaluation, new task weights and a checkpoint
     max_steps: Optional[int] = None  # optimiser steps; stops early (evaluates, saves)
-    max_minutes: Optional[float] = None  # wall-clock budget for training, checked every step
+    max_minutes: Optional[float] = None  # wall-clock budget for training, checked at log intervals
     log_every: int = 10  # optimiser steps between progress lines, train events and monitor writes
     # Sync the device around forward, backward and step and log their seconds per logging interval
     # (train event `phase_seconds`, with the data wait): for profiling, as the syncs cost speed.

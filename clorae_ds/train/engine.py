@@ -280,9 +280,10 @@ def deepspeed_version() -> str:
     return deepspeed.__version__
 
 
-def max_across_ranks(values: list[float], device) -> list[float]:
-    """Element-wise maximum over ranks (one small all-reduce)."""
-    tensor = torch.tensor([float(v) for v in values], device=device)
+def max_across_ranks(values, device) -> list[float]:
+    """Element-wise maximum over ranks of a list of numbers or a 1-d tensor, read on the host (one small
+    all-reduce, one sync)."""
+    tensor = torch.as_tensor(values, dtype=torch.float32, device=device).clone()
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor.tolist()
 
@@ -456,9 +457,8 @@ class DeepSpeedRunner:
         self._timed("step", self.engine.step)
 
     # --- collectives -------------------------------------------------------------------------------
-    def any_rank(self, *flags: bool) -> list[bool]:
-        """OR of each flag across ranks (one small all-reduce)."""
-        return [bool(v) for v in max_across_ranks(list(flags), self.ctx.device)]
+    def max_across_ranks(self, values) -> list[float]:
+        return max_across_ranks(values, self.ctx.device)
 
     broadcast_object = staticmethod(broadcast_object)
     gather_objects = staticmethod(gather_objects)

@@ -211,6 +211,11 @@ class Trainer:
 
         optim = config.optim
         groups = parameter_groups(self.model, optim.lr, optim.new_module_lr, optim.weight_decay)
+        if config.model.compile:
+            # In place (nn.Module.compile) before DeepSpeed wraps the model: its parameter names, hooks and
+            # checkpoints stay the eager model's, where a wrapper (torch.compile(model), engine.compile()) would
+            # rename or re-wrap them.
+            self.model.compile()
         self.runner = DeepSpeedRunner(self.model, self.ds_config, groups, optim.betas, optim.warmup_steps,
                                       self.total_steps, optim.decay, self.ctx)
         self.runner.time_phases = config.schedule.time_phases
@@ -237,13 +242,19 @@ class Trainer:
             raise TrainingError(f"output directory {self.out!r} is not writable: {err}") from None
 
     # --- the run -------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def begin(self) -> RunState:
+        """The run's state, resumed or new, with the per-run sums reset: what train_step needs."""
         state = self._resume()
         self.task_weights = torch.tensor(self.aml.weights, device=self.ctx.device)
         self.metrics.on_weights(self.train_datasets, self.aml.weights)
         self.interval = IntervalLog(len(self.train_datasets), self.ctx.device)
-        report, start = None, time.time()
+        self.first_nonfinite = torch.tensor(math.inf, device=self.ctx.device)  # the step of a non-finite loss
         state.stop = self.runner.global_step >= self.total_steps
+        return state
+
+    def run(self) -> dict:
+        state = self.begin()
+        report, start = None, time.time()
         while not state.stop and state.epoch < self.config.schedule.epochs:
             self.runner.module.train()
             self.step_end = time.perf_counter()
@@ -252,19 +263,25 @@ class Trainer:
                 every = self.config.output.save_every_steps
                 boundary = state.batch_in_epoch % self.accumulation == 0  # after an optimiser step, not inside one
                 if every and boundary and self.runner.global_step % every == 0 and not state.stop:
+                    self._check_run(state, start)
                     self._checkpoint(state)
                 if state.stop:
                     break
-            report = self.end_epoch(state)
+            report = self.end_epoch(state, start)
         return self._summary(state, report or self.evaluate(), start)
 
     def train_step(self, batch: dict, state: RunState, start: float) -> None:
-        """One optimiser step: forward, L_MT + β·L_MIM, the one host sync every rank agrees on, backward, step."""
+        """One micro-batch: forward, L_MT + β·L_MIM, backward, step, with no host sync of the project's own
+        (the checks every rank must agree on run at log intervals, _check_run) unless loss.nonfinite=skip."""
         config, runner = self.config, self.runner
         batch_ready = time.perf_counter()
         log_now = (runner.global_step + 1) % config.schedule.log_every == 0
         inputs = {k: v.to(self.ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
-        out = runner.forward(**inputs, record_routing=log_now)
+        if config.model.compile:  # batch size and lengths vary: one graph for all, not a recompile for each
+            for tensor in inputs.values():
+                for dim in range(min(tensor.dim(), 2)):
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        out = runner.forward(**inputs, record_routing=log_now, return_loss=False)  # no loss thrown away
         dataset_sum, dataset_tokens = per_dataset_token_loss(
             out.logits, inputs["labels"], self.to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
             len(self.train_datasets))
@@ -272,19 +289,21 @@ class Trainer:
         mim = collect_mim_loss(runner.module)
         if mim is not None:
             loss = loss + self.mim_beta * mim
-        # Sync point (one small all-reduce, which also reads the loss on the host): every rank must skip or
-        # stop together, or the gradient all-reduce of the ranks that go on waits forever.
-        out_of_time = config.schedule.max_minutes is not None and self.is_main and \
-            time.time() - start > 60 * config.schedule.max_minutes
-        nonfinite, out_of_time = runner.any_rank(not bool(torch.isfinite(loss)), out_of_time)
         state.batch_in_epoch += 1
-        state.stop = out_of_time
-        if nonfinite:
-            state.skipped_steps += 1
-            if config.loss.nonfinite == "stop" or state.skipped_steps > config.loss.max_skipped_steps:
-                raise TrainingError(f"non-finite loss at step {runner.global_step} (epoch {state.epoch}, batch "
-                                    f"{state.batch_in_epoch - 1}) on some rank; loss.nonfinite={config.loss.nonfinite}")
-            return
+        finite = torch.isfinite(loss)
+        if config.loss.nonfinite == "skip":
+            # Skipping is decided on the host before the step, by every rank together (or the gradient
+            # all-reduce of the ranks that go on waits forever): one small all-reduce a micro-batch.
+            if runner.max_across_ranks(finite.logical_not().reshape(1))[0]:
+                state.skipped_steps += 1
+                if state.skipped_steps > config.loss.max_skipped_steps:
+                    raise TrainingError(f"non-finite loss at step {runner.global_step} (epoch {state.epoch}, batch "
+                                        f"{state.batch_in_epoch - 1}) on some rank, {state.skipped_steps} skipped: "
+                                        f"more than loss.max_skipped_steps={config.loss.max_skipped_steps}")
+                return
+        else:  # noted on the device, read by the next _check_run
+            self.first_nonfinite = torch.where(finite, self.first_nonfinite,
+                                               self.first_nonfinite.clamp(max=runner.global_step))
         runner.backward(loss)
         runner.step()
         tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())  # CPU tensors
@@ -293,8 +312,22 @@ class Trainer:
         self.metrics.on_step(len(batch["ids"]), tokens, now - batch_ready, batch_ready - self.step_end, batch["skipped"])
         self.step_end = now
         if log_now:
+            self._check_run(state, start)
             self._log_interval(state, batch["skipped"], start)
         state.stop = state.stop or runner.global_step >= self.total_steps
+
+    def _check_run(self, state: RunState, start: float) -> None:
+        """What every rank must agree on, read on the host at log intervals, before a checkpoint and at an
+        epoch's end (one small all-reduce): a non-finite loss on any rank stops the run naming its first step
+        (loss.nonfinite=stop), and rank 0's clock ends it once schedule.max_minutes have passed."""
+        out_of_time = self.config.schedule.max_minutes is not None and self.is_main and \
+            time.time() - start > 60 * self.config.schedule.max_minutes
+        flags = torch.stack([self.first_nonfinite.neg(), self.first_nonfinite.new_tensor(float(out_of_time))])
+        first_nonfinite, out_of_time = self.runner.max_across_ranks(flags)
+        if first_nonfinite != -math.inf:
+            raise TrainingError(f"non-finite loss at step {int(-first_nonfinite)} on some rank, found at step "
+                                f"{self.runner.global_step} (epoch {state.epoch}); loss.nonfinite=stop")
+        state.stop = state.stop or bool(out_of_time)
 
     def _log_interval(self, state: RunState, skipped: dict, start: float) -> None:
         """Means over the logging interval (values reach the host only here), metrics, the progress line and
@@ -325,8 +358,9 @@ class Trainer:
                                 {"data_wait": means["data_wait"], **runner.take_phase_seconds()}.items()},
                  skipped=skipped)
 
-    def end_epoch(self, state: RunState) -> dict:
+    def end_epoch(self, state: RunState, start: float) -> dict:
         """Evaluate; after a complete epoch, new task weights from rank 0's scores on every rank; save."""
+        self._check_run(state, start)
         report = self.evaluate()
         if state.batch_in_epoch >= self.loader.batches_per_epoch:
             # Rank 0 computes the weights from its scores and every rank takes its copy: identical weights
