@@ -66,8 +66,8 @@ ENGINE_RUNS = [("t5-xl", 2, "clorae", ENGINE_LARGE_MICRO_BATCH, True),
                    ("t5-xl", 2, "clorae"), ("t5-xl", 2, "lora"), ("t5-xl", 3, "clorae"), ("t5-xl", 3, "lora"),
                    ("t5-large", 2, "clorae"), ("t5-large", 2, "lora"), ("t5-large", 2, "full_ft"),
                    ("t5-large", 3, "clorae"), ("t5-large", 3, "lora")]]]
-SMOKE_ENGINE_RUNS = [("tiny", 2, "clorae", 4, False), ("tiny", 2, "lora", 4, False), ("tiny", 3, "clorae", 4, False),
-                     ("tiny", 2, "clorae", 8, True)]
+# The smoke runs the pair only: ZeRO-3 and checkpointed training have tests of their own on CPU.
+SMOKE_ENGINE_RUNS = [("tiny", 2, "clorae", 4, False), ("tiny", 2, "lora", 4, False)]
 QUALITY_ARMS = ["clorae", "lora"]
 # The GPU steps are host-bound (H200, 2026-11-28: C-LoRAE 0.26 s a step at micro-batch 32 for 16 ms of kernels), so
 # a larger micro-batch costs little more per step: 128 gives about 4x the samples per second at about the number of

@@ -32,7 +32,7 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     assert "## Step profile" in proc.stdout
     measured = [r for r in report["engine"] if "tokens_per_s" in r]
     assert {(r["zero"], r["method"], r["gradient_checkpointing"]) for r in measured} == \
-        {(2, "clorae", False), (2, "lora", False), (3, "clorae", False), (2, "clorae", True)}
+        {(2, "clorae", False), (2, "lora", False)}
     for row in measured:
         assert row["tokens_per_s"] > 0 and row["model_gflops_per_token"] > 0
         assert abs(sum(row["step_split"].values()) - 1) < 0.01

@@ -14,11 +14,18 @@ RAW = os.path.join(ROOT, "..", "shared", "data", "raw")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(RAW), reason="../shared/data/raw is not beside the checkout")
-def test_run_experiments_smoke_budget_on_two_ranks(tmp_path):
+def test_run_experiments_smoke_budget_on_two_ranks(tmp_path, tokenizer_dir):
+    import yaml
+
     out = tmp_path / "exp"
+    base = yaml.safe_load(open(os.path.join(ROOT, "experiments", "base.yaml")))
+    base["model"] = {"family": "t5", "preset": "tiny", "tokenizer": tokenizer_dir}  # the runner, not the model
+    base["eval"]["max_new_tokens"] = 16
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "run_experiments.py"), "--budget", "smoke",
                            "--arms", "only_t,clorae", "--out", str(out), "--launcher", launcher,
+                           "--base", str(tmp_path / "base.yaml"),
                            "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")],
                           capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})

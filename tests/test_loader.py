@@ -110,6 +110,7 @@ def test_length_grouping_cuts_padding_keeps_samples_mix_and_resume(tmp_path, tok
     loader, grouped_loader = plain.build(tokenizer, Encoding()), grouped.build(tokenizer, Encoding())
     before, after = list(loader.train_epoch(0)), list(grouped_loader.train_epoch(0))
     assert len(before) == len(after) == 30 and all(len(b["ids"]) == 4 for b in after)
+    assert all(b["tokens"] == int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in before + after)
     assert padding(after) < 0.5 * padding(before)
     # the same draws from the mix, only regrouped: every worker's pool of 6 batches holds the same samples
     assert Counter(i for b in before for i in b["ids"]) == Counter(i for b in after for i in b["ids"])

@@ -143,7 +143,9 @@ class SampleEncoder:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "task_ids": torch.tensor([it["task_id"] for it in items]),
                  "dataset_ids": torch.tensor([it["dataset_id"] for it in items]),
-                 "ids": [it["id"] for it in items]}
+                 "ids": [it["id"] for it in items],
+                 # real input + target tokens, counted here so that a training step reads no tensor for its metrics
+                 "tokens": sum(len(ids) for ids in inputs) + sum(t >= 0 for it in items for t in it["labels"])}
         images = [it["image"] for it in items]
         if any(image is not None for image in images):
             if self.encoding.causal:

@@ -117,7 +117,7 @@ def per_dataset_token_loss(logits: torch.Tensor, labels: torch.Tensor, dataset_i
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = (labels != -100).float()
     sample_sum, sample_tokens = (token_loss * mask).sum(1), mask.sum(1)
-    one_hot = F.one_hot(dataset_ids, num_datasets).float()
+    one_hot = (dataset_ids[:, None] == torch.arange(num_datasets, device=dataset_ids.device)).float()  # no range check
     return one_hot.t() @ sample_sum, one_hot.t() @ sample_tokens
 
 
@@ -306,7 +306,7 @@ class Trainer:
                                                self.first_nonfinite.clamp(max=runner.global_step))
         runner.backward(loss)
         runner.step()
-        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())  # CPU tensors
+        tokens = batch["tokens"]
         now = time.perf_counter()
         self.interval.add(loss, dataset_sum, dataset_tokens, mim, len(batch["ids"]), tokens, batch_ready - self.step_end)
         self.metrics.on_step(len(batch["ids"]), tokens, now - batch_ready, batch_ready - self.step_end, batch["skipped"])

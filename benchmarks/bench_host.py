@@ -1,0 +1,178 @@
+"""A training step's host work, counted on CPU: on a GPU a small-kernel adapter step is host-bound, and what the
+host dispatches can be counted here exactly, whatever the machine's load. Real steps of the project's own
+Trainer.train_step and DeepSpeed engine on a model of T5-XL's depth and adapted linears (24+24 blocks, gated-GELU)
+at a narrow width, the layer's CUDA kernel choices forced, each arm in fresh 2-rank processes:
+C-LoRAE and LoRA (experiments/{clorae,lora}.yaml), eager and compiled (model.compile), ZeRO-2 and ZeRO-0 ("plain").
+
+Per step (torch.profiler over `--profile-steps` steady steps, none of which logs: schedule.log_every is past
+them), on rank 0: ATen ops dispatched (top-level, views left out; compiled arms add their generated kernels),
+host syncs (`_local_scalar_dense`, `nonzero`) by who calls them: project code (clorae_ds, launchers), DeepSpeed
+or transformers (each site named), and two kinds that are no device sync on a GPU, counted apart: torch.optim's
+step counters (CPU tensors) and the range check of task ids that are on the CPU (a GPU step's are on the device);
+trainable tensors; and ms per step (timed apart, unprofiled).
+
+    python benchmarks/bench_host.py [--arms clorae-eager-zero2,...] [--steps 6]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+
+SHAPE = {"num_layers": 24, "num_decoder_layers": 24, "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4,
+         "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0}
+ARMS = [f"{method}-{mode}-{engine}" for engine in ("plain", "zero2") for method in ("clorae", "lora")
+        for mode in ("eager", "compiled")]
+ENGINES = {"plain": "zero0.json", "zero2": "zero2.json"}
+VIEWS = {"aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose", "aten::permute",
+         "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::alias",
+         "aten::detach", "aten::_reshape_alias", "aten::reshape", "aten::view_as", "aten::unflatten",
+         "aten::flatten", "aten::narrow", "aten::split", "aten::chunk", "aten::unbind", "aten::expand_as",
+         "aten::lift_fresh", "aten::split_with_sizes", "aten::numpy_T", "aten::contiguous"}
+SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
+
+
+def sync_site(event) -> str:
+    """Who asked for a host sync: the innermost Python frame (the profiler's Python events are an op's ancestors)
+    in the project, DeepSpeed or torch.optim."""
+    caller = event.cpu_parent
+    while caller is not None:
+        path = caller.name.replace(os.sep, "/")
+        if "torch/optim/" in path:
+            return "optimizer step counters"
+        if path.endswith(": check_task_ids"):
+            return "task ids on the CPU"
+        if "transformers/" in path:
+            return "transformers:" + path.split("transformers/", 1)[1]
+        if path.startswith("deepspeed/") or "/deepspeed/" in path:
+            return "deepspeed:" + path.split("deepspeed/", 1)[1]
+        if any(f"{part}/" in path for part in ("clorae_ds", "launchers", "benchmarks", "tests")):
+            return "project:" + path.rsplit("/", 1)[-1]
+        caller = caller.cpu_parent
+    return "other"
+
+
+def count_host_work(run, steps: int) -> dict:
+    """Ops (top-level ATen ops without views, plus generated kernels) and host syncs by site, per call of `run`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(steps):
+            run()
+    ops, syncs = 0, collections.Counter()
+    for event in prof.events():
+        parent = event.cpu_parent
+        if event.name in SYNCS:
+            syncs[sync_site(event)] += 1
+        elif "cpp_fused" in event.name or event.name.startswith("aten::") and event.name not in VIEWS \
+                and not (parent is not None and parent.name.startswith("aten::")):
+            ops += 1
+    return {"ops_per_step": ops / steps, "syncs_per_step": {site: n / steps for site, n in sorted(syncs.items())}}
+
+
+def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
+    import torch
+    import torch._inductor.config
+    import yaml
+
+    from benchmarks.bench_loader import embedded_train_shards
+    from clorae_ds.adapters import set_kernel_policy
+    from clorae_ds.adapters.layer import KERNEL_POLICIES
+    from clorae_ds.train.config import load_config
+    from clorae_ds.train.engine import shutdown
+    from clorae_ds.train.trainer import Trainer
+
+    torch._inductor.config.cpp.enable_kernel_profile = True  # generated kernels appear in the profile
+    method, mode, engine = arm.split("-")
+    warmup = 3
+    overrides = ["model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPE)}",
+                 f"model.compile={str(mode == 'compiled').lower()}", f"data.train={json.dumps(embedded_train_shards())}",
+                 f"data.dev={json.dumps({d: os.path.join(ROOT, 'shards', f'{d}-dev-000000.tar') for d in embedded_train_shards()})}",
+                 f"data.batches_per_epoch={warmup + steps + profile_steps}", "data.num_workers=1",
+                 f"schedule.log_every={10 ** 6}", "schedule.max_minutes=null", "output.save=false",
+                 f"output.dir={out}/{arm}-run", "model.adapter.dropout=0.0"]
+    with open(os.path.join(ROOT, "experiments", "base.yaml")) as f:
+        base = yaml.safe_load(f)
+    trainer = Trainer(load_config(os.path.join(ROOT, "experiments", f"{method}.yaml"), overrides, base=base),
+                      os.path.join(ROOT, "ds_configs", ENGINES[engine]))
+    set_kernel_policy(trainer.model, KERNEL_POLICIES["cuda"])
+    state, start = trainer.begin(), time.time()
+    trainer.runner.module.train()
+    trainer.step_end = time.perf_counter()
+    batches = iter(list(trainer.loader.train_epoch(0)))
+    for _ in range(warmup):
+        trainer.train_step(next(batches), state, start)
+    began = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(batches), state, start)
+    ms = (time.perf_counter() - began) / steps * 1e3
+    counts = count_host_work(lambda: trainer.train_step(next(batches), state, start), profile_steps)
+    if trainer.ctx.rank == 0:
+        trainable = sum(p.requires_grad for p in trainer.model.parameters())
+        with open(os.path.join(out, f"{arm}.json"), "w") as f:
+            json.dump({"arm": arm, "ms_per_step": round(ms, 1), "trainable_tensors": trainable, **counts}, f)
+    shutdown()
+
+
+def split_syncs(row: dict) -> tuple[float, float]:
+    syncs = row["syncs_per_step"]
+    return (sum(n for s, n in syncs.items() if s.startswith("project:")),
+            sum(n for s, n in syncs.items() if s.startswith("deepspeed:")))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps an arm, after 3 of warm-up")
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.steps, args.profile_steps, args.out)
+        return 0
+    rows = {}
+    with tempfile.TemporaryDirectory() as out:
+        for arm in args.arms.split(","):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            __file__, "--worker", arm, "--out", out, "--steps", str(args.steps),
+                            "--profile-steps", str(args.profile_steps)], env=env, check=True,
+                           stdout=subprocess.DEVNULL, cwd=ROOT)
+            with open(os.path.join(out, f"{arm}.json")) as f:
+                rows[arm] = json.load(f)
+    print("| arm | ATen ops / step | project syncs | DeepSpeed syncs | trainable tensors | ms / step |")
+    print("|---|---|---|---|---|---|")
+    for arm, row in rows.items():
+        project, deepspeed = split_syncs(row)
+        print(f"| {arm} | {row['ops_per_step']:.0f} | {project:g} | {deepspeed:g} | {row['trainable_tensors']} | "
+              f"{row['ms_per_step']:.0f} |")
+    for arm, row in rows.items():
+        print(f"{arm} syncs: {json.dumps(row['syncs_per_step'])}")
+
+    def ratio(a: str, b: str):
+        return round(rows[a]["ops_per_step"] / rows[b]["ops_per_step"], 3) if a in rows and b in rows else None
+
+    print(json.dumps({"event": "bench_host", "shape": SHAPE,
+                      "clorae_over_lora_ops": {f"{m}-{e}": ratio(f"clorae-{m}-{e}", f"lora-{m}-{e}")
+                                               for m in ("eager", "compiled") for e in ENGINES},
+                      "zero2_over_plain_ops": {f"{a}-{m}": ratio(f"{a}-{m}-zero2", f"{a}-{m}-plain")
+                                               for a in ("clorae", "lora") for m in ("eager", "compiled")},
+                      "project_syncs_per_step": {arm: split_syncs(row)[0] for arm, row in rows.items()},
+                      "deepspeed_syncs_per_step": {arm: split_syncs(row)[1] for arm, row in rows.items()},
+                      "ops_per_step": {arm: row["ops_per_step"] for arm, row in rows.items()},
+                      "trainable_tensors": {arm: row["trainable_tensors"] for arm, row in rows.items()},
+                      "ms_per_step": {arm: row["ms_per_step"] for arm, row in rows.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
