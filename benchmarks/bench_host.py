@@ -92,10 +92,11 @@ def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
 
     torch._inductor.config.cpp.enable_kernel_profile = True  # generated kernels appear in the profile
     method, mode, engine = arm.split("-")
-    warmup = 3
+    warmup, shards = 3, embedded_train_shards()
+    dev = {dataset: os.path.join(ROOT, "shards", f"{dataset}-dev-000000.tar") for dataset in shards}
     overrides = ["model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPE)}",
-                 f"model.compile={str(mode == 'compiled').lower()}", f"data.train={json.dumps(embedded_train_shards())}",
-                 f"data.dev={json.dumps({d: os.path.join(ROOT, 'shards', f'{d}-dev-000000.tar') for d in embedded_train_shards()})}",
+                 f"model.compile={str(mode == 'compiled').lower()}", f"data.train={json.dumps(shards)}",
+                 f"data.dev={json.dumps(dev)}",
                  f"data.batches_per_epoch={warmup + steps + profile_steps}", "data.num_workers=1",
                  f"schedule.log_every={10 ** 6}", "schedule.max_minutes=null", "output.save=false",
                  f"output.dir={out}/{arm}-run", "model.adapter.dropout=0.0"]

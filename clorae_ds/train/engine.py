@@ -35,7 +35,8 @@ RECIPE_OWNED_DS_KEYS = {
                  "optim.weight_decay",
     "scheduler": "the recipe owns the learning-rate schedule: set optim.warmup_steps and optim.decay "
                  "(linear | cosine | constant)",
-    "compile": "the model is not compiled by DeepSpeed here: torch.compile is not part of this version's training step",
+    "compile": "the recipe owns compilation: set model.compile=true (torch.compile of the model before DeepSpeed "
+               "wraps it)",
 }
 MONITOR_PACKAGES = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
 KNOWN_ZERO_KEYS = {

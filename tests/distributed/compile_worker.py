@@ -42,7 +42,8 @@ def main():
     with torch.compiler.set_stance("fail_on_recompile"):
         for i in range(fixed):
             step(batches[i % len(batches)])
-    result = {"losses": losses, "graphs_after_warmup": graphs_warm, "graphs_after_fixed": counters["stats"]["unique_graphs"],
+    result = {"losses": losses, "graphs_after_warmup": graphs_warm,
+              "graphs_after_fixed": counters["stats"]["unique_graphs"],
               "graph_breaks": sum(counters["graph_break"].values()),
               "lengths": sorted({tuple(b["input_ids"].shape) + tuple(b["labels"].shape) for b in batches})}
     with open(os.path.join(out_dir, f"rank{trainer.ctx.rank}.json"), "w") as f:
