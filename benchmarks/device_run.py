@@ -264,36 +264,16 @@ def quality(args, work: str, clock: Clock) -> dict:
                   f"optim.lr={args.lr}"]
     if clock.left() - args.reserve_s < 60:
         return {"skipped": "time"}
-    # Calibration: both arms side by side for a fixed number of steps (same processes, same data).
-    calibrate = os.path.join(work, "calibrate")
-    shutil.rmtree(calibrate, ignore_errors=True)
-    start = time.time()
-    calibration = [f"schedule.max_steps={args.calibration_steps}", "eval.max_samples=2",
-                   f"schedule.log_every={max(1, args.calibration_steps // 6)}"]
-    code, out = run(experiments_cmd(args, calibrate, budget, ds, evaluation + calibration),
-                    clock.left() - args.reserve_s, os.path.join(work, "calibrate.log"))
-    if code != 0:
-        return {"error": "calibration failed: " + out[-1500:]}
-    calibration_seconds = time.time() - start
-    rates = [json.load(open(os.path.join(calibrate, f"{arm}-seed0", "result.json")))["samples_per_s"]
-             for arm in QUALITY_ARMS]
-    train_samples = sum(json.load(open(os.path.join(calibrate, "shards", f)))["samples"]
-                        for f in os.listdir(os.path.join(calibrate, "shards")) if f.endswith("-train.index.json"))
-    # Both arms run at once, so the slower one's rate (measured side by side) sets the pace; one evaluation
-    # per epoch is budgeted at the calibration's fixed cost (startup + one small evaluation) per epoch / 4.
-    rate = min(r for r in rates if r) if all(rates) else None
-    available = clock.left() - args.reserve_s - calibration_seconds  # startup and shard building again
-    eval_seconds = calibration_seconds / 4
-    epoch_seconds = train_samples / rate + eval_seconds if rate else None
-    epochs, steps_per_epoch = (1, None) if args.smoke else \
-        plan_epochs(train_samples, rate, available, eval_seconds, args.min_epochs, micro_batch)
-    result = {"train_samples": train_samples, "micro_batch": micro_batch, "calibration_samples_per_s": rates,
-              "epochs": epochs,
-              "steps_per_epoch": steps_per_epoch,
-              "planned_seconds_per_epoch": round(epoch_seconds, 1) if epoch_seconds else None}
     final = os.path.join(work, "quality")
     shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(os.path.join(calibrate, "shards"), os.path.join(final, "shards"))  # built once
+    if args.smoke:  # one epoch: the calibration would only plan the epochs
+        result = {"micro_batch": micro_batch, "epochs": 1, "steps_per_epoch": None}
+    else:
+        result = calibrate(args, work, budget, ds, evaluation, micro_batch, clock)
+        if "error" in result:
+            return result
+        shutil.copytree(os.path.join(work, "calibrate", "shards"), os.path.join(final, "shards"))  # built once
+    epochs, steps_per_epoch = result["epochs"], result["steps_per_epoch"]
     partial = [] if steps_per_epoch is None else [f"data.batches_per_epoch={steps_per_epoch}"]
     cmd = experiments_cmd(args, final, budget, ds, evaluation + partial) + ["--epochs", str(epochs)]
     code, out = run(cmd, clock.left() - args.reserve_s, os.path.join(work, "quality.log"))
@@ -302,6 +282,9 @@ def quality(args, work: str, clock: Clock) -> dict:
         return result
     with open(os.path.join(final, "results.json")) as f:
         results = json.load(f)
+    shards = os.path.join(final, "shards")
+    result["train_samples"] = sum(json.load(open(os.path.join(shards, f)))["samples"]
+                                  for f in os.listdir(shards) if f.endswith("-train.index.json"))
     result["results"] = results
     with open(os.path.join(final, "results.md")) as f:
         result["table"] = f.read()
@@ -313,6 +296,35 @@ def quality(args, work: str, clock: Clock) -> dict:
         best = os.path.join(final, f"{arm}-seed0", "adapter_best")
         result.setdefault("adapters", {})[arm] = pack_adapter(best, os.path.join(args.out, f"adapter-{arm}.tar"))
     return result
+
+
+def calibrate(args, work: str, budget: str, ds: str, evaluation: list, micro_batch: int, clock: Clock) -> dict:
+    """Both arms side by side for a fixed number of steps (same processes, same data), then the epochs that fit."""
+    calibration_dir = os.path.join(work, "calibrate")
+    shutil.rmtree(calibration_dir, ignore_errors=True)
+    start = time.time()
+    calibration = [f"schedule.max_steps={args.calibration_steps}", "eval.max_samples=2",
+                   f"schedule.log_every={max(1, args.calibration_steps // 6)}"]
+    code, out = run(experiments_cmd(args, calibration_dir, budget, ds, evaluation + calibration),
+                    clock.left() - args.reserve_s, os.path.join(work, "calibrate.log"))
+    if code != 0:
+        return {"error": "calibration failed: " + out[-1500:]}
+    calibration_seconds = time.time() - start
+    rates = [json.load(open(os.path.join(calibration_dir, f"{arm}-seed0", "result.json")))["samples_per_s"]
+             for arm in QUALITY_ARMS]
+    shards = os.path.join(calibration_dir, "shards")
+    train_samples = sum(json.load(open(os.path.join(shards, f)))["samples"]
+                        for f in os.listdir(shards) if f.endswith("-train.index.json"))
+    # Both arms run at once, so the slower one's rate (measured side by side) sets the pace; one evaluation
+    # per epoch is budgeted at the calibration's fixed cost (startup + one small evaluation) per epoch / 4.
+    rate = min(r for r in rates if r) if all(rates) else None
+    available = clock.left() - args.reserve_s - calibration_seconds  # startup and shard building again
+    eval_seconds = calibration_seconds / 4
+    epoch_seconds = train_samples / rate + eval_seconds if rate else None
+    epochs, steps_per_epoch = plan_epochs(train_samples, rate, available, eval_seconds, args.min_epochs, micro_batch)
+    return {"train_samples": train_samples, "micro_batch": micro_batch, "calibration_samples_per_s": rates,
+            "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+            "planned_seconds_per_epoch": round(epoch_seconds, 1) if epoch_seconds else None}
 
 
 def plan_epochs(train_samples: int, rate, available: float, eval_seconds: float, min_epochs: int,
@@ -409,10 +421,11 @@ def summary_markdown(report: dict) -> str:
     if "table" in q:
         micro_batch = q.get("micro_batch", 32)  # reports before it was recorded ran at 32
         seen = q["train_samples"] if not q.get("steps_per_epoch") else q["steps_per_epoch"] * micro_batch
+        calibrated = "not calibrated" if "calibration_samples_per_s" not in q else "calibrated at " + " and ".join(
+            f"{rate:.0f}" for rate in q["calibration_samples_per_s"]) + " samples/s"
         lines += [f"{q['epochs']} epochs of {seen} of the {q['train_samples']} train samples per arm "
-                  f"({q['epochs'] * seen / q['train_samples']:.2f} passes over the data; calibrated at "
-                  + " and ".join(f"{rate:.0f}" for rate in q["calibration_samples_per_s"])
-                  + f" samples/s, C-LoRAE and LoRA side by side, micro-batch {micro_batch}).", "", q["table"]]
+                  f"({q['epochs'] * seen / q['train_samples']:.2f} passes over the data; {calibrated}, C-LoRAE and "
+                  f"LoRA side by side, micro-batch {micro_batch}).", "", q["table"]]
         for arm, curve in q.get("curves", {}).items():
             lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
     else:
@@ -451,8 +464,6 @@ def main(argv=None) -> int:
     args.reserve_s = args.reserve_s if args.reserve_s is not None else (20 if args.smoke else 50)
     args.engine_share = args.engine_share or (0.6 if args.smoke else 0.22)
     args.profile_s = args.profile_s or (40 if args.smoke else 70)
-    if args.smoke:
-        args.calibration_steps = 4
     clock = Clock(args.budget_s)
     os.makedirs(args.out, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)

@@ -48,7 +48,7 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     assert report["adapter_bench"][0]["clorae_over_peft_lora"] > 0
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = tar.getnames()
-    assert {"sanity.log", "calibrate.log", "quality.log", "quality-clorae-train.log"} <= set(logs)
+    assert {"sanity.log", "quality.log", "quality-clorae-train.log"} <= set(logs)  # the smoke does not calibrate
 
 
 def test_quality_epochs_fit_the_time_left():

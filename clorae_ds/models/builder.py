@@ -68,6 +68,7 @@ class ModelConfig:
     # Train through torch.compile (the trainer compiles the forward, its batch and sequence dimensions marked
     # dynamic). Off by default: on 2 CPU cores inductor made every arm slower (docs/PERFORMANCE.md).
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": traced, not code-generated)
 
     def __post_init__(self):
         if self.family not in FAMILIES:

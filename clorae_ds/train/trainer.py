@@ -215,7 +215,7 @@ class Trainer:
             # In place (nn.Module.compile) before DeepSpeed wraps the model: its parameter names, hooks and
             # checkpoints stay the eager model's, where a wrapper (torch.compile(model), engine.compile()) would
             # rename or re-wrap them.
-            self.model.compile()
+            self.model.compile(backend=config.model.compile_backend)
         self.runner = DeepSpeedRunner(self.model, self.ds_config, groups, optim.betas, optim.warmup_steps,
                                       self.total_steps, optim.decay, self.ctx)
         self.runner.time_phases = config.schedule.time_phases
