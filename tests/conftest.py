@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Three test processes share two cores (pytest.ini's -n 3), with the ranks they start: one thread each, or
+# OpenMP's spinning threads steal the cores the others compute on.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from clorae_ds.models import ModelConfig
 
