@@ -106,8 +106,6 @@ def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
                       os.path.join(ROOT, "ds_configs", ENGINES[engine]))
     set_kernel_policy(trainer.model, KERNEL_POLICIES["cuda"])
     state, start = trainer.begin(), time.time()
-    trainer.runner.module.train()
-    trainer.step_end = time.perf_counter()
     batches = iter(list(trainer.loader.train_epoch(0)))
     for _ in range(warmup):
         trainer.train_step(next(batches), state, start)

@@ -282,9 +282,7 @@ def quality(args, work: str, clock: Clock) -> dict:
         return result
     with open(os.path.join(final, "results.json")) as f:
         results = json.load(f)
-    shards = os.path.join(final, "shards")
-    result["train_samples"] = sum(json.load(open(os.path.join(shards, f)))["samples"]
-                                  for f in os.listdir(shards) if f.endswith("-train.index.json"))
+    result["train_samples"] = train_samples(os.path.join(final, "shards"))
     result["results"] = results
     with open(os.path.join(final, "results.md")) as f:
         result["table"] = f.read()
@@ -312,19 +310,22 @@ def calibrate(args, work: str, budget: str, ds: str, evaluation: list, micro_bat
     calibration_seconds = time.time() - start
     rates = [json.load(open(os.path.join(calibration_dir, f"{arm}-seed0", "result.json")))["samples_per_s"]
              for arm in QUALITY_ARMS]
-    shards = os.path.join(calibration_dir, "shards")
-    train_samples = sum(json.load(open(os.path.join(shards, f)))["samples"]
-                        for f in os.listdir(shards) if f.endswith("-train.index.json"))
+    samples = train_samples(os.path.join(calibration_dir, "shards"))
     # Both arms run at once, so the slower one's rate (measured side by side) sets the pace; one evaluation
     # per epoch is budgeted at the calibration's fixed cost (startup + one small evaluation) per epoch / 4.
     rate = min(r for r in rates if r) if all(rates) else None
     available = clock.left() - args.reserve_s - calibration_seconds  # startup and shard building again
     eval_seconds = calibration_seconds / 4
-    epoch_seconds = train_samples / rate + eval_seconds if rate else None
-    epochs, steps_per_epoch = plan_epochs(train_samples, rate, available, eval_seconds, args.min_epochs, micro_batch)
-    return {"train_samples": train_samples, "micro_batch": micro_batch, "calibration_samples_per_s": rates,
+    epoch_seconds = samples / rate + eval_seconds if rate else None
+    epochs, steps_per_epoch = plan_epochs(samples, rate, available, eval_seconds, args.min_epochs, micro_batch)
+    return {"train_samples": samples, "micro_batch": micro_batch, "calibration_samples_per_s": rates,
             "epochs": epochs, "steps_per_epoch": steps_per_epoch,
             "planned_seconds_per_epoch": round(epoch_seconds, 1) if epoch_seconds else None}
+
+
+def train_samples(shards: str) -> int:
+    return sum(json.load(open(os.path.join(shards, f)))["samples"] for f in os.listdir(shards)
+               if f.endswith("-train.index.json"))
 
 
 def plan_epochs(train_samples: int, rate, available: float, eval_seconds: float, min_epochs: int,

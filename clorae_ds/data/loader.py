@@ -145,7 +145,7 @@ class SampleEncoder:
                  "dataset_ids": torch.tensor([it["dataset_id"] for it in items]),
                  "ids": [it["id"] for it in items],
                  # real input + target tokens, counted here so that a training step reads no tensor for its metrics
-                 "tokens": sum(len(ids) for ids in inputs) + sum(t >= 0 for it in items for t in it["labels"])}
+                 "tokens": int(attention_mask.sum()) + int((labels >= 0).sum())}
         images = [it["image"] for it in items]
         if any(image is not None for image in images):
             if self.encoding.causal:

@@ -250,14 +250,18 @@ class Trainer:
         self.interval = IntervalLog(len(self.train_datasets), self.ctx.device)
         self.first_nonfinite = torch.tensor(math.inf, device=self.ctx.device)  # the step of a non-finite loss
         state.stop = self.runner.global_step >= self.total_steps
+        self._start_epoch()
         return state
+
+    def _start_epoch(self) -> None:
+        self.runner.module.train()  # evaluation left it in eval mode
+        self.step_end = time.perf_counter()
 
     def run(self) -> dict:
         state = self.begin()
         report, start = None, time.time()
         while not state.stop and state.epoch < self.config.schedule.epochs:
-            self.runner.module.train()
-            self.step_end = time.perf_counter()
+            self._start_epoch()
             for batch in self.loader.train_epoch(state.epoch, skip_batches=state.batch_in_epoch):
                 self.train_step(batch, state, start)
                 every = self.config.output.save_every_steps

@@ -26,8 +26,6 @@ def main():
     overrides = [o for o in rest if not o.startswith("ds.")]
     trainer = Trainer(load_config(recipe, overrides), ds_config, ds_overrides=[o for o in rest if o.startswith("ds.")])
     state, start = trainer.begin(), time.time()
-    trainer.runner.module.train()
-    trainer.step_end = time.perf_counter()
     losses = []
 
     def step(batch):  # the recipe logs every step: the interval's mean is the step's loss
