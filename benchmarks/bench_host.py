@@ -108,12 +108,12 @@ def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
     state, start = trainer.begin(), time.time()
     batches = iter(list(trainer.loader.train_epoch(0)))
     for _ in range(warmup):
-        trainer.train_step(next(batches), state, start)
+        trainer.train_optimizer_step([next(batches)], state, start)
     began = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(next(batches), state, start)
+        trainer.train_optimizer_step([next(batches)], state, start)
     ms = (time.perf_counter() - began) / steps * 1e3
-    counts = count_host_work(lambda: trainer.train_step(next(batches), state, start), profile_steps)
+    counts = count_host_work(lambda: trainer.train_optimizer_step([next(batches)], state, start), profile_steps)
     if trainer.ctx.rank == 0:
         trainable = sum(p.requires_grad for p in trainer.model.parameters())
         with open(os.path.join(out, f"{arm}.json"), "w") as f:

@@ -45,10 +45,10 @@ def embedded_batches(tokenizer, batch_size: int, count: int, rank: int = 0, worl
     """`count` model-input batches of the embedded shards (this rank's share) read before any timing, and each
     one's tokens (non-padding input + target)."""
     from benchmarks.bench_loader import embedded_train_shards
-    from clorae_ds.data.loader import Encoding, MIELoader
+    from clorae_ds.data.loader import DataConfig, Encoding
 
-    loader = MIELoader.Config(train=embedded_train_shards(), batch_size=batch_size, num_workers=0,
-                              batches_per_epoch=count).build(tokenizer, Encoding(drop_target_bos=True), rank, world)
+    loader = DataConfig(train=embedded_train_shards(), micro_batch_size=batch_size, num_workers=0,
+                        batches_per_epoch=count).build(tokenizer, Encoding(drop_target_bos=True), rank, world)
     keys = ("input_ids", "attention_mask", "labels", "task_ids")
     batches = [{k: b[k] for k in keys} for b in loader.train_epoch(0)]
     return batches, [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
@@ -138,7 +138,7 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
 def engine_config(ds_config: str, world: int) -> dict:
     from clorae_ds.train.engine import load_ds_config
 
-    return load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world)
+    return load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world, micro_batch=8)  # embedded_batches' size
 
 
 def engine_bf16() -> bool:

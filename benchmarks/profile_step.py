@@ -56,9 +56,8 @@ def step_function(args, engine: str, built, device, dtype):
         return training_step(model)
     from clorae_ds.train.engine import load_ds_config
 
-    config = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"), 1)
-    config.update(train_micro_batch_size_per_gpu=args.batch, train_batch_size=args.batch,
-                  bf16={"enabled": dtype == torch.bfloat16})
+    config = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"), 1, micro_batch=args.batch)
+    config.update(bf16={"enabled": dtype == torch.bfloat16})
     return training_step(model, config)
 
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from clorae_ds.adapters import AdapterConfigError, routing_stats  # noqa: E402
 from clorae_ds.data import Event, Record, Span  # noqa: E402
-from clorae_ds.data.loader import LoaderError, MIELoader, read_index  # noqa: E402
+from clorae_ds.data.loader import DataConfig, LoaderError, read_index  # noqa: E402
 from clorae_ds.eval import ParseStats, normalize_span, parse, score  # noqa: E402
 from clorae_ds.eval.generate import generate_rows, write_predictions  # noqa: E402
 from clorae_ds.eval.inference import InferenceError, encoding_for, load_trained  # noqa: E402
@@ -133,9 +133,9 @@ def main(argv=None) -> int:
         if args.deepspeed:
             model, zero3 = inference_engine(model, args.deepspeed, ctx.world_size)
         patterns = {dataset_of(p): p for p in args.shards}
-        loader = MIELoader.Config(dev=patterns, tasks=built.model.clorae_config.tasks, eval_batch_size=args.batch_size,
-                                  num_workers=args.num_workers).build(
-            built.tokenizer, encoding_for(built, max_target_length=args.max_new_tokens), ctx.rank, ctx.world_size)
+        loader = DataConfig(dev=patterns, num_workers=args.num_workers).build(
+            built.tokenizer, encoding_for(built, max_target_length=args.max_new_tokens), ctx.rank, ctx.world_size,
+            tasks=built.model.clorae_config.tasks, eval_batch_size=args.batch_size)
         model.eval()
         routing_stats(model)  # start the routing statistics at this run
         stats, rows = ParseStats(), []

@@ -61,7 +61,7 @@ class Budget:
     minutes: Optional[float] = None  # per arm (None: no limit)
     datasets: Optional[tuple] = None  # None: every dataset in SOURCES
     equal_mix: bool = False  # sample the datasets equally (default: in proportion to their sizes)
-    batch_size: Optional[int] = None  # micro-batch per rank (None: the --deepspeed config's)
+    batch_size: Optional[int] = None  # micro-batch per rank (None: the recipe's data.micro_batch_size)
     # "fp32" / "bf16": the budget's runs train in that precision whatever the --deepspeed config says, and refuse
     # to start where the hardware lacks it (a resumed run also refuses a checkpoint of another precision);
     # None: whatever the DeepSpeed config gives on this machine.
@@ -99,10 +99,8 @@ def build_all_shards(raw: str, out: str, train_n, dev_n, datasets=None) -> dict:
 
 
 def budget_ds_overrides(budget: Budget) -> list[str]:
-    """The budget's micro-batch and precision as ds.* overrides of the --deepspeed config (the file is not copied)."""
+    """The budget's precision as ds.* overrides of the --deepspeed config (the file is not copied)."""
     overrides = []
-    if budget.batch_size:
-        overrides.append(f"ds.train_micro_batch_size_per_gpu={budget.batch_size}")
     if budget.precision:
         overrides += [f"ds.bf16.enabled={str(budget.precision == 'bf16').lower()}", "ds.fp16.enabled=false"]
     return overrides
@@ -138,6 +136,8 @@ def arm_recipe(arm: str, seed: int, patterns: dict, budget: Budget, arm_dir: str
     validated before any work."""
     overrides = [f"data.train={json.dumps(patterns['train'])}", f"data.dev={json.dumps(patterns['dev'])}",
                  f"schedule.epochs={budget.epochs}", f"seed={seed}", f"output.dir={arm_dir}", "schedule.log_every=10"]
+    if budget.batch_size:
+        overrides.append(f"data.micro_batch_size={budget.batch_size}")
     if budget.steps_per_epoch:  # micro-batches per rank; the runner's DeepSpeed configs accumulate 1
         overrides.append(f"data.batches_per_epoch={budget.steps_per_epoch}")
     if budget.minutes:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clorae_ds.data import Entity, Record, Relation, Span
-from clorae_ds.data.loader import Encoding, LoaderError, MIELoader
+from clorae_ds.data.loader import DataConfig, Encoding, LoaderError, bucket_order
 from clorae_ds.data.shards import ShardWriterConfig, write_shards
 from clorae_ds.models import load_tokenizer
 
@@ -46,7 +46,7 @@ def config(tmp_path, train_sizes=(10, 6), dev_size=11, **options):
     train = {"twitter2015": shards(tmp_path, tweets(train_sizes[0]), "twitter2015", "train"),
              "mnre_v1": shards(tmp_path, relations(train_sizes[1]), "mnre_v1", "train")}
     dev = {"twitter2015": shards(tmp_path, tweets(dev_size), "twitter2015", "dev", per_shard=3)}
-    return MIELoader.Config(train=train, dev=dev, batch_size=3, eval_batch_size=2, num_workers=2, **options)
+    return DataConfig(train=train, dev=dev, micro_batch_size=3, num_workers=2, **options)
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_two_ranks_two_workers_equal_train_batches_and_exact_eval(tmp_path, toke
     cfg = config(tmp_path)
     seen, counts = [], []
     for rank in range(2):
-        loader = cfg.build(tokenizer, Encoding(), rank=rank, world_size=2)
+        loader = cfg.build(tokenizer, Encoding(), rank=rank, world_size=2, eval_batch_size=2)
         assert loader.batches_per_epoch == 3  # ceil(16 samples / (2 ranks x 3))
         train = list(loader.train_epoch(0))
         counts.append(len(train))
@@ -73,7 +73,8 @@ def test_more_ranks_than_samples_pads_instead_of_hanging(tmp_path, tokenizer):
     cfg = config(tmp_path, dev_size=2)
     per_rank = []
     for rank in range(4):
-        batches = list(cfg.build(tokenizer, Encoding(), rank=rank, world_size=4).eval_batches("twitter2015"))
+        batches = list(cfg.build(tokenizer, Encoding(), rank=rank, world_size=4, eval_batch_size=2)
+                       .eval_batches("twitter2015"))
         per_rank.append((len(batches), sum(int(b["valid"].sum()) for b in batches)))
     assert per_rank == [(1, 1), (1, 1), (1, 0), (1, 0)]
 
@@ -87,7 +88,7 @@ def test_training_is_deterministic_and_mixes_by_ratio(tmp_path, tokenizer):
     assert [b["ids"] for b in loader.train_epoch(0, skip_batches=5)] == first[5:]  # resume inside an epoch
     datasets = Counter(i.split("-")[0] for ids in first for i in ids)
     assert 0.45 < datasets["twitter2015"] / 120 < 0.80  # proportional to size: 10 / 16 = 0.625
-    only_relations = MIELoader.Config(**{**cfg.__dict__, "mix": {"mnre_v1": 1.0}}).build(tokenizer, Encoding())
+    only_relations = DataConfig(**{**cfg.__dict__, "mix": {"mnre_v1": 1.0}}).build(tokenizer, Encoding())
     assert all(i.startswith("mnre_v1") for b in only_relations.train_epoch(0) for i in b["ids"])
 
 
@@ -100,8 +101,8 @@ def varied_tweets(n):
 def test_length_grouping_cuts_padding_keeps_samples_mix_and_resume(tmp_path, tokenizer):
     train = {"twitter2015": shards(tmp_path, varied_tweets(40), "twitter2015", "train"),
              "mnre_v1": shards(tmp_path, relations(20), "mnre_v1", "train")}
-    plain = MIELoader.Config(train=train, batch_size=4, num_workers=2, batches_per_epoch=30)
-    grouped = MIELoader.Config(**{**plain.__dict__, "length_group": 6})
+    plain = DataConfig(train=train, micro_batch_size=4, num_workers=2, batches_per_epoch=30, length_group=1)
+    grouped = DataConfig(**{**plain.__dict__, "length_group": 6, "length_weight": 1.0})
 
     def padding(batches):
         masks = [b["attention_mask"] for b in batches]
@@ -117,6 +118,22 @@ def test_length_grouping_cuts_padding_keeps_samples_mix_and_resume(tmp_path, tok
     first = [b["ids"] for b in after]
     assert first == [b["ids"] for b in grouped_loader.train_epoch(0)]
     assert [b["ids"] for b in grouped_loader.train_epoch(0, skip_batches=7)] == first[7:]
+
+
+def test_bucket_order_keeps_the_mix_at_weight_0_and_sorts_by_length_at_1():
+    # dataset 0 is long, dataset 1 short: by length alone the two never share a batch of 4
+    items = [{"dataset_id": i % 2, "input_ids": [0] * (40 + i if i % 2 == 0 else 10 + i), "labels": [0]}
+             for i in range(16)]
+    batches = lambda order: [[item["dataset_id"] for item in order[b * 4:(b + 1) * 4]] for b in range(4)]
+    by_length = bucket_order(items, 1.0)
+    assert [len(i["input_ids"]) for i in by_length] == sorted(len(i["input_ids"]) for i in items)
+    assert [sorted(set(b)) for b in batches(by_length)] == [[1], [1], [0], [0]]
+    keeping = bucket_order(items, 0.0)
+    assert all(sorted(b) == [0, 0, 1, 1] for b in batches(keeping))  # every batch keeps the 1:1 mix ...
+    for dataset in (0, 1):  # ... and takes each dataset's samples in length order
+        lengths = [len(i["input_ids"]) for i in keeping if i["dataset_id"] == dataset]
+        assert lengths == sorted(lengths)
+    assert sorted(map(id, keeping)) == sorted(map(id, items))  # a reordering, nothing lost
 
 
 def test_labels_inputs_and_causal_encoding(tmp_path, tokenizer):
@@ -149,8 +166,8 @@ def test_images_and_features_become_tensors(tmp_path, tokenizer):
         (images / f"{i}.png").write_bytes(png(i))
         np.save(features / f"{i}.npy", np.random.rand(3, 7 + 5).astype(np.float32))
     pattern = shards(tmp_path, tweets(4), "twitter2015", "dev", images=str(images), features=str(features))
-    loader = MIELoader.Config(dev={"twitter2015": pattern}, eval_batch_size=4, num_workers=0).build(
-        tokenizer, Encoding(image_size=16))
+    loader = DataConfig(dev={"twitter2015": pattern}, num_workers=0).build(tokenizer, Encoding(image_size=16),
+                                                                             eval_batch_size=4)
     batch = next(iter(loader.eval_batches("twitter2015")))
     assert batch["pixel_values"].shape == (4, 3, 16, 16)
     assert batch["image_present"].tolist() == [True, False, True, False]
@@ -171,7 +188,7 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path, tokenizer, caplog):
     second = pattern.split("{")[0] + "000001.tar"
     with open(second, "r+b") as f:  # truncate the second shard mid-member
         f.truncate(700)
-    loader = MIELoader.Config(dev={"twitter2015": pattern}, eval_batch_size=2, num_workers=0).build(tokenizer, Encoding())
+    loader = DataConfig(dev={"twitter2015": pattern}, num_workers=0).build(tokenizer, Encoding(), eval_batch_size=2)
     batches = list(loader.eval_batches("twitter2015"))
     skipped = Counter()
     for batch in batches:
@@ -181,8 +198,8 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path, tokenizer, caplog):
     assert skipped["corrupt_shard"] == 1, skipped
     text = caplog.text
     assert "twitter2015-dev-000001.tar" in text  # the warning names the corrupt shard
-    train = MIELoader.Config(train={"twitter2015": pattern}, batch_size=2, num_workers=0,
-                             batches_per_epoch=6).build(tokenizer, Encoding())
+    train = DataConfig(train={"twitter2015": pattern}, micro_batch_size=2, num_workers=0,
+                       batches_per_epoch=6).build(tokenizer, Encoding())
     reasons = Counter()
     for batch in train.train_epoch(0):
         reasons.update(batch["skipped"])
@@ -192,15 +209,15 @@ def test_bad_data_is_skipped_counted_and_named(tmp_path, tokenizer, caplog):
 
 def test_configuration_errors(tmp_path, tokenizer):
     with pytest.raises(LoaderError, match="missing"):
-        MIELoader.Config(train={"twitter2015": str(tmp_path / "x-{000000..000001}.tar")}).build(tokenizer, Encoding())
+        DataConfig(train={"twitter2015": str(tmp_path / "x-{000000..000001}.tar")}).build(tokenizer, Encoding())
     pattern = shards(tmp_path, tweets(3), "twitter2015", "train")
     with pytest.raises(LoaderError, match="mix names datasets without train shards"):
-        MIELoader.Config(train={"twitter2015": pattern}, mix={"snap": 1}).build(tokenizer, Encoding())
+        DataConfig(train={"twitter2015": pattern}, mix={"snap": 1}).build(tokenizer, Encoding())
     with pytest.raises(LoaderError, match="no dev shards configured"):
-        MIELoader.Config(train={"twitter2015": pattern}).build(tokenizer, Encoding()).eval_batches("twitter2015")
+        DataConfig(train={"twitter2015": pattern}).build(tokenizer, Encoding()).eval_batches("twitter2015")
     os.remove(os.path.join(os.path.dirname(pattern), "twitter2015-train.index.json"))
     with pytest.raises(LoaderError, match="no shard index"):
-        MIELoader.Config(train={"twitter2015": pattern}).build(tokenizer, Encoding())
+        DataConfig(train={"twitter2015": pattern}).build(tokenizer, Encoding())
 
 
 @pytest.mark.slow
@@ -223,7 +240,7 @@ WORKER = """
 import json, sys
 from datetime import timedelta
 import torch.distributed as dist
-from clorae_ds.data.loader import Encoding, MIELoader
+from clorae_ds.data.loader import DataConfig, Encoding
 from clorae_ds.models import load_tokenizer
 
 
@@ -232,8 +249,8 @@ def main():  # under the guard: each loader worker runs this script again as __m
     spec, out = json.load(open(sys.argv[1])), sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
-    loader = MIELoader.Config(train=spec["train"], dev=spec["dev"], batch_size=3, eval_batch_size=2,
-                              num_workers=2).build(load_tokenizer(spec["tokenizer"]), Encoding(), rank, world)
+    loader = DataConfig(train=spec["train"], dev=spec["dev"], micro_batch_size=3, num_workers=2).build(
+        load_tokenizer(spec["tokenizer"]), Encoding(), rank, world, eval_batch_size=2)
     train_batches = sum(1 for _ in loader.train_epoch(0))
     ids = [r.id for b in loader.eval_batches("twitter2015") for r, v in zip(b["records"], b["valid"].tolist()) if v]
     gathered, counts = [None] * world, [None] * world

@@ -218,7 +218,7 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
         assert redraw.returncode == 0, redraw.stderr
         assert_png(run_dir / "again.png", (990, 630))
         setup = next(e for e in log if e["event"] == "setup")  # what trains how, and who said so
-        assert setup["micro_batch"] == {"value": 8, "from": os.path.join(ROOT, "ds_configs", "zero0.json")}
+        assert setup["micro_batch"] == {"value": 8, "from": "recipe data.micro_batch_size"}
         assert setup["optimizer"]["value"].startswith("AdamW lr 0.01") and setup["precision"]["value"] in ("bf16", "fp32")
         card = open(os.path.join(summary_of(log)["adapter"], "README.md")).read()  # the model card
         assert f"mode: `{mode}`" in card and "| All (sum) | " in card and "8 optimiser steps" in card
@@ -230,8 +230,8 @@ def test_single_process_ablations_and_accumulation(tmp_path, tokenizer_dir):
         assert rows == {expert_columns + (mode == "clorae")}  # and the gate's row
     accumulation = tmp_path / "accumulate.json"
     base = json.load(open(os.path.join(ROOT, "ds_configs", "zero0.json")))
-    accumulation.write_text(json.dumps({**base, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}))
-    log = train("single", str(accumulation), config, f"output.dir={tmp_path / 'accumulate'}")
+    accumulation.write_text(json.dumps({**base, "gradient_accumulation_steps": 2}))
+    log = train("single", str(accumulation), config, f"output.dir={tmp_path / 'accumulate'}", "data.micro_batch_size=4")
     assert summary_of(log)["global_step"] == 4  # 8 micro-batches / 2
 
 
@@ -300,12 +300,17 @@ def test_every_ds_config_loads_and_typos_are_rejected():
             with pytest.raises(EngineConfigError, match=f"the {monitor} monitor needs the {package} package: pip install"):
                 check_ds_config({monitor: {"enabled": True}}, "x.json")
     zero2 = os.path.join(ROOT, "ds_configs", "zero2.json")
-    config = load_ds_config(zero2, 2, ["ds.train_micro_batch_size_per_gpu=3", "ds.zero_optimization.stage=1",
-                                       "ds.gradient_clipping=0.5"])
+    config = load_ds_config(zero2, 2, ["ds.zero_optimization.stage=1", "ds.gradient_clipping=0.5"], micro_batch=3)
     assert config["train_batch_size"] == 6 and config["zero_optimization"]["stage"] == 1 and config["gradient_clipping"] == 0.5
-    settings = ds_settings(zero2, ["ds.train_micro_batch_size_per_gpu=3"], config)
-    assert settings["micro_batch"] == {"value": 3, "from": "command line ds.train_micro_batch_size_per_gpu"}
+    settings = ds_settings(zero2, ["ds.gradient_clipping=0.5"], config)
+    assert settings["micro_batch"] == {"value": 3, "from": "recipe data.micro_batch_size"}
     assert settings["gradient_accumulation"]["from"] == zero2
+    assert settings["gradient_clipping"] == {"value": 0.5, "from": "command line ds.gradient_clipping"}
+    # the recipe owns the micro-batch: the JSON may repeat it, not contradict it
+    assert load_ds_config(zero2, 1, ["ds.train_micro_batch_size_per_gpu=3"], micro_batch=3)["train_batch_size"] == 3
+    with pytest.raises(EngineConfigError, match=r"train_micro_batch_size_per_gpu 4 differs from the recipe's "
+                                                r"data.micro_batch_size 3: .*set data.micro_batch_size"):
+        load_ds_config(zero2, 1, ["ds.train_micro_batch_size_per_gpu=4"], micro_batch=3)
     with pytest.raises(EngineConfigError, match="not ds.KEY=VALUE"):
         load_ds_config(zero2, 1, ["ds.=3"])
     with pytest.raises(EngineConfigError, match="unknown DeepSpeed keys"):
@@ -390,15 +395,11 @@ def image_shards(directory):
 def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_config, tmp_path,
                                                                              llava_tokenizer_dir):
     shards = image_shards(str(tmp_path / "shards"))
-    # Micro-batches of one sample: at some of the 8 steps one rank's batch has an image and the other's not.
-    with open(os.path.join(ROOT, "ds_configs", ds_config)) as f:
-        single = {**json.load(f), "train_micro_batch_size_per_gpu": 1}
-    single_path = tmp_path / "ds_config.json"
-    single_path.write_text(json.dumps(single))
     config = {
         "model": {"family": "llava", "preset": "tiny", "tokenizer": llava_tokenizer_dir,
                   "adapter": {"rank": 6, "alpha": 12, "dropout": 0.0}},
-        "data": {**shards, "num_workers": 1, "batches_per_epoch": 8, "max_input_length": 48,
+        # micro-batches of one sample: at some of the 8 steps one rank's batch has an image and the other's not
+        "data": {**shards, "micro_batch_size": 1, "num_workers": 1, "batches_per_epoch": 8, "max_input_length": 48,
                  "max_target_length": 16, "image_size": 32},
         "optim": {"lr": 0.01, "warmup_steps": 1},
         "schedule": {"epochs": 1, "log_every": 1},
@@ -407,7 +408,7 @@ def test_llava_trains_evaluates_and_exports_on_mixed_image_and_text_batches(ds_c
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = train("torchrun", str(single_path), str(path))
+    log = train("torchrun", os.path.join(ROOT, "ds_configs", ds_config), str(path))
     assert len(steps(log)) == 8
     report = next(e for e in log if e["event"] == "model")
     assert report["trainable_params"] == report["expert_params"] + report["mim_params"] + report["new_module_params"]
@@ -459,14 +460,14 @@ def test_final_loss_covers_a_run_shorter_than_one_logging_interval():
     import torch
     from clorae_ds.train.trainer import IntervalLog
 
-    log = IntervalLog(2, "cpu")
-    assert log.final_loss() is None  # no step yet
-    zeros = torch.zeros(2)
-    for value in (2.0, 4.0):
-        log.add(torch.tensor(value), zeros, zeros, None, samples=1, tokens=1, data_wait=0.0)
-    assert log.final_loss() == 3.0  # the steps since the last logged interval
-    log.take()
-    assert log.final_loss() == 3.0  # right after a log: that interval's mean
+    log, weights = IntervalLog(2, "cpu", mim_beta=0.5), torch.tensor([0.5, 0.5])
+    assert log.final_loss(weights) is None  # no step yet
+    log.add(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor(1.0), samples=1, tokens=1, data_wait=0.0)
+    log.add(torch.tensor([0.0, 10.0]), torch.tensor([0.0, 3.0]), torch.tensor(3.0), samples=1, tokens=1, data_wait=0.0)
+    expected = 12.0 / 4 + 0.5 * 2.0  # L_MT over the 4 target tokens + β × the mean MIM
+    assert log.final_loss(weights) == expected  # the micro-batches since the last logged interval
+    assert log.take(weights)["loss"] == expected
+    assert log.final_loss(weights) == expected  # right after a log: that interval's
 
 
 def test_multi_task_loss_does_not_depend_on_the_batch_mix():
@@ -481,14 +482,50 @@ def test_multi_task_loss_does_not_depend_on_the_batch_mix():
     mean = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
     for dataset_ids in ([0, 0, 0, 0], [0, 1, 2, 3], [2, 2, 3, 1]):
         sums, tokens = per_dataset_token_loss(logits, labels, torch.tensor(dataset_ids), False, 4)
-        torch.testing.assert_close(multi_task_loss(uniform, sums, tokens), mean)
+        torch.testing.assert_close(multi_task_loss(uniform, sums, tokens.sum()), mean)
     # A sample's gradient is the same whether its micro-batch holds one dataset or four (any weights).
     weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
     grads = []
     for dataset_ids in ([0, 0, 0, 0], [0, 1, 2, 3]):
         sums, tokens = per_dataset_token_loss(logits, labels, torch.tensor(dataset_ids), False, 4)
-        grads.append(torch.autograd.grad(multi_task_loss(weights, sums, tokens), logits)[0][0])
+        grads.append(torch.autograd.grad(multi_task_loss(weights, sums, tokens.sum()), logits)[0][0])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.slow
+def test_a_step_has_the_same_gradient_however_its_samples_are_cut_accumulated_or_spread_over_ranks(tmp_path,
+                                                                                                  tokenizer_dir):
+    """The same 8 samples as one micro-batch, as 4 micro-batches of 2 accumulated, and as 2 ranks x 2 micro-batches
+    of 2 (real DeepSpeed ZeRO-2): the loss is normalised by the step's target tokens over micro-batches and ranks,
+    so the gradient is one (a per-micro-batch normalisation weighs a token by its micro-batch's length)."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = recipe(tmp_path, tokenizer_dir)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "loss_worker.py")
+    zero2 = os.path.join(ROOT, "ds_configs", "zero2.json")
+    shapes = {"one micro-batch": (1, 8, 1), "accumulated": (1, 2, 4), "two ranks": (2, 2, 2)}
+    procs = {}
+    for name, (ranks, micro, accumulation) in shapes.items():
+        out = tmp_path / name.replace(" ", "-")
+        out.mkdir()
+        procs[name] = (out, subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
+             "--master_port", str(free_port()), worker, config, zero2, str(out), f"data.micro_batch_size={micro}",
+             "model.adapter.dropout=0.0", "model.adapter.mim_beta=0.0", "model.shape={dropout_rate: 0.0}",
+             f"output.dir={out / 'run'}", f"ds.gradient_accumulation_steps={accumulation}", "ds.bf16.enabled=false"],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    grads = {}
+    for name, (out, proc) in procs.items():
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+        grads[name] = load_file(str(out / "grads.safetensors"))
+    reference = grads.pop("one micro-batch")
+    assert len(reference) > 10 and all(g.abs().sum() > 0 for k, g in reference.items() if k.endswith("expert_B"))
+    for name, got in grads.items():
+        assert got.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-7, msg=f"{name}: {key}")
 
 
 def test_deepspeed_and_collectives_live_in_the_engine_only():
@@ -520,11 +557,11 @@ def test_two_ranks_feed_tensorboard_and_csv_monitors_from_the_deepspeed_config(t
     command_line = command("deepspeed", str(ds_config))
     command_line[command_line.index("--deepspeed")] = "--deepspeed_config"  # DeepSpeed's own spelling
     proc = subprocess.run(command_line + ["--config", recipe(tmp_path, tokenizer_dir, schedule={"epochs": 2}),
-                                          f"output.dir={run}", "ds.train_micro_batch_size_per_gpu=4"],
+                                          f"output.dir={run}", "data.micro_batch_size=4"],
                           env=ENV, capture_output=True, text=True, timeout=300, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     setup = next(e for e in events(proc.stdout) if e["event"] == "setup")
-    assert setup["micro_batch"] == {"value": 4, "from": "command line ds.train_micro_batch_size_per_gpu"}
+    assert setup["micro_batch"] == {"value": 4, "from": "recipe data.micro_batch_size"}
     assert setup["monitors"] == ["csv_monitor", "tensorboard"]
     expected = {"Train/loss", "Train/loss/twitter2015", "Train/loss/mnre_v1", "Train/mim_loss", "Train/lr/experts",
                 "Train/samples_per_s", "Train/tokens_per_s", "Train/task_weight/twitter2015",
@@ -563,10 +600,10 @@ def test_resume_at_another_world_size_or_stage_restores_the_exact_state_and_keep
     assert saved[0] == "global_step10" and saved[1]["batch_in_epoch"] == 2 * accumulation
     if launcher == "single":  # first: a global batch that 2 ranks of micro-batch 3 cannot keep
         proc = subprocess.run(command("deepspeed", ds_after) + ["--config", config, "--output-dir", str(run), "--resume",
-                                                                "auto", per_rank, "ds.train_micro_batch_size_per_gpu=3"],
+                                                                "auto", per_rank, "data.micro_batch_size=3"],
                               env=ENV, capture_output=True, text=True, timeout=300, start_new_session=True)
         assert proc.returncode != 0 and "global batch of 16" in proc.stderr + proc.stdout
-        assert "set ds.train_micro_batch_size_per_gpu to a divisor of 8" in proc.stderr + proc.stdout
+        assert "set data.micro_batch_size to a divisor of 8" in proc.stderr + proc.stdout
     resumed = train(launcher_after, ds_after, config, "--output-dir", str(run), "--max-steps", "12", "--resume", "auto",
                     per_rank)
     event = next(e for e in resumed if e["event"] == "resume")

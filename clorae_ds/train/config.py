@@ -17,22 +17,6 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
-    train: dict = field(default_factory=dict)  # dataset → shard pattern
-    dev: dict = field(default_factory=dict)  # dataset → shard pattern, evaluated after each epoch
-    mix: Optional[dict] = None  # dataset → sampling weight (default: proportional to size)
-    num_workers: int = 2  # loader worker processes per rank
-    shuffle_buffer: int = 500  # samples shuffled together per dataset stream
-    # Batches drawn together from the mix, sorted by input length and cut into batches of similar lengths
-    # (yielded in random order): less padding computed. 1: each batch drawn on its own.
-    length_group: int = 16
-    batches_per_epoch: Optional[int] = None  # micro-batches per rank per epoch (default: one pass over the data)
-    max_input_length: Optional[int] = None  # tokens; None: the encoding's default (data.loader.Encoding)
-    max_target_length: Optional[int] = None  # tokens of the target structure
-    image_size: int = 224  # pixels of the visual side's input images
-
-
-@dataclass
 class LossConfig:
     aml: bool = True  # False: uniform task weights (the "w/o AML" ablation)
     # p_m: reference (single-task state-of-the-art) F1 per dataset, 0..1; datasets without one use 1.0.
@@ -85,6 +69,7 @@ class OutputConfig:
     save_every_steps: Optional[int] = None
 
 
+from ..data.loader import DataConfig  # noqa: E402
 from ..metrics import MetricsConfig  # noqa: E402
 from ..models import ModelConfig  # noqa: E402
 

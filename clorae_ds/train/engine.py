@@ -124,11 +124,12 @@ def init_distributed(timeout_s: int) -> DistContext:
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
-def load_ds_config(path: str, world_size: int, overrides=()) -> dict:
+def load_ds_config(path: str, world_size: int, overrides=(), micro_batch: Optional[int] = 8) -> dict:
     """Read and check a DeepSpeed JSON with `ds.KEY=VALUE` overrides applied (a launcher's way to change it
     without rewriting the file): unknown keys, sections the recipe owns, monitors whose package is missing, batch
-    sizes against the world size; bf16 falls back to fp32 where the hardware has no bf16 (a GPU without it, a CPU
-    without AVX512-BF16 / AMX-BF16)."""
+    sizes against the recipe's micro-batch (data.micro_batch_size; None where nothing trains: the file's, else 1)
+    and the world size; bf16 falls back to fp32 where the hardware has no bf16 (a GPU without it, a CPU without
+    AVX512-BF16 / AMX-BF16)."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -137,16 +138,25 @@ def load_ds_config(path: str, world_size: int, overrides=()) -> dict:
     for assignment in overrides:
         apply_ds_override(config, assignment)
     check_ds_config(config, path)
-    micro = config.get("train_micro_batch_size_per_gpu")
-    accumulation = config.get("gradient_accumulation_steps", 1)
-    if not isinstance(micro, int) or micro < 1:
-        raise EngineConfigError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer")
-    total = config.get("train_batch_size")
-    if total is not None and total != micro * accumulation * world_size:
+    if micro_batch is None:
+        micro_batch = config.get("train_micro_batch_size_per_gpu", 1)
+        if not isinstance(micro_batch, int) or micro_batch < 1:
+            raise EngineConfigError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer")
+    if config.get("train_micro_batch_size_per_gpu", micro_batch) != micro_batch:
         raise EngineConfigError(
-            f"{path}: train_batch_size {total} != micro batch {micro} x gradient accumulation {accumulation} x "
+            f"{path}: train_micro_batch_size_per_gpu {config['train_micro_batch_size_per_gpu']} differs from the "
+            f"recipe's data.micro_batch_size {micro_batch}: the recipe owns the micro-batch (the loader cuts batches "
+            "by it); set data.micro_batch_size and leave the key out of the JSON")
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    if not isinstance(accumulation, int) or accumulation < 1:
+        raise EngineConfigError(f"{path}: gradient_accumulation_steps must be a positive integer")
+    total = config.get("train_batch_size")
+    if total is not None and total != micro_batch * accumulation * world_size:
+        raise EngineConfigError(
+            f"{path}: train_batch_size {total} != micro batch {micro_batch} x gradient accumulation {accumulation} x "
             f"world size {world_size}; remove train_batch_size or make them agree")
-    config["train_batch_size"] = micro * accumulation * world_size
+    config["train_batch_size"] = micro_batch * accumulation * world_size
     if bf16_enabled(config) and not bf16_supported():
         config["bf16"] = {"enabled": False}
     return config
@@ -207,8 +217,7 @@ def ds_settings(path: str, overrides, config: dict) -> dict:
     precision_source = source("bf16") if bf16_enabled(asked) else source("fp16")
     if bf16_enabled(asked) and precision != "bf16":
         precision_source += " asks bf16; this hardware has no bf16 matmuls"
-    return {"micro_batch": {"value": config["train_micro_batch_size_per_gpu"],
-                            "from": source("train_micro_batch_size_per_gpu")},
+    return {"micro_batch": {"value": config["train_micro_batch_size_per_gpu"], "from": "recipe data.micro_batch_size"},
             "gradient_accumulation": {"value": config.get("gradient_accumulation_steps", 1),
                                       "from": source("gradient_accumulation_steps")},
             "precision": {"value": precision, "from": precision_source},
@@ -322,7 +331,7 @@ def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: in
     would refuse stage 1-2 without an optimizer)."""
     import deepspeed
 
-    config = load_ds_config(ds_config_path, world_size)
+    config = load_ds_config(ds_config_path, world_size, micro_batch=None)  # inference batches by its own flag
     if zero_stage(config) < 3:
         if bf16_enabled(config):  # parameters only, as DeepSpeed's bf16 casts them (buffers stay fp32)
             for param in model.parameters():
@@ -425,6 +434,12 @@ class DeepSpeedRunner:
         return self.engine.global_steps
 
     @property
+    def micro_batches_left_in_step(self) -> int:
+        """Micro-batches until the next optimiser step, the next one included (gradient accumulation)."""
+        accumulation = self.engine.gradient_accumulation_steps()
+        return accumulation - self.engine.micro_steps % accumulation
+
+    @property
     def learning_rates(self) -> dict:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
@@ -460,6 +475,12 @@ class DeepSpeedRunner:
     # --- collectives -------------------------------------------------------------------------------
     def max_across_ranks(self, values) -> list[float]:
         return max_across_ranks(values, self.ctx.device)
+
+    def sum_on_device(self, value: float) -> torch.Tensor:
+        """The sum of `value` over ranks as a device tensor: one small all-reduce, nothing read on the host."""
+        tensor = torch.tensor(float(value), device=self.ctx.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor
 
     broadcast_object = staticmethod(broadcast_object)
     gather_objects = staticmethod(gather_objects)

@@ -4,6 +4,7 @@ DeepSpeed call goes through DeepSpeedRunner."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 from ..adapters import collect_mim_loss, save_adapter
 from ..adapters.export import model_card
 from ..adapters.config import AdapterConfigError, CLoRAEConfig
-from ..data.loader import MIELoader
 from ..data.record import TASKS, Record
 from ..data.render import render
 from ..eval import dataset_f1, score
@@ -72,18 +72,17 @@ class RunState:
 class IntervalLog:
     """Sums over a logging interval, kept on the device (no host sync per step) and read once per interval."""
 
-    def __init__(self, num_datasets: int, device):
-        self.num_datasets, self.device, self.last_loss = num_datasets, device, float("nan")
+    def __init__(self, num_datasets: int, device, mim_beta: float):
+        self.num_datasets, self.device, self.mim_beta, self.last_loss = num_datasets, device, mim_beta, float("nan")
         self._reset()
 
     def _reset(self) -> None:
         zeros = torch.zeros(self.num_datasets, device=self.device)
-        self.loss, self.mim, self.dataset_sum, self.dataset_tokens = 0.0, None, zeros, zeros.clone()
+        self.mim, self.dataset_sum, self.dataset_tokens = None, zeros, zeros.clone()
         self.steps = self.samples = self.tokens = 0
         self.data_wait, self.since = 0.0, time.perf_counter()
 
-    def add(self, loss, dataset_sum, dataset_tokens, mim, samples: int, tokens: int, data_wait: float) -> None:
-        self.loss = self.loss + loss.detach().float()
+    def add(self, dataset_sum, dataset_tokens, mim, samples: int, tokens: int, data_wait: float) -> None:
         if mim is not None:
             self.mim = mim.detach().float() + (0.0 if self.mim is None else self.mim)
         self.dataset_sum += dataset_sum.detach().float()
@@ -91,15 +90,21 @@ class IntervalLog:
         self.steps, self.samples, self.tokens = self.steps + 1, self.samples + samples, self.tokens + tokens
         self.data_wait += data_wait
 
-    def final_loss(self) -> Optional[float]:
-        """The mean loss of the steps since the last logged interval, else of that interval (None: no step)."""
-        loss = float(self.loss) / self.steps if self.steps else self.last_loss
+    def _loss(self, task_weights: torch.Tensor) -> float:
+        """The training loss over this rank's micro-batches of the interval: L_MT over all their target tokens
+        + β × the mean L_MIM."""
+        loss = multi_task_loss(task_weights, self.dataset_sum, self.dataset_tokens.sum())
+        return float(loss + (0.0 if self.mim is None else self.mim_beta * self.mim / max(1, self.steps)))
+
+    def final_loss(self, task_weights: torch.Tensor) -> Optional[float]:
+        """The loss of the micro-batches since the last logged interval, else of that interval (None: no step)."""
+        loss = self._loss(task_weights) if self.steps else self.last_loss
         return None if math.isnan(loss) else loss
 
-    def take(self) -> dict:
+    def take(self, task_weights: torch.Tensor) -> dict:
         """Interval means (loss, per-dataset token loss, MIM), this rank's samples/s and tokens/s, data wait."""
         elapsed, steps = max(time.perf_counter() - self.since, 1e-9), max(1, self.steps)
-        self.last_loss = float(self.loss) / steps
+        self.last_loss = self._loss(task_weights)
         means = {"loss": self.last_loss, "mim": None if self.mim is None else float(self.mim) / steps,
                  "dataset_loss": (self.dataset_sum / self.dataset_tokens.clamp(min=1)).tolist(),
                  "dataset_present": (self.dataset_tokens > 0).tolist(), "samples_per_s": self.samples / elapsed,
@@ -121,11 +126,13 @@ def per_dataset_token_loss(logits: torch.Tensor, labels: torch.Tensor, dataset_i
     return one_hot.t() @ sample_sum, one_hot.t() @ sample_tokens
 
 
-def multi_task_loss(task_weights: torch.Tensor, dataset_sum: torch.Tensor, dataset_tokens: torch.Tensor):
-    """L_MT (method.md eq. 10, L_m summing its samples' cross-entropy) per token of the micro-batch:
-    Σ_m M·w_m·L_m / tokens. Each token's weight is M·w_m / tokens whatever datasets share the micro-batch, and
-    uniform weights (1/M) give the ordinary mean token loss."""
-    return len(task_weights) * (task_weights * dataset_sum).sum() / dataset_tokens.sum().clamp(min=1)
+def multi_task_loss(task_weights: torch.Tensor, dataset_sum: torch.Tensor, target_tokens: torch.Tensor):
+    """L_MT (method.md eq. 10, L_m summing its samples' token cross-entropy) per target token:
+    Σ_m M·w_m·L_m / target_tokens. Each token weighs M·w_m / target_tokens whatever datasets share its batch, and
+    uniform weights (1/M) give the ordinary mean token loss. In training, target_tokens counts the whole
+    optimiser step (every micro-batch of every rank): a token weighs the same however the step's samples are cut
+    into micro-batches, accumulated or spread over ranks."""
+    return len(task_weights) * (task_weights * dataset_sum).sum() / target_tokens.clamp(min=1)
 
 
 def _texts_from_shards(patterns: dict, limit: int = 4000) -> list[str]:
@@ -148,7 +155,7 @@ class Trainer:
         self.ctx = init_distributed(config.dist_timeout_s)
         self.is_main = self.ctx.rank == 0
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
-        self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size, ds_overrides)
+        self.ds_config = load_ds_config(ds_config_path, self.ctx.world_size, ds_overrides, config.data.micro_batch_size)
         for name in MONITOR_PACKAGES:  # monitors write into the run unless told otherwise (wandb has no path)
             section = self.ds_config.get(name, {})
             if name != "wandb" and section.get("enabled") and not section.get("output_path"):
@@ -189,24 +196,24 @@ class Trainer:
         self.causal = model_config.family == "llava"
         encoding = encoding_for(built, config.data.max_input_length, config.data.max_target_length,
                                 config.data.image_size)
-        loader_config = MIELoader.Config(
-            train=dict(config.data.train), dev=dict(config.data.dev), mix=config.data.mix,
-            tasks=self.adapter.tasks if self.adapter else list(TASKS),
-            batch_size=self.ds_config["train_micro_batch_size_per_gpu"], eval_batch_size=config.eval.batch_size,
-            num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
-            length_group=config.data.length_group, seed=config.seed,
-            batches_per_epoch=self._batches_per_epoch())
-        self.loader = loader_config.build(self.tokenizer, encoding, self.ctx.rank, self.ctx.world_size)
+        data = replace(config.data, batches_per_epoch=self._batches_per_epoch())
+        loader_args = dict(tasks=self.adapter.tasks if self.adapter else TASKS, eval_batch_size=config.eval.batch_size,
+                           seed=config.seed)
+        self.loader = data.build(self.tokenizer, encoding, self.ctx.rank, self.ctx.world_size, **loader_args)
         self.datasets = self.loader.datasets
         self.train_datasets = sorted(config.data.train)
         # loader dataset id → position among the trained datasets (the order of the task weights)
         self.to_train = torch.tensor([self.train_datasets.index(d) if d in self.train_datasets else -1
                                       for d in self.datasets], device=self.ctx.device)
         self.accumulation = self.ds_config.get("gradient_accumulation_steps", 1)
+        # Whole optimiser steps per epoch: a step's loss is normalised by all its micro-batches' target tokens,
+        # which must be at hand before its first backward (an evaluation would fall inside a straddling step).
+        if self.loader.batches_per_epoch % self.accumulation:
+            if config.data.batches_per_epoch is not None:
+                raise TrainingError(f"data.batches_per_epoch {self.loader.batches_per_epoch} (micro-batches per rank) "
+                                    f"is not a multiple of gradient_accumulation_steps {self.accumulation}")
+            self.loader.batches_per_epoch += self.accumulation - self.loader.batches_per_epoch % self.accumulation
         steps_per_epoch = self.loader.batches_per_epoch // self.accumulation
-        if steps_per_epoch < 1:
-            raise TrainingError(f"an epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than "
-                                f"gradient_accumulation_steps {self.accumulation}")
         self.total_steps = config.schedule.max_steps or steps_per_epoch * config.schedule.epochs
 
         optim = config.optim
@@ -222,7 +229,7 @@ class Trainer:
         self.aml = AchievementWeights(self.train_datasets, config.loss.reference_f1, config.loss.margin,
                                       config.loss.gamma, config.loss.ema, enabled=config.loss.aml)
         # A dev loader for rank 0 alone: under ZeRO-0/1/2 it evaluates while the other ranks wait.
-        self.solo_eval_loader = loader_config.build(self.tokenizer, encoding, 0, 1) if self.is_main else None
+        self.solo_eval_loader = data.build(self.tokenizer, encoding, 0, 1, **loader_args) if self.is_main else None
         if self.is_main:
             log_json(event="model", world_size=self.ctx.world_size, **parameter_report(self.model))
         self.metrics = MetricsExporter(config.metrics, self.ctx.rank, self.ctx.local_rank)
@@ -247,7 +254,7 @@ class Trainer:
         state = self._resume()
         self.task_weights = torch.tensor(self.aml.weights, device=self.ctx.device)
         self.metrics.on_weights(self.train_datasets, self.aml.weights)
-        self.interval = IntervalLog(len(self.train_datasets), self.ctx.device)
+        self.interval = IntervalLog(len(self.train_datasets), self.ctx.device, self.mim_beta)
         self.first_nonfinite = torch.tensor(math.inf, device=self.ctx.device)  # the step of a non-finite loss
         state.stop = self.runner.global_step >= self.total_steps
         self._start_epoch()
@@ -262,21 +269,35 @@ class Trainer:
         report, start = None, time.time()
         while not state.stop and state.epoch < self.config.schedule.epochs:
             self._start_epoch()
-            for batch in self.loader.train_epoch(state.epoch, skip_batches=state.batch_in_epoch):
-                self.train_step(batch, state, start)
+            batches = iter(self.loader.train_epoch(state.epoch, skip_batches=state.batch_in_epoch))
+            while not state.stop:
+                step_batches = list(itertools.islice(batches, self.runner.micro_batches_left_in_step))
+                if not step_batches:
+                    break
+                self.train_optimizer_step(step_batches, state, start)
                 every = self.config.output.save_every_steps
-                boundary = state.batch_in_epoch % self.accumulation == 0  # after an optimiser step, not inside one
-                if every and boundary and self.runner.global_step % every == 0 and not state.stop:
+                if every and self.runner.global_step % every == 0 and not state.stop:
                     self._check_run(state, start)
                     self._checkpoint(state)
-                if state.stop:
-                    break
             report = self.end_epoch(state, start)
         return self._summary(state, report or self.evaluate(), start)
 
-    def train_step(self, batch: dict, state: RunState, start: float) -> None:
+    def train_optimizer_step(self, batches: list[dict], state: RunState, start: float) -> None:
+        """The micro-batches of one optimiser step on this rank: their target tokens summed over ranks (on the
+        device) normalise the loss of each."""
+        target_tokens = self.runner.sum_on_device(sum(batch["target_tokens"] for batch in batches))
+        # DeepSpeed divides each micro-batch's gradient by the accumulation and averages over ranks: undone here,
+        # so that the step's gradient is that of Σ_tokens loss / target_tokens.
+        scale = self.accumulation * self.ctx.world_size
+        for batch in batches:
+            self.train_step(batch, state, start, target_tokens / scale)
+            if state.stop:
+                return
+
+    def train_step(self, batch: dict, state: RunState, start: float, target_tokens: torch.Tensor) -> None:
         """One micro-batch: forward, L_MT + β·L_MIM, backward, step, with no host sync of the project's own
-        (the checks every rank must agree on run at log intervals, _check_run) unless loss.nonfinite=skip."""
+        (the checks every rank must agree on run at log intervals, _check_run) unless loss.nonfinite=skip.
+        target_tokens: the optimiser step's target tokens over ranks, over world size × accumulation."""
         config, runner = self.config, self.runner
         batch_ready = time.perf_counter()
         log_now = (runner.global_step + 1) % config.schedule.log_every == 0
@@ -289,7 +310,7 @@ class Trainer:
         dataset_sum, dataset_tokens = per_dataset_token_loss(
             out.logits, inputs["labels"], self.to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
             len(self.train_datasets))
-        loss = multi_task_loss(self.task_weights, dataset_sum, dataset_tokens)
+        loss = multi_task_loss(self.task_weights, dataset_sum, target_tokens)
         mim = collect_mim_loss(runner.module)
         if mim is not None:
             loss = loss + self.mim_beta * mim
@@ -312,7 +333,7 @@ class Trainer:
         runner.step()
         tokens = batch["tokens"]
         now = time.perf_counter()
-        self.interval.add(loss, dataset_sum, dataset_tokens, mim, len(batch["ids"]), tokens, batch_ready - self.step_end)
+        self.interval.add(dataset_sum, dataset_tokens, mim, len(batch["ids"]), tokens, batch_ready - self.step_end)
         self.metrics.on_step(len(batch["ids"]), tokens, now - batch_ready, batch_ready - self.step_end, batch["skipped"])
         self.step_end = now
         if log_now:
@@ -336,7 +357,7 @@ class Trainer:
     def _log_interval(self, state: RunState, skipped: dict, start: float) -> None:
         """Means over the logging interval (values reach the host only here), metrics, the progress line and
         the `train` JSON event."""
-        runner, means = self.runner, self.interval.take()
+        runner, means = self.runner, self.interval.take(self.task_weights)
         losses = {d: means["dataset_loss"][i] for i, d in enumerate(self.train_datasets) if means["dataset_present"][i]}
         gates = routing_report(routing_stats(runner.module), self.adapter.tasks)["layer_groups"] \
             if self.adapter is not None and self.adapter.uses_gate else {}
@@ -386,7 +407,7 @@ class Trainer:
 
     def _summary(self, state: RunState, report: dict, start: float) -> dict:
         summary = {"event": "summary", "global_step": self.runner.global_step, "epochs": state.epoch,
-                   "final_loss": self.interval.final_loss(), "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
+                   "final_loss": self.interval.final_loss(self.task_weights), "task_weights": dict(zip(self.train_datasets, self.aml.weights)),
                    "dev_f1": {k: v["f1"] for k, v in report.items() if k != "All"}, "dev_all": report["All"],
                    "adapter": os.path.join(self.out, "adapter"), "best_adapter": os.path.join(self.out, "adapter_best"),
                    "skipped_steps": state.skipped_steps, "train_seconds": round(time.time() - start, 1)}
@@ -511,7 +532,7 @@ class Trainer:
                 f"--resume: the checkpoint trained with a global batch of {global_batch} (micro-batch "
                 f"{state['micro_batch']} x accumulation {state['accumulation']} x {state['world_size']} ranks), which "
                 f"micro-batch {micro} x {world} ranks cannot keep with a whole accumulation: set "
-                f"ds.train_micro_batch_size_per_gpu to a divisor of {global_batch // world}")
+                f"data.micro_batch_size to a divisor of {global_batch // world}")
         accumulation = global_batch // (micro * world)
         self.ds_config.update(gradient_accumulation_steps=accumulation, train_batch_size=global_batch)
         return {"world_size": [state["world_size"], world], "zero_stage": [state["zero_stage"], stage],

@@ -29,7 +29,7 @@ def main():
     losses = []
 
     def step(batch):  # the recipe logs every step: the interval's mean is the step's loss
-        trainer.train_step(batch, state, start)
+        trainer.train_optimizer_step([batch], state, start)
         losses.append(trainer.interval.last_loss)
 
     batches = list(trainer.loader.train_epoch(0))
