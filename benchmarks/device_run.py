@@ -8,7 +8,9 @@ Phases, in order, each given what is left of --budget-s (a phase that cannot fit
    profile: benchmarks/profile_step.py on the default at the quality phase's micro-batch (LoRA and C-LoRAE, a plain
    loop and ZeRO-2): host and kernel time per step, kernels per step, the ops that take the time.
 2. engine: launchers/train.py on T5-XL- and T5-large-shaped models (random weights), ZeRO-2/3, bf16, C-LoRAE vs
-   LoRA (and full fine-tuning of the large shape): tokens/s, MFU, peak memory, the step split into data wait,
+   LoRA (and full fine-tuning of the large shape), the first pair checkpointed at the largest micro-batch whose
+   projected peak (benchmarks/bench_memory.py) fits 85 % of the chip: tokens/s, MFU, peak memory beside the
+   projection, the step split into data wait,
    forward, backward and optimizer step (schedule.time_phases).
    MFU = model FLOPs per token × tokens/s ÷ the chip's dense bf16 peak, where model FLOPs per token are
    torch's FLOP count of one forward + backward (launchers/report_cost.py, on the meta device) at 128 input /
@@ -55,8 +57,11 @@ ENGINE_MICRO_BATCH = 32
 # are short (70 tokens each in the 2026-11-28 run: 390 tokens/s at 5.59 samples/s), so 1024 make some 72k tokens,
 # ~0.45 s of the chip's bf16 peak at 6.2 GFLOP a token before the recompute, against ~1 s of host time a step there.
 # Every block is recomputed in backward (model.gradient_checkpointing) so that the activations fit. MFU's target is
-# measured there; its loader gets 6 workers (about 1,000 samples/s each on a CPU core).
-ENGINE_LARGE_MICRO_BATCH = 1024
+# measured there; its loader gets 6 workers (about 1,000 samples/s each on a CPU core). "sized": the largest
+# micro-batch whose projected peak (benchmarks/bench_memory.py, measured on the chip, samples at the engine runs'
+# length limits) fits 85 % of the chip's memory, for both methods.
+ENGINE_LARGE_MICRO_BATCH = "sized"
+ENGINE_LENGTHS = (256, 48)  # data.max_input_length / max_target_length of the engine runs
 # (shape, ZeRO stage, method, micro-batch, gradient checkpointing) in priority order: the targets first (MFU at the
 # large micro-batch, never yet run on a GPU; the step ratio both there and at 32), then ZeRO-3 (never yet run on a
 # GPU: the runs so far had time for the targets alone), then the rest while time lasts.
@@ -102,11 +107,11 @@ def run(cmd: list[str], timeout: float, log_path: str) -> tuple[int, str]:
     return code, out
 
 
-def ds_config(work: str, stage: int, micro_batch: int) -> str:
+def ds_config(work: str, stage: int) -> str:
     with open(os.path.join(ROOT, "ds_configs", f"zero{stage}.json")) as f:
         config = json.load(f)
-    config.update(train_micro_batch_size_per_gpu=micro_batch, bf16={"enabled": True})
-    path = os.path.join(work, f"zero{stage}-bf16-mb{micro_batch}.json")
+    config.update(bf16={"enabled": True})
+    path = os.path.join(work, f"zero{stage}-bf16.json")
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
     return path
@@ -138,10 +143,10 @@ def sanity(args, work: str, patterns: dict, clock: Clock) -> dict:
         info["deepspeed"] = deepspeed_version()
     except Exception as err:  # noqa: BLE001 - reported, and the run stops here
         return {**info, "ok": False, "error": f"deepspeed does not import: {err}"}
-    cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, 2, 4), "--max-steps", "1",
+    cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, 2), "--max-steps", "1",
            "--output-dir", os.path.join(work, "sanity"), "model.family=t5", "model.preset=tiny", "model.pretrained=null", "model.adapter={}",
            "eval.max_samples=2", "eval.max_new_tokens=4", "output.save=false", "schedule.max_minutes=null",
-           "data.num_workers=1", *data_overrides(patterns)]
+           "data.num_workers=1", "data.micro_batch_size=4", *data_overrides(patterns)]
     start = time.time()
     code, out = run(cmd, min(180, clock.left()), os.path.join(work, "sanity.log"))
     summary = next((e for e in events(out) if e["event"] == "summary"), None)
@@ -190,15 +195,48 @@ def peak_flops(device: str):
     return None
 
 
+def size_micro_batch(args, work: str, clock: Clock, rank: int) -> dict:
+    """bench_memory on this chip: the largest micro-batch whose projected peak of a checkpointed T5-XL ZeRO-2 bf16
+    step fits 85 % of its memory, for C-LoRAE and LoRA alike (the smaller), and each method's projection there."""
+    from bench_memory import largest_micro_batch, project
+
+    code, out = run([sys.executable, "benchmarks/bench_memory.py", "--rank", str(rank), "--input-tokens",
+                     str(ENGINE_LENGTHS[0]), "--target-tokens", str(ENGINE_LENGTHS[1]), "--micro-batches", "1024"],
+                    min(240, clock.left() - args.reserve_s), os.path.join(work, "bench_memory.log"))
+    report = next((e for e in events(out) if e["event"] == "bench_memory"), None)
+    if code != 0 or report is None:
+        return {"error": "timed out" if code == 124 else out[-1500:]}
+    capacity = torch.cuda.get_device_properties(0).total_memory
+
+    def projection(method: str):
+        row = report["methods"][method]
+        return lambda micro_batch: project(row["measured"]["checkpointed"], row["frozen_params"],
+                                           row["trainable_params"], micro_batch, ENGINE_LENGTHS[1],
+                                           report["reduce_bucket"])
+
+    micro_batch = min(largest_micro_batch(projection(method), capacity) for method in report["methods"])
+    return {"micro_batch": micro_batch, "capacity_gib": round(capacity / 2**30, 2),
+            "projected_peak_gib": {m: round(sum(projection(m)(micro_batch).values()), 2) for m in report["methods"]},
+            "clorae_over_lora_saved_bytes": report["clorae_over_lora_saved_bytes"]}
+
+
 def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[dict]:
     runs = SMOKE_ENGINE_RUNS if args.smoke else ENGINE_RUNS
     steps, rank = (4, 8) if args.smoke else (args.engine_steps, 64)
     peak = peak_flops(device)
     rows, phase_start = [], time.time()
+    sizing = size_micro_batch(args, work, clock, rank) if any(r[3] == "sized" for r in runs) else {}
     for shape_name, stage, method, micro_batch, checkpointing in runs:
         row = {"shape": shape_name, "zero": stage, "method": method, "micro_batch": micro_batch,
                "gradient_checkpointing": checkpointing}
         rows.append(row)
+        if micro_batch == "sized":
+            if not sizing.get("micro_batch"):
+                row["skipped"] = f"no micro-batch sized: {sizing.get('error', 'none fits')}"[:300]
+                continue
+            row.update(micro_batch=sizing["micro_batch"], projected_peak_gib=sizing["projected_peak_gib"][method],
+                       capacity_gib=sizing["capacity_gib"])
+            micro_batch = sizing["micro_batch"]
         # What one run costs was measured by the previous one; the first gets a fixed allowance.
         need = rows[-2]["seconds"] * 1.2 if len(rows) > 1 and "seconds" in rows[-2] else 60
         engine_left = args.engine_share * clock.budget - (time.time() - phase_start)
@@ -209,13 +247,14 @@ def engine(args, work: str, patterns: dict, clock: Clock, device: str) -> list[d
                    "lora": [f"model.adapter={{rank: {rank}, alpha: {2 * rank}, dropout: 0.1, mode: universal_only}}"],
                    "clorae": [f"model.adapter={{rank: {rank}, alpha: {2 * rank}, dropout: 0.1}}"]}[method]
         name = f"{shape_name}-z{stage}-{method}-mb{micro_batch}" + ("-checkpointed" if checkpointing else "")
-        cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, stage, micro_batch),
+        cmd = [sys.executable, "launchers/train.py", "--deepspeed", ds_config(work, stage),
                "--max-steps", str(steps), "--output-dir", os.path.join(work, f"engine-{name}"),
                "model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPES[shape_name])}", *adapter,
                "schedule.log_every=" + str(max(1, steps // 5)), "schedule.time_phases=true",
                "schedule.max_minutes=null", "eval.max_samples=1", "eval.max_new_tokens=2", "output.save=false",
-               "data.max_input_length=256", "data.max_target_length=48",
-               f"data.num_workers={6 if micro_batch == ENGINE_LARGE_MICRO_BATCH else 2}",
+               f"data.max_input_length={ENGINE_LENGTHS[0]}", f"data.max_target_length={ENGINE_LENGTHS[1]}",
+               f"data.micro_batch_size={micro_batch}",
+               f"data.num_workers={6 if 'projected_peak_gib' in row else 2}",
                f"model.gradient_checkpointing={str(checkpointing).lower()}", *data_overrides(patterns)]
         start = time.time()
         # A run may overrun its share by a little, never eat the quality phase's time.
@@ -258,8 +297,8 @@ def experiments_cmd(args, out: str, budget: str, ds: str, extra: list[str]) -> l
 def quality(args, work: str, clock: Clock) -> dict:
     budget = "smoke" if args.smoke else "large"
     micro_batch = 4 if args.smoke else QUALITY_MICRO_BATCH
-    ds = ds_config(work, 2, micro_batch)
-    evaluation = ["eval.max_samples=8" if args.smoke else "eval.max_samples=300",
+    ds = ds_config(work, 2)
+    evaluation = [f"data.micro_batch_size={micro_batch}", "eval.max_samples=8" if args.smoke else "eval.max_samples=300",
                   "eval.batch_size=16" if args.smoke else "eval.batch_size=256", "schedule.max_minutes=null",
                   f"optim.lr={args.lr}"]
     if clock.left() - args.reserve_s < 60:
@@ -402,8 +441,8 @@ def summary_markdown(report: dict) -> str:
               "MFU = model FLOPs per token (torch FLOP count of one fwd+bwd at 128/32 tokens ÷ 160) × tokens/s ÷ "
               "dense bf16 peak (the recompute of checkpointed blocks is not counted). Micro-batch: samples per step, "
               "\"+ ckpt\" where every block is recomputed in backward (model.gradient_checkpointing).", "",
-              "| shape | ZeRO | method | micro-batch | tokens/s | step s | C-LoRAE/LoRA | MFU | peak GiB | "
-              "data/fwd/bwd/step |",
+              "| shape | ZeRO | method | micro-batch | tokens/s | step s | C-LoRAE/LoRA | MFU | peak GiB "
+              "(projected) | data/fwd/bwd/step |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("engine", []):
         # reports before micro-batches were recorded per run ran at 8
@@ -414,9 +453,10 @@ def summary_markdown(report: dict) -> str:
             continue
         split = "/".join(f"{100 * r['step_split'][k]:.0f}%" for k in ("data_wait", "forward", "backward", "step"))
         mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        projected = f" ({r['projected_peak_gib']})" if "projected_peak_gib" in r else ""
         lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {batch} | {r['tokens_per_s']:.0f} | "
                      f"{r['step_seconds']} | "
-                     f"{r.get('clorae_over_lora_step', '—')} | {mfu} | {r['peak_memory_gib'] or '—'} | {split} |")
+                     f"{r.get('clorae_over_lora_step', '—')} | {mfu} | {r['peak_memory_gib'] or '—'}{projected} | {split} |")
     q = report.get("quality", {})
     lines += ["", "## 3. Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
     if "table" in q:

@@ -28,6 +28,7 @@ BENCHMARKS = {  # key: command, relative to the repository root
     "train": ["benchmarks/bench_train.py"],
     "loader": ["benchmarks/bench_loader.py"],
     "checkpointing": ["benchmarks/bench_checkpointing.py"],
+    "memory": ["benchmarks/bench_memory.py"],
     "cost_t5_base": ["launchers/report_cost.py", "--model", "t5-base"],
     "cost_t5_base_batch8": ["launchers/report_cost.py", "--model", "t5-base", "--batch", "8"],
     "cost_t5_large": ["launchers/report_cost.py", "--model", "t5-large"],
@@ -160,13 +161,47 @@ def train_section(measured: dict, machine: str) -> list:
 
 def loader_section(measured: dict, machine: str) -> list:
     result = measured["loader"]
-    return ["## Loader headroom", "",
-            "The webdataset loader alone (2 workers, the embedded shards, tokenised and collated) against what "
-            f"training consumes (MiniLM + C-LoRAE r 16, batch 8, CPU). Target ≥ 20x. Measured here ({machine}): "
-            f"`{command_text('loader')}`", "",
-            "| loader samples/s | training samples/s | headroom |", "|---|---|---|",
-            f"| {result['loader_samples_per_s']:.0f} | {result['train_samples_per_s']:.1f} | "
-            f"{result['loader_over_train']:.0f}x |", ""]
+    orders = {"random": "random order (`data.length_group=1`)",
+              "mix_keeping": f"mix-keeping buckets (the default: `length_group` {result['length_group']}, "
+                             f"`length_weight` {result['length_weight']})",
+              "length": "by length alone (`data.length_weight=1`)"}
+    return ["## Loader: padding, task mix, headroom", "",
+            "One epoch of the full training splits (`bash shards/build_full.sh`, 33,237 samples, the default's "
+            "tokenizer) through the loader (2 workers): real / padded tokens (input + target) per micro-batch, and "
+            "the mean total-variation distance of a batch's dataset mix to the run's mix. Targets at micro-batch 32: "
+            "real / padded ≥ 0.85 with mix distance ≤ 0.20; loader headroom ≥ 20x what training consumes (MiniLM + "
+            f"C-LoRAE r 16, micro-batch 32, CPU). Measured here ({machine}): `{command_text('loader')}`", "",
+            "| order | real / padded, 32 | mix distance, 32 | real / padded, 1024 | mix distance, 1024 |",
+            "|---|---|---|---|---|",
+            *[f"| {name} | {result['orders'][key]['32']['real_over_padded']:.3f} | "
+              f"{result['orders'][key]['32']['mix_distance']:.3f} | {result['orders'][key]['1024']['real_over_padded']:.3f} | "
+              f"{result['orders'][key]['1024']['mix_distance']:.3f} |" for key, name in orders.items()], "",
+            f"Loader {result['loader_samples_per_s']:.0f} samples/s against training's "
+            f"{result['train_samples_per_s']:.1f}: headroom {result['loader_over_train']:.0f}x.", ""]
+
+
+def memory_section(measured: dict, machine: str) -> list:
+    result = measured["memory"]
+    methods = result["methods"]
+    lines = ["## Activation memory and a T5-XL step's projected peak", "",
+             f"Bytes autograd saves for backward, per token of a full-length sample ({result['sample_tokens'][0]} + "
+             f"{result['sample_tokens'][1]} tokens), measured with saved-tensor hooks on T5-XL-wide blocks (bf16, r "
+             f"{result['rank']}) and projected to the whole 24 + 24-block model; then the projected peak of one "
+             f"ZeRO-2 bf16 step on one GPU. Target C-LoRAE / LoRA ≤ 1.30. Measured here ({machine}): "
+             f"`{command_text('memory')}`", "",
+             "| method | saved bytes / token | checkpointed | saved GiB / step (weight-sized) | trainable params |",
+             "|---|---|---|---|---|",
+             *[f"| {name} | {methods[key]['saved_bytes_per_token_plain']:,} | "
+               f"{methods[key]['saved_bytes_per_token_checkpointed']:,} | {methods[key]['saved_gib_per_step_plain']} | "
+               f"{methods[key]['trainable_params'] / 1e6:.0f}M |" for key, name in (("clorae", "C-LoRAE"), ("lora", "LoRA"))],
+             "", f"C-LoRAE / LoRA saved bytes per token: {result['clorae_over_lora_saved_bytes']:.3f}.", "",
+             "| projected peak GiB | " + " | ".join(sorted({k.rsplit("-", 1)[1] for k in result["projected_peak_gib"]},
+                                                         key=lambda b: int(b[2:]))) + " |"]
+    batches = sorted({k.rsplit("-", 1)[1] for k in result["projected_peak_gib"]}, key=lambda b: int(b[2:]))
+    lines.append("|---" * (len(batches) + 1) + "|")
+    for arm in dict.fromkeys(k.rsplit("-", 1)[0] for k in result["projected_peak_gib"]):
+        lines.append(f"| {arm} | " + " | ".join(f"{result['projected_peak_gib'][f'{arm}-{b}']}" for b in batches) + " |")
+    return lines + [""]
 
 
 def checkpointing_section(measured: dict, machine: str) -> list:
@@ -232,6 +267,7 @@ def render(data: dict, device_runs: list) -> str:
     lines += train_section(data["results"], machine)
     lines += loader_section(data["results"], machine)
     lines += checkpointing_section(data["results"], machine)
+    lines += memory_section(data["results"], machine)
     lines += cost_section(data["results"])
     lines += gpu_section(device_runs)
     return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""bench_memory's counting and projection, on a tiny T5 (the benchmark itself runs T5-XL-wide blocks)."""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "launchers"))
+
+import bench_memory  # noqa: E402
+
+TINY = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, feed_forward_proj="gated-gelu", vocab_size=300)
+
+
+def test_saved_bytes_count_each_storage_once_and_no_parameter():
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def run():
+        y = x @ weight  # saves x (128 bytes) and the weight (left out)
+        z = y.view(8, 4)  # a view of y's storage
+        return (y * z.view(4, 8)).sum() + (z * z).sum()  # saves y's storage four times over
+
+    assert bench_memory.count_saved(run, [weight]) == 4 * 8 * 4 + 4 * 8 * 4  # x once, y's storage once
+
+
+def test_the_four_way_split_predicts_a_deeper_larger_forward_and_sizes_the_batch():
+    """Measured at 1-2 block pairs and 1-2 samples, the split predicts 3 block pairs of 3 samples exactly."""
+    for method in ("clorae", "lora"):
+        measured = bench_memory.measure(method, 4, 1, 12, 5, "cpu", torch.float32, TINY)["plain"]
+        model = bench_memory.build(method, 3, 4, False, "cpu", torch.float32, TINY)
+        predicted = measured["fixed_rest"] + 3 * measured["fixed_block_pair"] + \
+            3 * (measured["rest"] + 3 * measured["block_pair"])
+        assert bench_memory.saved_bytes(model, 3, 12, 5) == predicted
+        assert measured["block_pair"] > 0 and measured["rest"] > 0
+    projection = lambda micro_batch: {"fixed": 10.0, "per_sample": 0.5 * micro_batch}  # GiB
+    assert bench_memory.largest_micro_batch(projection, 100 * 2 ** 30, share=0.85, multiple=8) == 144  # 150 fits
+    assert bench_memory.largest_micro_batch(projection, 10 * 2 ** 30) == 0
