@@ -91,7 +91,7 @@ def parameters(method: str, rank: int) -> tuple[int, int]:
 
 def project(measured: dict, frozen: int, trainable: int, micro_batch: int, target_len: int,
             reduce_bucket: int) -> dict:
-    """GiB per term of a ZeRO-2 bf16 step's peak on one GPU at `micro_batch` samples (measured: measure()'s)."""
+    """Bytes per term of a ZeRO-2 bf16 step's peak on one GPU at `micro_batch` samples (measured: measure()'s)."""
     terms = {"weights": 2 * (frozen + trainable), "gradients": 2 * trainable,
              "optimizer": (4 + 8 + 4) * trainable,  # fp32 master, Adam's two moments, fp32 gradient partition
              "reduce_bucket": 2 * min(reduce_bucket, trainable),
@@ -99,15 +99,15 @@ def project(measured: dict, frozen: int, trainable: int, micro_batch: int, targe
              + micro_batch * (measured["rest"] + BLOCKS * measured["block_pair"]),
              "logits_gradient": micro_batch * target_len * T5_XL["vocab_size"] * (2 + 4),
              "recompute": micro_batch * measured.get("recompute_block_pair", 0)}  # one block pair's, in backward
-    return {name: round(value / GIB, 3) for name, value in terms.items()}
+    return terms
 
 
 def largest_micro_batch(projection, capacity_bytes: float, share: float = 0.85, multiple: int = 8) -> int:
-    """The largest multiple of `multiple` whose projected peak (projection(micro_batch) -> GiB terms) fits
+    """The largest multiple of `multiple` whose projected peak (projection(micro_batch) -> bytes per term) fits
     share × capacity; 0 if none does."""
     fixed = sum(projection(0).values())
     per_sample = sum(projection(1).values()) - fixed
-    fits = int((share * capacity_bytes / GIB - fixed) / per_sample)
+    fits = int((share * capacity_bytes - fixed) // per_sample)
     return max(0, fits // multiple * multiple)
 
 
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
                            for mode, m in measured.items()}}
         for mode, m in measured.items():
             for micro_batch in map(int, args.micro_batches.split(",")):
-                terms = project(m, frozen, trainable, micro_batch, args.target_tokens, bucket)
+                terms = {k: round(v / GIB, 2) for k, v in project(m, frozen, trainable, micro_batch,
+                                                                  args.target_tokens, bucket).items()}
                 projected[f"{method}-{mode}-mb{micro_batch}"] = round(sum(terms.values()), 2)
                 print(f"{method:6s} {mode:12s} micro-batch {micro_batch:5d}: {sum(terms.values()):7.2f} GiB {terms}")
         print(f"{method:6s} saved bytes per token: {rows[method]['saved_bytes_per_token_plain']:,} "

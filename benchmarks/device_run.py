@@ -216,7 +216,8 @@ def size_micro_batch(args, work: str, clock: Clock, rank: int) -> dict:
 
     micro_batch = min(largest_micro_batch(projection(method), capacity) for method in report["methods"])
     return {"micro_batch": micro_batch, "capacity_gib": round(capacity / 2**30, 2),
-            "projected_peak_gib": {m: round(sum(projection(m)(micro_batch).values()), 2) for m in report["methods"]},
+            "projected_peak_gib": {m: round(sum(projection(m)(micro_batch).values()) / 2**30, 2)
+                                   for m in report["methods"]},
             "clorae_over_lora_saved_bytes": report["clorae_over_lora_saved_bytes"]}
 
 

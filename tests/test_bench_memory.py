@@ -34,6 +34,13 @@ def test_the_four_way_split_predicts_a_deeper_larger_forward_and_sizes_the_batch
             3 * (measured["rest"] + 3 * measured["block_pair"])
         assert bench_memory.saved_bytes(model, 3, 12, 5) == predicted
         assert measured["block_pair"] > 0 and measured["rest"] > 0
-    projection = lambda micro_batch: {"fixed": 10.0, "per_sample": 0.5 * micro_batch}  # GiB
-    assert bench_memory.largest_micro_batch(projection, 100 * 2 ** 30, share=0.85, multiple=8) == 144  # 150 fits
-    assert bench_memory.largest_micro_batch(projection, 10 * 2 ** 30) == 0
+    gib = 2 ** 30
+    projection = lambda micro_batch: {"fixed": 10 * gib, "per_sample": gib // 2 * micro_batch}
+    assert bench_memory.largest_micro_batch(projection, 100 * gib, share=0.85, multiple=8) == 144  # 150 fits
+    assert bench_memory.largest_micro_batch(projection, 10 * gib) == 0
+    measured = {"block_pair": 1, "rest": 2, "fixed_block_pair": 3, "fixed_rest": 4, "recompute_block_pair": 5}
+    terms = bench_memory.project(measured, frozen=10, trainable=20, micro_batch=2, target_len=3, reduce_bucket=7)
+    vocab = bench_memory.T5_XL["vocab_size"]
+    assert terms == {"weights": 60, "gradients": 40, "optimizer": 320, "reduce_bucket": 14,
+                     "activations": 4 + 24 * 3 + 2 * (2 + 24 * 1), "logits_gradient": 2 * 3 * vocab * 6,
+                     "recompute": 10}
