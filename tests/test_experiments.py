@@ -189,14 +189,25 @@ def test_performance_report_renders_recorded_results(tmp_path):
             "clorae_over_lora_flops": 1.3, "clorae_without_mim_over_lora_flops": 1.1,
             "clorae_floor_over_lora_flops": 1.2,
             "methods": {"full fine-tuning": method, "LoRA": method, "C-LoRAE": method}}
-    data = {"date": "2026-11-26", "machine": "test machine", "results": {
+    data = {"date": "2026-11-26", "machine": "2 CPU cores", "dates": {"loader": "2026-12-07", "memory": "2026-12-07",
+                                                                       "adapter": "2026-12-01"}, "results": {
         "adapter": {"device": "cpu (2 threads)", "dtype": "float32", "arms": arms, "loop_over_clorae": 1.0,
                     "clorae_over_peft_lora": 1.25, "clorae_without_mim_over_peft_lora": 1.0},
         "train": {"rounds": 3, "plain_tokens_per_s": 500.0, "zero2_1rank_overhead": 0.05, "clorae_over_lora_step": 1.07,
                   "clorae_without_mim_over_lora_step": 1.03, "clorae_without_mim_over_lora_step_each_round": [1.03],
                   "arms": [{"arm": "plain loop", "ranks": 1, "tokens_per_s": 500.0, "seconds_per_step": 0.5,
                             "all_rounds": [490.0, 500.0, 510.0]}]},
-        "loader": {"loader_samples_per_s": 2000.0, "train_samples_per_s": 10.0, "loader_over_train": 200.0},
+        "loader": {"loader_samples_per_s": 2000.0, "train_samples_per_s": 10.0, "loader_over_train": 200.0,
+                   "length_group": 256, "length_weight": 0.6,
+                   "orders": {order: {"32": {"real_over_padded": value, "mix_distance": 0.1},
+                                      "1024": {"real_over_padded": value / 2, "mix_distance": 0.05}}
+                              for order, value in (("random", 0.5), ("mix_keeping", 0.7), ("length", 0.9))}},
+        "memory": {"clorae_over_lora_saved_bytes": 1.2, "rank": 64, "sample_tokens": [256, 48],
+                   "methods": {m: {"saved_bytes_per_token_plain": n, "saved_bytes_per_token_checkpointed": n // 10,
+                                   "saved_gib_per_step_plain": 0.5, "trainable_params": 2e8}
+                               for m, n in (("clorae", 1200), ("lora", 1000))},
+                   "projected_peak_gib": {"clorae-plain-mb32": 40.0, "clorae-plain-mb1024": 900.0,
+                                          "lora-plain-mb32": 30.0, "lora-plain-mb1024": 800.0}},
         "checkpointing": {"checkpointed_over_kept_peak_memory": 0.25, "checkpointed_over_kept_step": 1.3,
                           "arms": {"kept": {"step_s": 2.0, "peak_mib": 800.0},
                                    "checkpointed": {"step_s": 2.6, "peak_mib": 200.0}},
@@ -211,7 +222,14 @@ def test_performance_report_renders_recorded_results(tmp_path):
     text = out.read_text()
     assert "| C-LoRAE (MIM on) | 12.5 | 1.250 |" in text and "**Target (1.10x with MIM, 1.08x without) not met**" in text
     assert "**1.07x** (`clorae_over_lora_step`" in text and "**1.03x** (`clorae_without_mim_over_lora_step`" in text
-    assert "ZeRO-2 +5.0 %" in text and "| 2000 | 10.0 | 200x |" in text
+    assert "ZeRO-2 +5.0 %" in text and "headroom 200x" in text
+    assert "| random order (`data.length_group=1`) | 0.500 | 0.100 | 0.250 | 0.050 |" in text
+    assert "| C-LoRAE | 1,200 | 120 | 0.5 | 200M |" in text and "| clorae-plain | 40.0 | 900.0 |" in text
+    assert "Measured here (2 CPU cores, 2026-12-01, cpu" in text and "Measured here (2 CPU cores, 2026-12-07)" in text
+    # each GPU run on a page of its own under runs/, linked
+    pages = sorted(os.listdir(tmp_path / "runs"))
+    assert pages and all(f"(runs/{page})" in text for page in pages)
+    assert "#### plain lora: most host time" not in text  # the profiler tables live on the pages
     assert "| checkpointed | 2.60 | 200 |" in text and "peak memory 0.250, step time 1.30" in text
     assert "C-LoRAE / LoRA fwd+bwd FLOPs: 1.300 (without MIM 1.100, and that plus exact MIM's lower " \
            "bound of 0.2 GFLOPs 1.200)" in text
