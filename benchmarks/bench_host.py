@@ -78,7 +78,7 @@ def count_host_work(run, steps: int) -> dict:
     return {"ops_per_step": ops / steps, "syncs_per_step": {site: n / steps for site, n in sorted(syncs.items())}}
 
 
-def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
+def worker(arm: str, steps: int, profile_steps: int, out: str, depth: int) -> None:
     import torch
     import torch._inductor.config
     import yaml
@@ -94,12 +94,13 @@ def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
     method, mode, engine = arm.split("-")
     warmup, shards = 3, embedded_train_shards()
     dev = {dataset: os.path.join(ROOT, "shards", f"{dataset}-dev-000000.tar") for dataset in shards}
-    overrides = ["model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(SHAPE)}",
+    shape = {**SHAPE, "num_layers": depth, "num_decoder_layers": depth}
+    overrides = ["model.family=t5", "model.preset=tiny", "model.pretrained=null", f"model.shape={json.dumps(shape)}",
                  f"model.compile={str(mode == 'compiled').lower()}", f"data.train={json.dumps(shards)}",
                  f"data.dev={json.dumps(dev)}",
                  f"data.batches_per_epoch={warmup + steps + profile_steps}", "data.num_workers=1",
                  f"schedule.log_every={10 ** 6}", "schedule.max_minutes=null", "output.save=false",
-                 f"output.dir={out}/{arm}-run", "model.adapter.dropout=0.0"]
+                 f"output.dir={out}/{arm}-{depth}-run", "model.adapter.dropout=0.0"]
     with open(os.path.join(ROOT, "experiments", "base.yaml")) as f:
         base = yaml.safe_load(f)
     trainer = Trainer(load_config(os.path.join(ROOT, "experiments", f"{method}.yaml"), overrides, base=base),
@@ -116,9 +117,24 @@ def worker(arm: str, steps: int, profile_steps: int, out: str) -> None:
     counts = count_host_work(lambda: trainer.train_optimizer_step([next(batches)], state, start), profile_steps)
     if trainer.ctx.rank == 0:
         trainable = sum(p.requires_grad for p in trainer.model.parameters())
-        with open(os.path.join(out, f"{arm}.json"), "w") as f:
+        with open(os.path.join(out, f"{arm}-{depth}.json"), "w") as f:
             json.dump({"arm": arm, "ms_per_step": round(ms, 1), "trainable_tensors": trainable, **counts}, f)
     shutdown()
+
+
+def project_to_depth(measured: dict, depth: int) -> dict:
+    """Counts at two depths, extended linearly to `depth` blocks per stack (each block adds the same ops,
+    trainable tensors and syncs); the time is the deeper run's, not projected."""
+    (low, a), (high, b) = sorted(measured.items())
+
+    def at(x, y):
+        return x + (y - x) * (depth - low) / (high - low)
+
+    sites = set(a["syncs_per_step"]) | set(b["syncs_per_step"])
+    return {"arm": b["arm"], "ms_per_step": b["ms_per_step"], "projected_from_depths": [low, high],
+            "trainable_tensors": round(at(a["trainable_tensors"], b["trainable_tensors"])),
+            "ops_per_step": at(a["ops_per_step"], b["ops_per_step"]),
+            "syncs_per_step": {s: at(a["syncs_per_step"].get(s, 0), b["syncs_per_step"].get(s, 0)) for s in sites}}
 
 
 def split_syncs(row: dict) -> tuple[float, float]:
@@ -132,27 +148,35 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=6, help="timed steps an arm, after 3 of warm-up")
     parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--depths", default="24", help="blocks per stack; two depths (e.g. 2,4) project the counts "
+                        "linearly to 24 + 24 blocks, for compiled arms whose whole-model compile at 24 takes long")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.steps, args.profile_steps, args.out)
+        worker(args.worker, args.steps, args.profile_steps, args.out, int(args.depths))
         return 0
+    depths = [int(d) for d in args.depths.split(",")]
+    if len(depths) not in (1, 2) or (len(depths) == 1 and depths != [SHAPE["num_layers"]]):
+        parser.error(f"--depths: {SHAPE['num_layers']}, or two depths to project from")
     rows = {}
     with tempfile.TemporaryDirectory() as out:
         for arm in args.arms.split(","):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            __file__, "--worker", arm, "--out", out, "--steps", str(args.steps),
-                            "--profile-steps", str(args.profile_steps)], env=env, check=True,
-                           stdout=subprocess.DEVNULL, cwd=ROOT)
-            with open(os.path.join(out, f"{arm}.json")) as f:
-                rows[arm] = json.load(f)
+            measured = {}
+            for depth in depths:
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                __file__, "--worker", arm, "--out", out, "--steps", str(args.steps),
+                                "--profile-steps", str(args.profile_steps), "--depths", str(depth)], env=env,
+                               check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+                with open(os.path.join(out, f"{arm}-{depth}.json")) as f:
+                    measured[depth] = json.load(f)
+            rows[arm] = measured[depths[0]] if len(depths) == 1 else project_to_depth(measured, SHAPE["num_layers"])
     print("| arm | ATen ops / step | project syncs | DeepSpeed syncs | trainable tensors | ms / step |")
     print("|---|---|---|---|---|---|")
     for arm, row in rows.items():
-        project, deepspeed = split_syncs(row)
-        print(f"| {arm} | {row['ops_per_step']:.0f} | {project:g} | {deepspeed:g} | {row['trainable_tensors']} | "
+        own, deepspeed = split_syncs(row)
+        print(f"| {arm} | {row['ops_per_step']:.0f} | {own:g} | {deepspeed:g} | {row['trainable_tensors']} | "
               f"{row['ms_per_step']:.0f} |")
     for arm, row in rows.items():
         print(f"{arm} syncs: {json.dumps(row['syncs_per_step'])}")
@@ -169,6 +193,7 @@ def main(argv=None) -> int:
                       "deepspeed_syncs_per_step": {arm: split_syncs(row)[1] for arm, row in rows.items()},
                       "ops_per_step": {arm: row["ops_per_step"] for arm, row in rows.items()},
                       "trainable_tensors": {arm: row["trainable_tensors"] for arm, row in rows.items()},
+                      "projected_from_depths": {arm: row.get("projected_from_depths") for arm, row in rows.items()},
                       "ms_per_step": {arm: row["ms_per_step"] for arm, row in rows.items()}}))
     return 0
 

@@ -495,16 +495,16 @@ def test_multi_task_loss_does_not_depend_on_the_batch_mix():
 @pytest.mark.slow
 def test_a_step_has_the_same_gradient_however_its_samples_are_cut_accumulated_or_spread_over_ranks(tmp_path,
                                                                                                   tokenizer_dir):
-    """The same 8 samples as one micro-batch, as 4 micro-batches of 2 accumulated, and as 2 ranks x 2 micro-batches
-    of 2 (real DeepSpeed ZeRO-2): the loss is normalised by the step's target tokens over micro-batches and ranks,
-    so the gradient is one (a per-micro-batch normalisation weighs a token by its micro-batch's length)."""
+    """The same 8 samples as one micro-batch on one rank, and as 2 ranks x 2 micro-batches of 2 accumulated (real
+    DeepSpeed ZeRO-2): the loss is normalised by the step's target tokens over micro-batches and ranks, so the
+    gradient is one (a per-micro-batch normalisation weighs a token by its micro-batch's length)."""
     import torch
     from safetensors.torch import load_file
 
     config = recipe(tmp_path, tokenizer_dir)
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed", "loss_worker.py")
     zero2 = os.path.join(ROOT, "ds_configs", "zero2.json")
-    shapes = {"one micro-batch": (1, 8, 1), "accumulated": (1, 2, 4), "two ranks": (2, 2, 2)}
+    shapes = {"one micro-batch": (1, 8, 1), "two ranks accumulating": (2, 2, 2)}
     procs = {}
     for name, (ranks, micro, accumulation) in shapes.items():
         out = tmp_path / name.replace(" ", "-")
