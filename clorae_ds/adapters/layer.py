@@ -311,11 +311,15 @@ class MaskedMIMInputs(NamedTuple):
     universal_rank: int
     rank: int  # R, B's expert columns (the regressor's follow)
     detach_teacher: bool
+    routing: object  # the TaskRouting that made the signs
+    shape: tuple  # (batch, tokens per sample) of the layer input the signs were made for
 
     def joins(self, other: "MaskedMIMInputs") -> bool:
-        """Whether the two calls' terms compute as one group: the same signs tensor (the routing caches one per
-        input shape: same signs, same rows) and shapes."""
-        return (self.signs is other.signs and self.z.shape == other.z.shape and self.z.dtype == other.z.dtype
+        """Whether the two calls' terms compute as one group: signs of one routing for the same input shape (equal
+        values: in eager the very tensor the routing caches, under torch.compile one computed per call) and the
+        same shapes."""
+        return (self.routing is other.routing and self.shape == other.shape and self.signs.shape == other.signs.shape
+                and self.z.shape == other.z.shape and self.z.dtype == other.z.dtype
                 and self.expert_B.shape == other.expert_B.shape and self.expert_B.dtype == other.expert_B.dtype
                 and (self.universal_rank, self.rank, self.detach_teacher)
                 == (other.universal_rank, other.rank, other.detach_teacher))
@@ -544,7 +548,7 @@ class CLoRAELinear(nn.Module):
             self._mim_terms.append(MaskedMIMInputs(
                 z, mim_B, routing.mim_signs(*shape, self.universal_rank, self.task_rank, width, x.device),
                 routing.real_token_count(*shape, x.device), self.universal_rank, self.expert_columns,
-                self.config.mim_detach_teacher))
+                self.config.mim_detach_teacher, routing, shape))
         if one_hot is not None and not self.replaying:  # addmm_: no Module.__setattr__
             self.gate_stats.addmm_(one_hot.t(), _gate_pair(gates).to(one_hot.dtype))
         return y.view(*x.shape[:-1], self.out_features)

@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..adapters import checkpoint_context_fn, restore_task_routing, set_task_routing, task_routing
+from ..adapters import checkpoint_context_fn, collect_mim_loss, restore_task_routing, set_task_routing, task_routing
 from .visual import VisualSide
 
 VISUAL_KEYS = ("visual_features", "visual_boxes", "visual_mask", "image_present")
@@ -95,11 +95,13 @@ class MIEModel(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden)
 
     def forward(self, input_ids, attention_mask, labels=None, task_ids=None, pixel_values=None,
-                record_routing=False, return_loss=True, **visual):
+                record_routing=False, return_loss=True, return_mim=False, **visual):
         """The backbone's output: logits and, given labels, their mean token cross-entropy as `loss` unless
         `return_loss` is False (the trainer weighs its own per-dataset loss from the logits). Labels are not
         passed to the backbone, which would compute that cross-entropy whether or not it is used.
-        `record_routing` accumulates gate statistics (routing_stats) for this call."""
+        `record_routing` accumulates gate statistics (routing_stats) for this call. `return_mim`: the call's
+        L_MIM (collect_mim_loss) as `mim_loss` (None without MIM), computed here so that a compiled forward
+        compiles it too (grouped across layers) instead of leaving it to eager code after the graph."""
         if self.is_seq2seq and labels is not None and labels.shape[1] == input_ids.shape[1]:
             # One more ignored label position keeps the decoder's length apart from the encoder's, so each
             # adapted layer finds its own real-token mask by length (the MIM loss leaves padding out).
@@ -121,6 +123,10 @@ class MIEModel(nn.Module):
         if labels is not None and return_loss:
             logits, targets = (out.logits, labels) if self.is_seq2seq else (out.logits[:, :-1], labels[:, 1:])
             out["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if return_mim:
+            mim = collect_mim_loss(self)
+            if mim is not None:
+                out["mim_loss"] = mim
         return out
 
     def _decoder_inputs(self, labels) -> dict:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..adapters import collect_mim_loss, save_adapter
+from ..adapters import save_adapter
 from ..adapters.export import model_card
 from ..adapters.config import AdapterConfigError, CLoRAEConfig
 from ..data.record import TASKS, Record
@@ -306,12 +306,12 @@ class Trainer:
             for tensor in inputs.values():
                 for dim in range(min(tensor.dim(), 2)):
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        out = runner.forward(**inputs, record_routing=log_now, return_loss=False)  # no loss thrown away
+        out = runner.forward(**inputs, record_routing=log_now, return_loss=False, return_mim=self.mim_beta > 0)
         dataset_sum, dataset_tokens = per_dataset_token_loss(
             out.logits, inputs["labels"], self.to_train[batch["dataset_ids"].to(self.ctx.device)], self.causal,
             len(self.train_datasets))
         loss = multi_task_loss(self.task_weights, dataset_sum, target_tokens)
-        mim = collect_mim_loss(runner.module)
+        mim = out.get("mim_loss")
         if mim is not None:
             loss = loss + self.mim_beta * mim
         state.batch_in_epoch += 1
