@@ -141,14 +141,15 @@ class SampleEncoder:
         labels = torch.full((len(items), label_width), -100, dtype=torch.long)
         for i, item in enumerate(items):
             labels[i, :len(item["labels"])] = torch.tensor(item["labels"], dtype=torch.long)
+        targets = labels >= 0
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "task_ids": torch.tensor([it["task_id"] for it in items]),
                  "dataset_ids": torch.tensor([it["dataset_id"] for it in items]),
                  "ids": [it["id"] for it in items],
                  # counted here so that a training step reads no tensor on the host: real input + target tokens,
                  # and the target tokens the loss averages over (a decoder-only model predicts from position 1)
-                 "tokens": int(attention_mask.sum()) + int((labels >= 0).sum()),
-                 "target_tokens": int((labels[:, 1:] >= 0).sum() if self.encoding.causal else (labels >= 0).sum())}
+                 "tokens": int(attention_mask.sum()) + int(targets.sum()),
+                 "target_tokens": int((targets[:, 1:] if self.encoding.causal else targets).sum())}
         images = [it["image"] for it in items]
         if any(image is not None for image in images):
             if self.encoding.causal:
