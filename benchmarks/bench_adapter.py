@@ -1,12 +1,13 @@
 """C-LoRAE adapter cost beside peft LoRA and a per-task loop, measured side by side in one run.
 
-    python benchmarks/bench_adapter.py [--device cuda --dtype bf16] [--rounds 20]
+    python benchmarks/bench_adapter.py [--device cuda --dtype bf16] [--rounds 20] [--compiled]
 
 A randomly initialised T5 encoder (d_model 512, d_ff 2048, 6 layers by default; all six projections q, k,
 v, o, wi, wo adapted), rank r 64, 3 tasks, a mixed batch of 8 x 128 tokens. Each arm runs forward +
 backward of the same loss; arms are interleaved round by round and the median time is kept. Each arm's ATen ops per
 step (views excluded: about one kernel each on a GPU, where the small shape is launch-bound) are counted once
-beside its time. On a device where the layer pads its rank-space widths (CPU, CUDA: KernelPolicy.rank_alignment), two arms
+beside its time. `--compiled` adds C-LoRAE and peft LoRA through torch.compile, timed in the same rounds. On a
+device where the layer pads its rank-space widths (CPU, CUDA: KernelPolicy.rank_alignment), two arms
 more run C-LoRAE with them unpadded (clorae_unpadded, with and without MIM), which measure that choice. Prints a
 table and ends with one JSON line.
 """
@@ -77,24 +78,28 @@ def build_arm(name, t5_config, rank, dropout, device, dtype, **adapter_options):
     return model.to(device=device, dtype=dtype).train()
 
 
-def make_step(name, model, input_ids, task_ids):
+def make_step(name, model, input_ids, task_ids, compiled: bool = False):
+    """step(): forward, the loss (+ β·MIM for C-LoRAE), backward; `compiled`: the forward and loss through
+    torch.compile (inductor, static shapes), backward through its compiled graph."""
     loop_layers = [m for m in model.modules() if isinstance(m, LoopCLoRAELinear)]
 
-    def step():
+    def loss_of():
         if name == "peft_lora":
-            loss = model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
-        elif loop_layers:
+            return model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
+        if loop_layers:
             device_ids = task_ids.to(input_ids.device)
             for layer in loop_layers:
                 layer.task_ids = device_ids
+            return model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
+        with task_routing(model, task_ids):
             loss = model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
-        else:
-            with task_routing(model, task_ids):
-                loss = model(input_ids=input_ids).last_hidden_state.float().pow(2).mean()
-                mim = collect_mim_loss(model)
-            if mim is not None:
-                loss = loss + model.clorae_config.mim_beta * mim
-        loss.backward()
+            mim = collect_mim_loss(model)
+        return loss if mim is None else loss + model.clorae_config.mim_beta * mim
+
+    forward = torch.compile(loss_of, dynamic=False) if compiled else loss_of
+
+    def step():
+        forward().backward()
         model.zero_grad(set_to_none=True)
     return step
 
@@ -165,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also C-LoRAE and peft LoRA through torch.compile (compiled_clorae_over_compiled_peft_lora)")
     args = parser.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     if args.device == "cpu":
@@ -185,6 +192,8 @@ def main(argv=None):
             "clorae_unsorted_batch": (shuffled_ids, "clorae", {}),
             "universal_only": (task_ids, "clorae", {"mode": "universal_only"}),
             "per_task_loop": (task_ids, "per_task_loop", {"mim_beta": 0.0})}
+    if args.compiled:
+        arms.update(peft_lora_compiled=(task_ids, "peft_lora", {}), clorae_compiled=(task_ids, "clorae", {}))
     # Where this device pads rank-space widths, the same two unpadded
     device_type = torch.device(args.device).type
     if KERNEL_POLICIES.get(device_type, KernelPolicy()).rank_alignment > 1:
@@ -192,12 +201,14 @@ def main(argv=None):
     steps, reports = {}, {}
     for arm, (ids, kind, options) in arms.items():
         model = build_arm(kind, t5_config, args.rank, args.dropout, args.device, dtype, **options)
-        steps[arm] = make_step(kind, model, input_ids, ids)
+        compiled = arm.endswith("_compiled")
+        steps[arm] = make_step(kind, model, input_ids, ids, compiled)
         if arm.startswith("clorae_unpadded"):
             steps[arm] = unpadded(steps[arm], model, device_type)
-        reports[arm] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        "saved_activation_bytes": saved_activation_bytes(steps[arm]),
-                        "ops_per_step": dispatched_ops(steps[arm])}
+        reports[arm] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if not compiled:  # a dispatch mode or saved-tensor hooks would run a compiled step eagerly (bench_host counts it)
+            reports[arm].update(saved_activation_bytes=saved_activation_bytes(steps[arm]),
+                                ops_per_step=dispatched_ops(steps[arm]))
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(3):
@@ -224,8 +235,9 @@ def main(argv=None):
     print(f"{'arm':24s} {'fwd+bwd ms':>11s} {'vs peft':>8s} {'trainable':>11s} {'saved act MB':>13s} {'ops':>6s}")
     base_ms = reports["peft_lora"]["fwd_bwd_ms"]
     for arm, r in reports.items():
+        saved = f"{r['saved_activation_bytes'] / 2**20:13.1f}" if "ops_per_step" in r else f"{'—':>13s}"
         print(f"{arm:24s} {r['fwd_bwd_ms']:11.2f} {r['fwd_bwd_ms'] / base_ms:8.3f} {r['trainable_params']:11,d} "
-              f"{r['saved_activation_bytes'] / 2**20:13.1f} {r['ops_per_step']:6d}")
+              f"{saved} {r.get('ops_per_step', '—'):>6}")
     summary = {
         "clorae_over_peft_lora": round(reports["clorae"]["fwd_bwd_ms"] / base_ms, 4),
         "clorae_without_mim_over_peft_lora": round(reports["clorae_without_mim"]["fwd_bwd_ms"] / base_ms, 4),
@@ -235,6 +247,9 @@ def main(argv=None):
            for arm in ("clorae_unpadded", "clorae_unpadded_without_mim") if arm in reports},
         "clorae_unsorted_over_peft_lora": round(reports["clorae_unsorted_batch"]["fwd_bwd_ms"] / base_ms, 4),
         "clorae_over_peft_lora_ops": round(reports["clorae"]["ops_per_step"] / reports["peft_lora"]["ops_per_step"], 4),
+        **({"compiled_clorae_over_compiled_peft_lora": round(reports["clorae_compiled"]["fwd_bwd_ms"]
+                                                             / reports["peft_lora_compiled"]["fwd_bwd_ms"], 4)}
+           if args.compiled else {}),
         "device": device_name, "dtype": str(dtype).replace("torch.", ""), "arms": reports,
     }
     print(json.dumps(summary))

@@ -90,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in this process
     args = parser.parse_args(argv)
     if args.dtype is None:  # emulated bf16 (a CPU without AVX512-BF16) runs many times slower than fp32
-        from clorae_ds.train.engine import bf16_supported
+        from clorae_ds.train.hardware import bf16_supported
 
         args.dtype = "bf16" if bf16_supported() else "fp32"
     if args.arm:

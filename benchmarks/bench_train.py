@@ -3,8 +3,9 @@ DeepSpeed engine — ZeRO-0 and ZeRO-2, 1 and 2 ranks — beside a plain PyTorch
 same batches (`zero0_1rank_overhead`, `zero2_1rank_overhead`: engine step / plain step − 1), and what a user pays
 per step for C-LoRAE against LoRA r16 (the universal expert alone, no MIM): `clorae_over_lora_step`, and the same
 for C-LoRAE without MIM (β 0: `clorae_without_mim_over_lora_step`), which splits that price between MIM and the
-gate with the task experts. The one-rank arms (the plain loop, C-LoRAE under ZeRO-0 and ZeRO-2, LoRA and C-LoRAE
-without MIM under ZeRO-0) train in one process, step by step in turn on the same batch (the order rotating), so
+gate with the task experts, and both compiled (model.compile, as the trainer does): `compiled_clorae_over_compiled_lora_step`.
+The one-rank arms (the plain loop, C-LoRAE under ZeRO-0 and ZeRO-2, LoRA and C-LoRAE without MIM under ZeRO-0, C-LoRAE
+and LoRA compiled under ZeRO-0) train in one process, step by step in turn on the same batch (the order rotating), so
 each step's ratio compares arms timed seconds apart; every ratio kept is the median over every round's steps
 (arms in separate processes a minute apart drifted by 10-30 % on this machine, more than what they compared). Every arm trains in the precision the engine's configs give on this machine — bf16 where the CPU has
 bf16 instructions (load_ds_config's fallback), fp32 elsewhere — the plain loop's model cast to match; the last JSON
@@ -35,10 +36,12 @@ sys.path.insert(0, ROOT)
 ARMS = [("one rank, step by step", "paired", None, 1, "paired"),
         ("DeepSpeed ZeRO-0", "deepspeed", "zero0.json", 2, "clorae"),
         ("DeepSpeed ZeRO-2", "deepspeed", "zero2.json", 2, "clorae")]
-# (label, DeepSpeed config or None for the plain loop, adapter mode)
-PAIRED = [("plain loop", None, "clorae"), ("DeepSpeed ZeRO-0", "zero0.json", "clorae"),
-          ("DeepSpeed ZeRO-2", "zero2.json", "clorae"), ("ZeRO-0, LoRA", "zero0.json", "universal_only"),
-          ("ZeRO-0, C-LoRAE without MIM", "zero0.json", "clorae_without_mim")]
+# (label, DeepSpeed config or None for the plain loop, adapter mode, compiled: model.compile() as the trainer does)
+PAIRED = [("plain loop", None, "clorae", False), ("DeepSpeed ZeRO-0", "zero0.json", "clorae", False),
+          ("DeepSpeed ZeRO-2", "zero2.json", "clorae", False), ("ZeRO-0, LoRA", "zero0.json", "universal_only", False),
+          ("ZeRO-0, C-LoRAE without MIM", "zero0.json", "clorae_without_mim", False),
+          ("ZeRO-0, C-LoRAE compiled", "zero0.json", "clorae", True),
+          ("ZeRO-0, LoRA compiled", "zero0.json", "universal_only", True)]
 
 
 def embedded_batches(tokenizer, batch_size: int, count: int, rank: int = 0, world: int = 1) -> tuple:
@@ -54,24 +57,32 @@ def embedded_batches(tokenizer, batch_size: int, count: int, rank: int = 0, worl
     return batches, [int(b["attention_mask"].sum() + (b["labels"] >= 0).sum()) for b in batches]
 
 
-def training_step(model, ds_config=None, total_steps: int = 10_000):
+def training_step(model, ds_config=None, total_steps: int = 10_000, compiled: bool = False):
     """step(batch): one optimiser step on L + 0.01·MIM (L alone where the model has no MIM) — a plain PyTorch
     loop (fused AdamW, gradients clipped at 1) when ds_config is None, else the DeepSpeed engine with that
-    config (joining or creating the process group)."""
+    config (joining or creating the process group). `compiled`: the model compiled in place before the engine
+    wraps it, batch and length dimensions dynamic (as the trainer's model.compile)."""
     import torch
 
-    from clorae_ds.adapters import collect_mim_loss
+    def with_mim(out):
+        mim = out.get("mim_loss")  # None for LoRA
+        return out.loss if mim is None else out.loss + 0.01 * mim
 
-    def with_mim(loss, module):
-        mim = collect_mim_loss(module)  # None for LoRA
-        return loss if mim is None else loss + 0.01 * mim
+    def inputs(batch):
+        if compiled:
+            for tensor in batch.values():
+                for dim in range(min(tensor.dim(), 2)):
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return {**batch, "return_mim": True}
 
+    if compiled:
+        model.compile()
     if ds_config is None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
         def step(batch):
-            loss = with_mim(model(**batch).loss, model)
+            loss = with_mim(model(**inputs(batch)))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -86,7 +97,7 @@ def training_step(model, ds_config=None, total_steps: int = 10_000):
                              total_steps, "constant", ctx)
 
     def step(batch):
-        loss = with_mim(runner.forward(**batch).loss, runner.module)
+        loss = with_mim(runner.forward(**inputs(batch)))
         runner.backward(loss)
         runner.step()
     return step
@@ -136,7 +147,7 @@ def worker(mode: str, ds_config: str, steps: int, adapter_mode: str) -> None:
 
 
 def engine_config(ds_config: str, world: int) -> dict:
-    from clorae_ds.train.engine import load_ds_config
+    from clorae_ds.train.ds_config import load_ds_config
 
     return load_ds_config(os.path.join(ROOT, "ds_configs", ds_config), world, micro_batch=8)  # embedded_batches' size
 
@@ -144,7 +155,7 @@ def engine_config(ds_config: str, world: int) -> dict:
 def engine_bf16() -> bool:
     """Whether the engine arms train in bf16: the configs enable it, and load_ds_config keeps it where the hardware
     has bf16 (a CPU with AVX512-BF16 or AMX-BF16), falling back to fp32 elsewhere."""
-    from clorae_ds.train.engine import bf16_enabled
+    from clorae_ds.train.ds_config import bf16_enabled
 
     return bf16_enabled(engine_config("zero0.json", 1))
 
@@ -155,13 +166,13 @@ def paired_worker(steps: int) -> None:
     import torch
 
     steppers, tokenizer = [], None
-    for _, ds_config, adapter_mode in PAIRED:
+    for _, ds_config, adapter_mode, compiled in PAIRED:
         built = build_model(adapter_mode)
         tokenizer = built.tokenizer
         model = built.model.train()
         if ds_config is None and engine_bf16():  # the engine arms' precision, so that the overhead compares like with like
             model.to(torch.bfloat16)
-        steppers.append(training_step(model, engine_config(ds_config, 1) if ds_config else None, steps + 3))
+        steppers.append(training_step(model, engine_config(ds_config, 1) if ds_config else None, steps + 3, compiled))
     batches, tokens = embedded_batches(tokenizer, 8, steps + 3)
     seconds = [[] for _ in PAIRED]
     for i, batch in enumerate(batches):
@@ -212,7 +223,7 @@ def main(argv=None) -> int:
     results, arm_runs = [], {}
     for i, (label, mode, _, ranks, _) in enumerate(ARMS):
         if mode == "paired":  # one arm per adapter: seconds per step and tokens/s from its own steps
-            for k, (paired_label, _, _) in enumerate(PAIRED):
+            for k, (paired_label, *_) in enumerate(PAIRED):
                 arm_runs[paired_label] = [r["step_seconds"][k] for r in runs[i]]
                 runs_k = [{"tokens_per_s": sum(r["tokens"]) / sum(r["step_seconds"][k]),
                            "seconds_per_step": statistics.mean(r["step_seconds"][k])} for r in runs[i]]
@@ -235,15 +246,19 @@ def main(argv=None) -> int:
                 for stage in (0, 2)}
     step_ratio, step_rounds = paired_ratio("DeepSpeed ZeRO-0", "ZeRO-0, LoRA")
     without_mim_ratio, without_mim_rounds = paired_ratio("ZeRO-0, C-LoRAE without MIM", "ZeRO-0, LoRA")
+    compiled_ratio, compiled_rounds = paired_ratio("ZeRO-0, C-LoRAE compiled", "ZeRO-0, LoRA compiled")
     print(f"C-LoRAE over LoRA per step, median of each round's steps: "
           f"{', '.join(f'{r:.3f}' for r in step_rounds)}; "
-          f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}")
+          f"without MIM: {', '.join(f'{r:.3f}' for r in without_mim_rounds)}; "
+          f"compiled: {', '.join(f'{r:.3f}' for r in compiled_rounds)}")
     print(json.dumps({"precision": "bf16" if engine_bf16() else "fp32", "plain_tokens_per_s": round(plain, 1),
                       **overhead, "rounds": args.rounds, "steps": args.steps,
                       "clorae_over_lora_step": round(step_ratio, 4),
                       "clorae_over_lora_step_each_round": [round(r, 4) for r in step_rounds],
                       "clorae_without_mim_over_lora_step": round(without_mim_ratio, 4),
                       "clorae_without_mim_over_lora_step_each_round": [round(r, 4) for r in without_mim_rounds],
+                      "compiled_clorae_over_compiled_lora_step": round(compiled_ratio, 4),
+                      "compiled_clorae_over_compiled_lora_step_each_round": [round(r, 4) for r in compiled_rounds],
                       "arms": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
     return 0
 

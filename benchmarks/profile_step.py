@@ -54,7 +54,7 @@ def step_function(args, engine: str, built, device, dtype):
     if engine == "plain":
         model.to(device=device, dtype=dtype)
         return training_step(model)
-    from clorae_ds.train.engine import load_ds_config
+    from clorae_ds.train.ds_config import load_ds_config
 
     config = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"), 1, micro_batch=args.batch)
     config.update(bf16={"enabled": dtype == torch.bfloat16})
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     args.pretrained = args.pretrained or (local if os.path.isdir(local) else "minilm")
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda":  # the kernels the trainer uses (init_distributed does the same)
-        from clorae_ds.train.engine import configure_cuda_kernels
+        from clorae_ds.train.hardware import configure_cuda_kernels
         configure_cuda_kernels()
     os.makedirs(args.out, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

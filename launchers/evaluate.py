@@ -36,8 +36,9 @@ from clorae_ds.eval.inference import InferenceError, encoding_for, load_trained 
 from clorae_ds.eval.report import routing_report, table2_markdown, write_routing  # noqa: E402
 from clorae_ds.models import ModelBuildError  # noqa: E402
 from clorae_ds.progress import PROGRESS  # noqa: E402
-from clorae_ds.train.engine import (EngineConfigError, gather_objects, inference_engine, init_distributed,  # noqa: E402
-                                   max_across_ranks, shutdown)
+from clorae_ds.train.ds_config import EngineConfigError  # noqa: E402
+from clorae_ds.train.engine import (gather_objects, inference_engine, init_distributed, max_across_ranks,  # noqa: E402
+                                   shutdown)
 
 
 def dataset_of(pattern: str) -> str:

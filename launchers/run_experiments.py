@@ -41,7 +41,7 @@ from clorae_ds.eval.generate import read_predictions  # noqa: E402
 from clorae_ds.eval.parse import cap_repeats  # noqa: E402
 from clorae_ds.eval.plots import plot_curves  # noqa: E402
 from clorae_ds.train.config import load_config  # noqa: E402
-from clorae_ds.train.engine import bf16_supported  # noqa: E402
+from clorae_ds.train.hardware import bf16_supported  # noqa: E402
 
 REFERENCE_ARM = "clorae"  # the arm every other one is compared with
 ARMS = ["full_ft", "lora", "clorae", "only_u", "only_t", "no_gate", "no_aml", "no_mim"]

@@ -22,7 +22,7 @@ from clorae_ds.data.loader import LoaderError  # noqa: E402
 from clorae_ds.metrics import MetricsError  # noqa: E402
 from clorae_ds.models import ModelBuildError  # noqa: E402
 from clorae_ds.train.config import ConfigError, load_config, recipe_reference  # noqa: E402
-from clorae_ds.train.engine import EngineConfigError  # noqa: E402
+from clorae_ds.train.ds_config import EngineConfigError  # noqa: E402
 from clorae_ds.train.trainer import Trainer, TrainingError  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")

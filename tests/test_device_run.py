@@ -1,5 +1,6 @@
 """The prepared GPU run's CPU smoke mode: benchmarks/device_run.sh --smoke runs every phase end to end (tiny
 models, 2-rank-free single-device runs, real DeepSpeed), so the script cannot rot before a GPU comes."""
+import argparse
 import json
 import os
 import subprocess
@@ -29,14 +30,18 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     assert report["sanity"]["nonfinite_detection"] is True
     profiled = [r for r in report["profile"]["arms"] if "seconds_per_step" in r]
     assert profiled and all(r["seconds_per_step"] > 0 and r["ops_per_step"] > 0 and r["top_host"] for r in profiled)
-    assert "## Step profile" in proc.stdout
-    measured = [r for r in report["engine"] if "tokens_per_s" in r]
-    assert {(r["zero"], r["method"], r["gradient_checkpointing"]) for r in measured} == \
-        {(2, "clorae", False), (2, "lora", False)}
-    for row in measured:
-        assert row["tokens_per_s"] > 0 and row["model_gflops_per_token"] > 0
-        assert abs(sum(row["step_split"].values()) - 1) < 0.01
-    assert next(r for r in measured if r["method"] == "clorae")["clorae_over_lora_step"] > 0
+    assert "## 3. Step profile" in proc.stdout
+    # the target pair first (phase timing off), the timed run after the quality phase
+    rows = [(r["method"], r["compiled"], r["phase_timing"]) for r in report["engine"]]
+    assert rows == [("clorae", False, False), ("lora", False, False), ("lora", False, True)]
+    for row in report["engine"]:
+        assert row["tokens_per_s"] > 0 and row["step_seconds"] > 0 and row["model_gflops_per_token"] > 0
+        assert ("step_split" in row) == row["phase_timing"]
+        if row["phase_timing"]:
+            assert abs(sum(row["step_split"].values()) - 1) < 0.01
+        if row["method"] == "clorae":
+            assert row["clorae_over_lora_step"] > 0
+    assert "| tiny | 2 | clorae | no | 4 |" in proc.stdout and "Targets: C-LoRAE MFU >= 20 %" in proc.stdout
     quality = report["quality"]
     assert {r["arm"] for r in quality["results"]["results"]} == {"clorae", "lora"}
     assert "lora" in quality["results"]["all_minus_clorae"]
@@ -49,6 +54,37 @@ def test_device_run_smoke_writes_every_phase(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = tar.getnames()
     assert {"sanity.log", "quality.log", "quality-clorae-train.log"} <= set(logs)  # the smoke does not calibrate
+
+
+def test_engine_runs_groups_whole_in_order_and_publishes_every_row(monkeypatch, tmp_path):
+    """The GPU run's plan: the target pairs (T5-XL, ZeRO-2, eager then compiled, phase timing off) come first; a
+    group runs whole or is skipped whole when the time left cannot hold it; each row is published once measured."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import device_run
+
+    assert [(g[0], g[1], g[4], g[5], g[6]) for g in device_run.TARGET_GROUPS[:2]] == \
+        [("t5-xl", 2, False, False, ("clorae", "lora")), ("t5-xl", 2, True, False, ("clorae", "lora"))]
+    ran, published = [], []
+
+    def fake_run(args, work, patterns, clock, row, steps, rank, peak, timeout):
+        ran.append(row["method"])
+        row.update(seconds=10.0, step_seconds={"clorae": 1.2, "lora": 1.0, "full_ft": 2.0}[row["method"]])
+
+    monkeypatch.setattr(device_run, "engine_run", fake_run)
+    args = argparse.Namespace(smoke=True, engine_steps=4, reserve_s=0)
+    clock = device_run.Clock(1000)
+    groups = [("tiny", 2, 4, False, False, False, ("clorae", "lora")),
+              ("tiny", 2, 4, False, False, True, ("clorae", "lora", "full_ft"))]
+    rows = []
+    # 60 s of a 1000 s budget: the pair (2 x 60 s before anything is measured) does not fit, nor the trio after it
+    device_run.engine(args, str(tmp_path), {}, clock, "cpu", groups, 0.06, rows, lambda: published.append(len(rows)))
+    assert ran == [] and [r["skipped"] for r in rows] == ["time"] * 5
+    rows, published = [], []
+    # 130 s: the pair fits (120 s); then the trio, costed at the pair's 10 s a run (x 1.2), fits the 110 s left
+    device_run.engine(args, str(tmp_path), {}, clock, "cpu", groups, 0.13, rows, lambda: published.append(len(rows)))
+    assert ran == ["clorae", "lora", "clorae", "lora", "full_ft"] and not any("skipped" in r for r in rows)
+    assert rows[0]["clorae_over_lora_step"] == 1.2 and "clorae_over_lora_step" not in rows[1]
+    assert published[:2] == [2, 2]  # after each of the pair's runs, before the next group exists
 
 
 def test_quality_epochs_fit_the_time_left():

@@ -67,7 +67,7 @@ def test_medium_budget_recipe_trains_its_datasets_equally_at_its_batch_size(tmp_
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import yaml
     from run_experiments import BUDGETS, arm_recipe, budget_ds_overrides
-    from clorae_ds.train.engine import load_ds_config
+    from clorae_ds.train.ds_config import load_ds_config
 
     budget = BUDGETS["medium"]
     patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in budget.datasets} for split in ("train", "dev")}
@@ -87,7 +87,7 @@ def test_converge_budget_trains_every_dataset_in_its_natural_proportion_in_a_pin
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import yaml
     from run_experiments import BUDGETS, SOURCES, arm_recipe, budget_ds_overrides
-    from clorae_ds.train.engine import load_ds_config
+    from clorae_ds.train.ds_config import load_ds_config
 
     budget = BUDGETS["converge"]
     patterns = {split: {d: f"shards/{d}-{split}-000000.tar" for d in SOURCES} for split in ("train", "dev")}

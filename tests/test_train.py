@@ -17,8 +17,8 @@ from clorae_ds.data import Entity, Record, Relation, Span
 from clorae_ds.data.shards import ShardWriterConfig, write_shards
 from clorae_ds.train.aml import AchievementWeights
 from clorae_ds.train.config import ConfigError, load_config
-from clorae_ds.train.engine import (CLIENT_STATE, DeepSpeedRunner, EngineConfigError, KNOWN_DS_KEYS, check_ds_config,
-                                    ds_settings, load_ds_config)
+from clorae_ds.train.ds_config import EngineConfigError, KNOWN_DS_KEYS, check_ds_config, ds_settings, load_ds_config
+from clorae_ds.train.engine import CLIENT_STATE, DeepSpeedRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launchers", "train.py")

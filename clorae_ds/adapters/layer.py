@@ -286,7 +286,9 @@ class _MaskedDelta(torch.autograd.Function):
         if gated:  # d loss / d s = Σ over the token's columns of d loss / d coef · d coef / d s, times ds/dl
             grad_gate = (grad_coefd * z[:, :U]).mul_(column_slope[:, :U]).sum(1, keepdim=True)
             grad_logit = torch.ops.aten.tanh_backward(grad_gate, gate_slope) if ctx.tanh_gate else grad_gate * gate_slope
-            parts.append(grad_logit.to(grad_z.dtype))  # the softmax form's slope is fp32
+            if grad_logit.dtype != grad_z.dtype:  # the softmax form's slope is fp32 (a same-dtype .to still dispatches)
+                grad_logit = grad_logit.to(grad_z.dtype)
+            parts.append(grad_logit)
         if W > R + gated:  # the pad: zero (the products with B read none of it or coef is 0 there)
             parts.append(grad_z.new_zeros(grad_z.shape[0], W - R - gated))
         grad_down_out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]

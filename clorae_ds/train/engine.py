@@ -2,10 +2,9 @@
 save/load, parameter gathering, and the few collectives the training loop needs."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -17,34 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapters.model import adapter_state_dict, is_trainable
-
-# Top-level DeepSpeed keys this project's configs may use: DeepSpeed ignores unknown keys silently, so a typo
-# would change nothing without a word.
-KNOWN_DS_KEYS = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "communication_data_type", "prescale_gradients",
-    "activation_checkpointing", "checkpoint", "dump_state", "seed",
-    "tensorboard", "csv_monitor", "wandb", "comet",
-}
-# Who owns what (README, "The recipe and the DeepSpeed config"): the DeepSpeed JSON owns parallelism, batch sizes,
-# precision, clipping and monitors; the recipe owns the optimizer, its schedule and compilation. A section of the
-# recipe's in the JSON would be ignored by DeepSpeed beside the client optimizer, so it is refused.
-RECIPE_OWNED_DS_KEYS = {
-    "optimizer": "the recipe owns the optimizer (AdamW): set optim.lr, optim.new_module_lr, optim.betas, "
-                 "optim.weight_decay",
-    "scheduler": "the recipe owns the learning-rate schedule: set optim.warmup_steps and optim.decay "
-                 "(linear | cosine | constant)",
-    "compile": "the recipe owns compilation: set model.compile=true (torch.compile of the model before DeepSpeed "
-               "wraps it)",
-}
-MONITOR_PACKAGES = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
-KNOWN_ZERO_KEYS = {
-    "stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_bucket_size",
-    "allgather_partitions", "offload_optimizer", "offload_param", "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-    "stage3_gather_16bit_weights_on_model_save", "sub_group_size", "round_robin_gradients",
-}
+from .ds_config import MONITOR_PACKAGES, EngineConfigError, bf16_enabled, load_ds_config, zero_stage
+from .hardware import configure_cuda_kernels, unlink_shm_allreduce_buffer
+from .lr_schedule import lr_lambda
 
 
 CLIENT_STATE = "clorae_state.json"
@@ -52,10 +26,10 @@ CLIENT_STATE = "clorae_state.json"
 # and Adam's moments (safetensors) plus Adam's step count, the scheduler and the engine's counters (JSON).
 PORTABLE_TENSORS, PORTABLE_STATE = "portable_state.safetensors", "portable_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-class EngineConfigError(ValueError):
-    pass
+# The DeepSpeed releases whose internals the speed patches below (fused overflow checks, no lone-rank all-reduce)
+# were written against and the suite has run on; setup.py bounds the install to them. Elsewhere DeepSpeed's own
+# code paths run, said once: slower, never wrong.
+PATCHED_DEEPSPEED = ((0, 19, 8), (0, 20))
 
 
 @dataclass
@@ -70,29 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _unlink_shm_allreduce_buffer(rank: int) -> None:
-    """DeepSpeed's CPU shared-memory allreduce (used when the launcher says every rank is on this machine) creates a
-    /dev/shm segment of ~70 MB per rank and never unlinks it: every run would leave its segments in memory until
-    reboot. Once every rank has mapped every segment (init_distributed returned on all of them: the barrier),
-    unlinking our name lets the memory go when the last rank exits, however it exits."""
-    torch.distributed.barrier()
-    env = os.environ
-    path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-                                    f"{env.get('MASTER_PORT', '')}_{rank}")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def configure_cuda_kernels() -> None:
-    """No cuDNN attention: it builds an execution plan for every new sequence shape, and a batch's lengths
-    change every step. On an H200 (benchmarks/profile_step.py, 2026-11-27) its calls took 3.4 ms of host time
-    each, 120 of the 256 ms of a LoRA step of the default whose kernels ran 7.6 ms; attention falls back to the
-    flash and memory-efficient kernels, which plan nothing."""
-    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def init_distributed(timeout_s: int) -> DistContext:
@@ -115,134 +66,14 @@ def init_distributed(timeout_s: int) -> DistContext:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     if not cuda:
-        _unlink_shm_allreduce_buffer(torch.distributed.get_rank())
+        torch.distributed.barrier()  # every rank has mapped every shared-memory segment
+        unlink_shm_allreduce_buffer(torch.distributed.get_rank())
     local_rank = int(env.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         configure_cuda_kernels()
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
-def load_ds_config(path: str, world_size: int, overrides=(), micro_batch: Optional[int] = 8) -> dict:
-    """Read and check a DeepSpeed JSON with `ds.KEY=VALUE` overrides applied (a launcher's way to change it
-    without rewriting the file): unknown keys, sections the recipe owns, monitors whose package is missing, batch
-    sizes against the recipe's micro-batch (data.micro_batch_size; None where nothing trains: the file's, else 1)
-    and the world size; bf16 falls back to fp32 where the hardware has no bf16 (a GPU without it, a CPU without
-    AVX512-BF16 / AMX-BF16)."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise EngineConfigError(f"cannot read DeepSpeed config {path}: {err}") from None
-    for assignment in overrides:
-        apply_ds_override(config, assignment)
-    check_ds_config(config, path)
-    if micro_batch is None:
-        micro_batch = config.get("train_micro_batch_size_per_gpu", 1)
-        if not isinstance(micro_batch, int) or micro_batch < 1:
-            raise EngineConfigError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer")
-    if config.get("train_micro_batch_size_per_gpu", micro_batch) != micro_batch:
-        raise EngineConfigError(
-            f"{path}: train_micro_batch_size_per_gpu {config['train_micro_batch_size_per_gpu']} differs from the "
-            f"recipe's data.micro_batch_size {micro_batch}: the recipe owns the micro-batch (the loader cuts batches "
-            "by it); set data.micro_batch_size and leave the key out of the JSON")
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    accumulation = config.get("gradient_accumulation_steps", 1)
-    if not isinstance(accumulation, int) or accumulation < 1:
-        raise EngineConfigError(f"{path}: gradient_accumulation_steps must be a positive integer")
-    total = config.get("train_batch_size")
-    if total is not None and total != micro_batch * accumulation * world_size:
-        raise EngineConfigError(
-            f"{path}: train_batch_size {total} != micro batch {micro_batch} x gradient accumulation {accumulation} x "
-            f"world size {world_size}; remove train_batch_size or make them agree")
-    config["train_batch_size"] = micro_batch * accumulation * world_size
-    if bf16_enabled(config) and not bf16_supported():
-        config["bf16"] = {"enabled": False}
-    return config
-
-
-def bf16_enabled(ds_config: dict) -> bool:
-    return bool(ds_config.get("bf16", {}).get("enabled"))
-
-
-def bf16_supported() -> bool:
-    """bf16 matmuls in hardware: a GPU that has them, or a CPU with AVX512-BF16 or AMX-BF16 (elsewhere a CPU
-    emulates bf16, slower than fp32)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def apply_ds_override(config: dict, assignment: str) -> None:
-    """`ds.a.b=value` (value parsed as YAML) into the DeepSpeed config."""
-    import yaml
-
-    key, sep, value = assignment.partition("=")
-    parts = key.split(".")
-    if not sep or parts[0] != "ds" or len(parts) < 2 or not all(parts[1:]):
-        raise EngineConfigError(f"DeepSpeed override {assignment!r} is not ds.KEY=VALUE")
-    node = config
-    for part in parts[1:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise EngineConfigError(f"DeepSpeed override {assignment!r}: {part} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
-
-
-def precision_of(config: dict) -> str:
-    return "bf16" if bf16_enabled(config) else "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
-
-
-def ds_settings(path: str, overrides, config: dict) -> dict:
-    """What the run takes from the DeepSpeed side and where each came from: the file, a ds.* override or
-    DeepSpeed's default (and precision's hardware fallback)."""
-    overridden = {a.partition("=")[0][len("ds."):].split(".")[0] for a in overrides}
-    with open(path) as f:
-        in_file = json.load(f)
-
-    def source(key: str) -> str:
-        return f"command line ds.{key}" if key in overridden else path if key in in_file else "default"
-
-    precision = precision_of(config)
-    asked = {**in_file, **{k: config[k] for k in ("bf16", "fp16") if k in overridden and k in config}}
-    precision_source = source("bf16") if bf16_enabled(asked) else source("fp16")
-    if bf16_enabled(asked) and precision != "bf16":
-        precision_source += " asks bf16; this hardware has no bf16 matmuls"
-    return {"micro_batch": {"value": config["train_micro_batch_size_per_gpu"], "from": "recipe data.micro_batch_size"},
-            "gradient_accumulation": {"value": config.get("gradient_accumulation_steps", 1),
-                                      "from": source("gradient_accumulation_steps")},
-            "precision": {"value": precision, "from": precision_source},
-            "gradient_clipping": {"value": config.get("gradient_clipping", 0.0), "from": source("gradient_clipping")},
-            "monitors": sorted(k for k in MONITOR_PACKAGES if config.get(k, {}).get("enabled"))}
-
-
-def check_ds_config(config: dict, where: str) -> None:
-    for key, why in RECIPE_OWNED_DS_KEYS.items():
-        if key in config:
-            raise EngineConfigError(f"{where}: the \"{key}\" section is refused: {why}")
-    for key, package in MONITOR_PACKAGES.items():
-        section = config.get(key, {})
-        if not isinstance(section, dict):
-            raise EngineConfigError(f"{where}: {key} must be a section like {{\"enabled\": true, \"output_path\": ...}}")
-        if section.get("enabled") and package and importlib.util.find_spec(package) is None:
-            raise EngineConfigError(f"{where}: the {key} monitor needs the {package} package: pip install {package} "
-                                    f"(or pip install -e '.[{key}]')")
-    unknown = sorted(set(config) - KNOWN_DS_KEYS)
-    unknown += sorted(f"zero_optimization.{k}" for k in set(config.get("zero_optimization", {})) - KNOWN_ZERO_KEYS)
-    for key, value in config.items():
-        if value == "auto" or (isinstance(value, dict) and "auto" in value.values()):
-            raise EngineConfigError(f"{where}: {key} is 'auto': there is no HF Trainer to fill it; give a value")
-    if unknown:
-        raise EngineConfigError(f"{where}: unknown DeepSpeed keys {unknown} (DeepSpeed would ignore them silently)")
 
 
 def portable_digest(tensors: dict) -> str:
@@ -254,17 +85,6 @@ def portable_digest(tensors: dict) -> str:
         digest.update(name.encode())
         digest.update(tensors[name].float().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def lr_lambda(warmup: int, total: int, decay: str):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 def _allow_deepspeed_checkpoint_globals() -> None:
@@ -288,6 +108,12 @@ def deepspeed_version() -> str:
     import deepspeed
 
     return deepspeed.__version__
+
+
+def internals_patchable(version: str) -> bool:
+    """Whether DeepSpeed `version` is one the speed patches were written for (PATCHED_DEEPSPEED)."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+    return PATCHED_DEEPSPEED[0] <= release < PATCHED_DEEPSPEED[1]
 
 
 def max_across_ranks(values, device) -> list[float]:
@@ -318,10 +144,6 @@ def barrier() -> None:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def zero_stage(ds_config: dict) -> int:
-    return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
 def inference_engine(model: torch.nn.Module, ds_config_path: str, world_size: int) -> tuple[torch.nn.Module, bool]:
@@ -406,11 +228,18 @@ class DeepSpeedRunner:
             from deepspeed.monitor.monitor import MonitorMaster
 
             self.monitor = MonitorMaster(get_monitor_config(monitors))
-        if self.engine.zero_optimization_stage() == 0 and self.engine.dp_world_size == 1:
-            # One rank without ZeRO has nothing to reduce, but DeepSpeed would still copy every gradient into a
-            # flat bucket, all-reduce it alone and copy it back: ~10 ops per parameter tensor per step.
-            self.engine.enable_backward_allreduce = False
-        self.fused_overflow_checks = _fuse_overflow_checks(self.engine.optimizer, ctx.device)
+        self.fused_overflow_checks = []
+        if not internals_patchable(deepspeed.__version__):
+            if ctx.rank == 0:
+                print(f"DeepSpeed {deepspeed.__version__} is outside the releases the engine's speed patches were "
+                      f"written for ({PATCHED_DEEPSPEED}): DeepSpeed's own overflow checks and all-reduce run",
+                      flush=True)
+        else:
+            if self.engine.zero_optimization_stage() == 0 and self.engine.dp_world_size == 1:
+                # One rank without ZeRO has nothing to reduce, but DeepSpeed would still copy every gradient into a
+                # flat bucket, all-reduce it alone and copy it back: ~10 ops per parameter tensor per step.
+                self.engine.enable_backward_allreduce = False
+            self.fused_overflow_checks = _fuse_overflow_checks(self.engine.optimizer, ctx.device)
         # DeepSpeed unpickles its checkpoint files (weights_only=False); read them with the weights-only loader.
         _allow_deepspeed_checkpoint_globals()
         self.engine.checkpoint_engine.load = \

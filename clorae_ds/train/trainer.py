@@ -32,8 +32,8 @@ from ..eval.report import routing_report, write_routing
 from ..metrics import MetricsExporter
 from .aml import AchievementWeights
 from .config import RunConfig
-from .engine import (MONITOR_PACKAGES, PORTABLE_STATE, DeepSpeedRunner, barrier, ds_settings, init_distributed,
-                     load_ds_config, precision_of, zero_stage)
+from .ds_config import MONITOR_PACKAGES, ds_settings, load_ds_config, precision_of, zero_stage
+from .engine import PORTABLE_STATE, DeepSpeedRunner, barrier, init_distributed
 
 MODEL_INPUTS = GENERATE_INPUTS + ("labels",)
 

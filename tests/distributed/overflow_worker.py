@@ -3,7 +3,9 @@ which rank 1's gradient of one adapter tensor turns NaN at the second of three s
 the engine's gradient overflow check (engine.grads_nonfinite in DeepSpeed's place) must flag it on every rank, so
 that DeepSpeed skips that step everywhere, and the next step trains again. Writes OUT/rank{N}.json.
 
-    torchrun --standalone --nproc_per_node 2 overflow_worker.py TOKENIZER_DIR OUT STAGE
+    torchrun --standalone --nproc_per_node 2 overflow_worker.py TOKENIZER_DIR OUT STAGE [DEEPSPEED_VERSION]
+
+With DEEPSPEED_VERSION (one the engine's patches were not written for), DeepSpeed's own checks must do the same.
 """
 import json
 import os
@@ -20,6 +22,10 @@ from clorae_ds.train.engine import DeepSpeedRunner, init_distributed
 def main():
     tokenizer_dir, out_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ctx = init_distributed(60)
+    if len(sys.argv) > 4:
+        import deepspeed
+
+        deepspeed.__version__ = sys.argv[4]
     torch.manual_seed(0)  # identical initial weights on both ranks
     built = ModelConfig(family="t5", preset="tiny", tokenizer=tokenizer_dir,
                         adapter={"rank": 8, "dropout": 0.0}).build()
