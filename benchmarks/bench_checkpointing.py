@@ -19,14 +19,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-sys.path.insert(0, ROOT)
+
+from benchmarks.harness import emit, markdown_table, run_worker  # noqa: E402
 
 SHAPE = dict(d_model=512, d_ff=1024, d_kv=64, num_layers=8, num_heads=6, feed_forward_proj="gated-gelu")
 ARMS = {"kept": False, "checkpointed": True}
@@ -97,32 +97,26 @@ def main(argv=None):
         print(json.dumps(measure(args)))
         return
     results = {(arm, key): [] for arm in ARMS for key in ("step_s", "peak_mib")}
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     for _ in range(args.rounds):
         for arm in ARMS:
             for key, malloc in (("step_s", {}), ("peak_mib", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
                 cmd = [sys.executable, os.path.abspath(__file__), "--arm", arm, "--dtype", args.dtype] + \
                     (argv if argv is not None else sys.argv[1:])
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **malloc})
-                if proc.returncode != 0:
-                    raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
-                results[arm, key].append(json.loads(proc.stdout.strip().splitlines()[-1])[key])
+                results[arm, key].append(run_worker(cmd, malloc)[key])
     summary = {arm: {key: statistics.median(results[arm, key]) for key in ("step_s", "peak_mib")} for arm in ARMS}
     tokens = args.batch * (args.source_length + args.target_length)
 
     def ratio(key):
         return summary["checkpointed"][key] / summary["kept"][key]
 
-    print(f"T5 {SHAPE['d_model']}/{SHAPE['d_ff']}, {SHAPE['num_layers']} + {SHAPE['num_layers']} layers, C-LoRAE "
-          f"r {args.rank}, {args.dtype}, batch {args.batch} x ({args.source_length} + {args.target_length}) = {tokens} "
-          f"tokens; medians of {args.rounds} rounds, {args.steps} steps a process")
-    print("| arm | step s | peak MiB above resting |\n|---|---|---|")
-    for arm, row in summary.items():
-        print(f"| {arm} | {row['step_s']:.3f} | {row['peak_mib']:.0f} |")
-    print(json.dumps({
-        "checkpointed_over_kept_peak_memory": round(ratio("peak_mib"), 3),
-        "checkpointed_over_kept_step": round(ratio("step_s"), 3), "arms": summary, "shape": SHAPE, "rank": args.rank,
-        "batch": [args.batch, args.source_length, args.target_length], "dtype": args.dtype}))
+    emit({"checkpointed_over_kept_peak_memory": round(ratio("peak_mib"), 3),
+          "checkpointed_over_kept_step": round(ratio("step_s"), 3), "arms": summary, "shape": SHAPE, "rank": args.rank,
+          "batch": [args.batch, args.source_length, args.target_length], "dtype": args.dtype},
+         f"T5 {SHAPE['d_model']}/{SHAPE['d_ff']}, {SHAPE['num_layers']} + {SHAPE['num_layers']} layers, C-LoRAE "
+         f"r {args.rank}, {args.dtype}, batch {args.batch} x ({args.source_length} + {args.target_length}) = {tokens} "
+         f"tokens; medians of {args.rounds} rounds, {args.steps} steps a process",
+         markdown_table(["arm", "step s", "peak MiB above resting"],
+                        [[arm, round(row["step_s"], 3), round(row["peak_mib"])] for arm, row in summary.items()]))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ trainable tensors; and ms per step (timed apart, unprofiled).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import subprocess
@@ -27,55 +26,13 @@ import time
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
+from benchmarks.harness import count_host_work, emit, force_kernel_policy, markdown_table  # noqa: E402
+
 SHAPE = {"num_layers": 24, "num_decoder_layers": 24, "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4,
          "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0}
 ARMS = [f"{method}-{mode}-{engine}" for engine in ("plain", "zero2") for method in ("clorae", "lora")
         for mode in ("eager", "compiled")]
 ENGINES = {"plain": "zero0.json", "zero2": "zero2.json"}
-VIEWS = {"aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose", "aten::permute",
-         "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::alias",
-         "aten::detach", "aten::_reshape_alias", "aten::reshape", "aten::view_as", "aten::unflatten",
-         "aten::flatten", "aten::narrow", "aten::split", "aten::chunk", "aten::unbind", "aten::expand_as",
-         "aten::lift_fresh", "aten::split_with_sizes", "aten::numpy_T", "aten::contiguous"}
-SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
-
-
-def sync_site(event) -> str:
-    """Who asked for a host sync: the innermost Python frame (the profiler's Python events are an op's ancestors)
-    in the project, DeepSpeed or torch.optim."""
-    caller = event.cpu_parent
-    while caller is not None:
-        path = caller.name.replace(os.sep, "/")
-        if "torch/optim/" in path:
-            return "optimizer step counters"
-        if path.endswith(": check_task_ids"):
-            return "task ids on the CPU"
-        if "transformers/" in path:
-            return "transformers:" + path.split("transformers/", 1)[1]
-        if path.startswith("deepspeed/") or "/deepspeed/" in path:
-            return "deepspeed:" + path.split("deepspeed/", 1)[1]
-        if any(f"{part}/" in path for part in ("clorae_ds", "launchers", "benchmarks", "tests")):
-            return "project:" + path.rsplit("/", 1)[-1]
-        caller = caller.cpu_parent
-    return "other"
-
-
-def count_host_work(run, steps: int) -> dict:
-    """Ops (top-level ATen ops without views, plus generated kernels) and host syncs by site, per call of `run`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        for _ in range(steps):
-            run()
-    ops, syncs = 0, collections.Counter()
-    for event in prof.events():
-        parent = event.cpu_parent
-        if event.name in SYNCS:
-            syncs[sync_site(event)] += 1
-        elif "cpp_fused" in event.name or event.name.startswith("aten::") and event.name not in VIEWS \
-                and not (parent is not None and parent.name.startswith("aten::")):
-            ops += 1
-    return {"ops_per_step": ops / steps, "syncs_per_step": {site: n / steps for site, n in sorted(syncs.items())}}
 
 
 def worker(arm: str, steps: int, profile_steps: int, out: str, depth: int) -> None:
@@ -84,8 +41,6 @@ def worker(arm: str, steps: int, profile_steps: int, out: str, depth: int) -> No
     import yaml
 
     from benchmarks.bench_loader import embedded_train_shards
-    from clorae_ds.adapters import set_kernel_policy
-    from clorae_ds.adapters.layer import KERNEL_POLICIES
     from clorae_ds.train.config import load_config
     from clorae_ds.train.engine import shutdown
     from clorae_ds.train.trainer import Trainer
@@ -105,7 +60,7 @@ def worker(arm: str, steps: int, profile_steps: int, out: str, depth: int) -> No
         base = yaml.safe_load(f)
     trainer = Trainer(load_config(os.path.join(ROOT, "experiments", f"{method}.yaml"), overrides, base=base),
                       os.path.join(ROOT, "ds_configs", ENGINES[engine]))
-    set_kernel_policy(trainer.model, KERNEL_POLICIES["cuda"])
+    force_kernel_policy(trainer.model, "cuda")
     state, start = trainer.begin(), time.time()
     batches = iter(list(trainer.loader.train_epoch(0)))
     for _ in range(warmup):
@@ -172,29 +127,25 @@ def main(argv=None) -> int:
                 with open(os.path.join(out, f"{arm}-{depth}.json")) as f:
                     measured[depth] = json.load(f)
             rows[arm] = measured[depths[0]] if len(depths) == 1 else project_to_depth(measured, SHAPE["num_layers"])
-    print("| arm | ATen ops / step | project syncs | DeepSpeed syncs | trainable tensors | ms / step |")
-    print("|---|---|---|---|---|---|")
-    for arm, row in rows.items():
-        own, deepspeed = split_syncs(row)
-        print(f"| {arm} | {row['ops_per_step']:.0f} | {own:g} | {deepspeed:g} | {row['trainable_tensors']} | "
-              f"{row['ms_per_step']:.0f} |")
-    for arm, row in rows.items():
-        print(f"{arm} syncs: {json.dumps(row['syncs_per_step'])}")
+    table = markdown_table(["arm", "ATen ops / step", "project syncs", "DeepSpeed syncs", "trainable tensors", "ms / step"],
+                           [[arm, round(row["ops_per_step"]), *split_syncs(row), row["trainable_tensors"],
+                             round(row["ms_per_step"])] for arm, row in rows.items()])
+    syncs = "\n".join(f"- {arm} syncs: {json.dumps(row['syncs_per_step'])}" for arm, row in rows.items())
 
     def ratio(a: str, b: str):
         return round(rows[a]["ops_per_step"] / rows[b]["ops_per_step"], 3) if a in rows and b in rows else None
 
-    print(json.dumps({"event": "bench_host", "shape": SHAPE,
-                      "clorae_over_lora_ops": {f"{m}-{e}": ratio(f"clorae-{m}-{e}", f"lora-{m}-{e}")
-                                               for m in ("eager", "compiled") for e in ENGINES},
-                      "zero2_over_plain_ops": {f"{a}-{m}": ratio(f"{a}-{m}-zero2", f"{a}-{m}-plain")
-                                               for a in ("clorae", "lora") for m in ("eager", "compiled")},
-                      "project_syncs_per_step": {arm: split_syncs(row)[0] for arm, row in rows.items()},
-                      "deepspeed_syncs_per_step": {arm: split_syncs(row)[1] for arm, row in rows.items()},
-                      "ops_per_step": {arm: row["ops_per_step"] for arm, row in rows.items()},
-                      "trainable_tensors": {arm: row["trainable_tensors"] for arm, row in rows.items()},
-                      "projected_from_depths": {arm: row.get("projected_from_depths") for arm, row in rows.items()},
-                      "ms_per_step": {arm: row["ms_per_step"] for arm, row in rows.items()}}))
+    emit({"event": "bench_host", "shape": SHAPE,
+          "clorae_over_lora_ops": {f"{m}-{e}": ratio(f"clorae-{m}-{e}", f"lora-{m}-{e}")
+                                   for m in ("eager", "compiled") for e in ENGINES},
+          "zero2_over_plain_ops": {f"{a}-{m}": ratio(f"{a}-{m}-zero2", f"{a}-{m}-plain")
+                                   for a in ("clorae", "lora") for m in ("eager", "compiled")},
+          "project_syncs_per_step": {arm: split_syncs(row)[0] for arm, row in rows.items()},
+          "deepspeed_syncs_per_step": {arm: split_syncs(row)[1] for arm, row in rows.items()},
+          "ops_per_step": {arm: row["ops_per_step"] for arm, row in rows.items()},
+          "trainable_tensors": {arm: row["trainable_tensors"] for arm, row in rows.items()},
+          "projected_from_depths": {arm: row.get("projected_from_depths") for arm, row in rows.items()},
+          "ms_per_step": {arm: row["ms_per_step"] for arm, row in rows.items()}}, table, syncs)
     return 0
 
 

@@ -26,6 +26,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "launchers"))
 
+from benchmarks.harness import emit, saved_bytes  # noqa: E402
 from clorae_ds.adapters import collect_mim_loss  # noqa: E402
 from clorae_ds.train.trainer import multi_task_loss, per_dataset_token_loss  # noqa: E402
 
@@ -45,26 +46,8 @@ def build(method: str, blocks: int, rank: int, checkpointing: bool, device, dtyp
     return model.to(dtype).train()
 
 
-def count_saved(run, parameters) -> int:
-    """Bytes autograd saves for backward while `run()` runs (its result kept alive until counted), each storage
-    once, the storages of `parameters` left out."""
-    weights = {p.untyped_storage().data_ptr() for p in parameters}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
-    del result
-    return sum(saved.values())
-
-
-def saved_bytes(model, batch: int, input_len: int, target_len: int) -> int:
-    """count_saved of one training forward + the trainer's loss on `batch` random samples of full length."""
+def forward_saved_bytes(model, batch: int, input_len: int, target_len: int) -> int:
+    """harness.saved_bytes of one training forward + the trainer's loss on `batch` random samples of full length."""
     device = next(model.parameters()).device
     vocab = model.lm.config.vocab_size
     ids = torch.randint(1, vocab, (batch, input_len), device=device)
@@ -79,7 +62,7 @@ def saved_bytes(model, batch: int, input_len: int, target_len: int) -> int:
         mim = collect_mim_loss(model)
         return loss if mim is None else loss + 0.01 * mim
 
-    return count_saved(run, model.parameters())
+    return saved_bytes(run, model.parameters())
 
 
 def parameters(method: str, rank: int) -> tuple[int, int]:
@@ -121,7 +104,7 @@ def measure(method: str, rank: int, batch: int, input_len: int, target_len: int,
         for blocks in (1, 2):
             model = build(method, blocks, rank, checkpointing, device, dtype, shape)
             for samples in (batch, 2 * batch):
-                total[blocks, samples] = saved_bytes(model, samples, input_len, target_len)
+                total[blocks, samples] = forward_saved_bytes(model, samples, input_len, target_len)
             del model
         per_sample = {b: (total[b, 2 * batch] - total[b, batch]) / batch for b in (1, 2)}
         fixed = {b: total[b, batch] - batch * per_sample[b] for b in (1, 2)}
@@ -166,12 +149,11 @@ def main(argv=None) -> int:
               f"trainable {trainable:,}, frozen {frozen:,}", flush=True)
     ratio, checkpointed = (rows["clorae"][f"saved_bytes_per_token_{mode}"] / rows["lora"][f"saved_bytes_per_token_{mode}"]
                            for mode in ("plain", "checkpointed"))
-    print(f"C-LoRAE / LoRA saved bytes per token: {ratio:.3f} (target <= 1.30); checkpointed {checkpointed:.3f}")
-    print(json.dumps({"event": "bench_memory", "clorae_over_lora_saved_bytes": round(ratio, 3),
-                      "clorae_over_lora_saved_bytes_checkpointed": round(checkpointed, 3),
-                      "projected_peak_gib": projected, "methods": rows, "rank": args.rank,
-                      "sample_tokens": [args.input_tokens, args.target_tokens], "reduce_bucket": bucket,
-                      "device": args.device}))
+    emit({"event": "bench_memory", "clorae_over_lora_saved_bytes": round(ratio, 3),
+          "clorae_over_lora_saved_bytes_checkpointed": round(checkpointed, 3),
+          "projected_peak_gib": projected, "methods": rows, "rank": args.rank,
+          "sample_tokens": [args.input_tokens, args.target_tokens], "reduce_bucket": bucket, "device": args.device},
+         f"C-LoRAE / LoRA saved bytes per token: {ratio:.3f} (target <= 1.30); checkpointed {checkpointed:.3f}")
     return 0
 
 

@@ -20,7 +20,7 @@ Phases, in order, each given what is left of --budget-s (a phase that cannot fit
    --min-epochs evaluation rounds of as many steps as fit (a part of the data each: the summary says how much).
 5. engine, the rest (OTHER_GROUPS) while time lasts: ZeRO-3 and T5-large, phase timing on (the step split into
    data wait, forward, backward and optimizer step).
-6. adapter: benchmarks/bench_adapter.py in bf16 at a small and a large shape.
+6. adapter: benchmarks/bench_adapter.py in bf16 at a small and a large shape, eager and compiled.
 
 Writes OUT/device_run.json, OUT/SUMMARY.md (also printed; both rewritten after every phase), OUT/logs.tar.gz and
 OUT/adapter-ARM.tar per quality arm: few files.
@@ -43,6 +43,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "launchers"))
 
 import torch  # noqa: E402
+
+from gpu_report import TARGETS, device_run_markdown  # noqa: E402
 
 # Dense bf16 peak FLOP/s (no sparsity), by the device name's model: H100 SXM and H200 share the compute die.
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
@@ -77,8 +79,6 @@ OTHER_GROUPS = [("t5-xl", 3, ENGINE_MICRO_BATCH, False, False, True, ("clorae", 
 # step traces for over a minute on CPU even through aot_eager), ZeRO-3 and checkpointing have tests of their own.
 SMOKE_TARGET_GROUPS = [("tiny", 2, 4, False, False, False, ("clorae", "lora"))]
 SMOKE_OTHER_GROUPS = [("tiny", 2, 4, False, False, True, ("lora",))]
-# The targets a GPU run is judged by (issue: the training step's host cost).
-TARGETS = {"clorae_mfu": 0.20, "clorae_over_lora_step": 1.15}
 QUALITY_ARMS = ["clorae", "lora"]
 # The GPU steps are host-bound (H200, 2026-11-28: C-LoRAE 0.26 s a step at micro-batch 32 for 16 ms of kernels), so
 # a larger micro-batch costs little more per step: 128 gives about 4x the samples per second at about the number of
@@ -432,95 +432,12 @@ def adapter_bench(args, work: str, clock: Clock) -> list[dict]:
             rows.append({"args": shape, "skipped": "time"})
             continue
         code, out = run([sys.executable, "benchmarks/bench_adapter.py", "--device", device, "--dtype", "bf16",
-                         "--rounds", "5", *shape],
+                         "--rounds", "5", *([] if args.smoke else ["--compiled"]), *shape],
                         clock.left() - 5, os.path.join(work, f"bench_adapter-{i}.log"))
         last = [line for line in out.splitlines() if line.startswith("{")]
         rows.append({"args": shape, **({k: v for k, v in json.loads(last[-1]).items() if k != "arms"} if code == 0 and last
                                        else {"error": out[-1000:]})})
     return rows
-
-
-# --- report -------------------------------------------------------------------------------------------
-def summary_markdown(report: dict) -> str:
-    s = report["sanity"]
-    lines = [f"# Device run {report['date']} — {s.get('device')}", "",
-             f"torch {s.get('torch')}, DeepSpeed {s.get('deepspeed')}, backend {s.get('backend')}; "
-             f"{'smoke (CPU, tiny models)' if report['smoke'] else 'full'}; wall {report['wall_seconds']} s of "
-             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
-    if "nonfinite_detection" in s:  # runs before 2026-11-29 had no such check
-        lines += ["", "The engine's fused gradient overflow check finds a NaN and an inf here: "
-                  + ("yes" if s["nonfinite_detection"] else "NO")]
-    if not s.get("ok"):
-        lines += ["```", str(s.get("error"))[-1500:], "```"]
-    p = report.get("profile")
-    if p is not None:
-        lines += ["", "## 3. Step profile (benchmarks/profile_step.py)", ""]
-        if "arms" in p:
-            from profile_step import markdown as profile_markdown
-            lines += [("#" + line) if line.startswith("#") else line for line in profile_markdown(p).splitlines()[2:]]
-        else:
-            lines.append(f"not run: {p.get('skipped') or p.get('error', '')[-800:]}")
-    lines += engine_markdown(report)
-    q = report.get("quality", {})
-    lines += ["", "## 4. Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
-    if "table" in q:
-        micro_batch = q.get("micro_batch", 32)  # reports before it was recorded ran at 32
-        seen = q["train_samples"] if not q.get("steps_per_epoch") else q["steps_per_epoch"] * micro_batch
-        calibrated = "not calibrated" if "calibration_samples_per_s" not in q else "calibrated at " + " and ".join(
-            f"{rate:.0f}" for rate in q["calibration_samples_per_s"]) + " samples/s"
-        lines += [f"{q['epochs']} epochs of {seen} of the {q['train_samples']} train samples per arm "
-                  f"({q['epochs'] * seen / q['train_samples']:.2f} passes over the data; {calibrated}, C-LoRAE and "
-                  f"LoRA side by side, micro-batch {micro_batch}).", "", q["table"]]
-        for arm, curve in q.get("curves", {}).items():
-            lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
-    else:
-        lines.append(f"not run: {q.get('skipped') or q.get('error', '')[-800:]}")
-    lines += ["", "## 6. Adapter benchmark (bf16)", "",
-              "| args | C-LoRAE/peft | without MIM | unsorted | widths unpadded | unpadded, without MIM |",
-              "|---|---|---|---|---|---|"]
-    for r in report.get("adapter_bench", []):
-        lines.append(f"| {' '.join(r['args'])} | {r.get('clorae_over_peft_lora', r.get('skipped', 'error'))} | "
-                     f"{r.get('clorae_without_mim_over_peft_lora', '')} | {r.get('clorae_unsorted_over_peft_lora', '')} | "
-                     f"{r.get('clorae_unpadded_over_peft_lora', '')} | {r.get('clorae_unpadded_without_mim_over_peft_lora', '')} |")
-    return "\n".join(lines) + "\n"
-
-
-def engine_markdown(report: dict) -> list[str]:
-    """The engine rows (phase 2, the targets, and phase 5) as one table, with the targets and whether they are met."""
-    targets = report.get("targets")
-    flops = ("4 per frozen parameter, 6 per trainable one; attention scores not counted" if targets else
-             "torch's FLOP count of one fwd+bwd at 128/32 tokens ÷ 160")  # runs before 2026-12-08 counted so
-    lines = ["", "## 2. Engine (launchers/train.py, bf16, random weights; phase 5's rows at the end)", ""]
-    if targets:
-        lines += [f"Targets: C-LoRAE MFU >= {100 * targets['clorae_mfu']:.0f} %, C-LoRAE / LoRA step <= "
-                  f"{targets['clorae_over_lora_step']} (each pair timed side by side, phase timing off)."]
-    lines += [f"MFU = model FLOPs per token ({flops}) × tokens/s ÷ dense bf16 peak; the recompute of checkpointed "
-              "blocks is not counted. Micro-batch: samples per step, \"+ ckpt\" where every block is recomputed in "
-              "backward.", "",
-             "| shape | ZeRO | method | compiled | micro-batch | tokens/s | step s | C-LoRAE/LoRA | MFU | peak GiB "
-             "(projected) | data/fwd/bwd/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report.get("engine", []):
-        batch = f"{r.get('micro_batch', 8)}{' + ckpt' if r.get('gradient_checkpointing') else ''}"  # 8 before recorded
-        compiled = "yes" if r.get("compiled") else "no"
-        if "tokens_per_s" not in r:
-            lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {compiled} | {batch} | "
-                         f"{r.get('skipped') or 'error'} | | | | | |")
-            continue
-        split = "/".join(f"{100 * r['step_split'][k]:.0f}%" for k in ("data_wait", "forward", "backward", "step")) \
-            if "step_split" in r else "not timed"
-        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        ratio = r.get("clorae_over_lora_step", "—")
-        if targets and r["method"] == "clorae":
-            verdict = lambda met: " (met)" if met else " (missed)"  # noqa: E731
-            if ratio != "—":
-                ratio = f"{ratio}{verdict(ratio <= targets['clorae_over_lora_step'])}"
-            if r["mfu"] is not None:
-                mfu += verdict(r["mfu"] >= targets["clorae_mfu"])
-        projected = f" ({r['projected_peak_gib']})" if r.get("projected_peak_gib") is not None else ""
-        lines.append(f"| {r['shape']} | {r['zero']} | {r['method']} | {compiled} | {batch} | {r['tokens_per_s']:.0f} | "
-                     f"{r['step_seconds']} | {ratio} | {mfu} | {r['peak_memory_gib'] or '—'}{projected} | {split} |")
-    return lines
 
 
 def main(argv=None) -> int:
@@ -585,7 +502,7 @@ def write_report(args, report: dict, clock: Clock) -> str:
     report["wall_seconds"] = round(time.time() - clock.start, 1)
     with open(os.path.join(args.out, "device_run.json"), "w") as f:
         json.dump(report, f, indent=1)
-    text = summary_markdown(report)
+    text = device_run_markdown(report)
     with open(os.path.join(args.out, "SUMMARY.md"), "w") as f:
         f.write(text)
     with tarfile.open(os.path.join(args.out, "logs.tar.gz"), "w:gz") as tar:

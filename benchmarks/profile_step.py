@@ -23,6 +23,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_report import profile_markdown  # noqa: E402
+
 ADAPTERS = {"lora": {"mode": "universal_only"}, "clorae": {"mode": "clorae"},
             "clorae_without_mim": {"mode": "clorae", "mim_beta": 0.0}}
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -109,32 +112,6 @@ def profile_arm(args, engine: str, arm: str, device, dtype) -> dict:
     return row
 
 
-def markdown(report: dict) -> str:
-    lines = [f"# Step profile {report['date']} — {report['device']}", "",
-             f"MiniLM encoder-decoder, micro-batch {report['batch']}, rank {report['rank']}, {report['dtype']}, "
-             f"torch {report['torch']}.", "",
-             "| engine | arm | s/step | tokens/s | over LoRA | profiled ms/step | kernel ms/step | kernels | launches "
-             "| syncs | memcpy | host ops |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["arms"]:
-        if "seconds_per_step" not in r:
-            lines.append(f"| {r['engine']} | {r['arm']} | {r.get('skipped') or 'error'} |||||||||")
-            continue
-        lines.append(f"| {r['engine']} | {r['arm']} | {r['seconds_per_step']} | {r['tokens_per_s']} | "
-                     f"{r.get('over_lora', '—')} | {r['profiled_ms_per_step']} | {r['kernel_ms_per_step']} | "
-                     f"{r['kernels_per_step']} | {r['launches_per_step']} | {r['syncs_per_step']} | "
-                     f"{r['memcpy_per_step']} | {r['ops_per_step']} |")
-    for r in report["arms"]:
-        if "top_host" in r:
-            lines += ["", f"## {r['engine']} {r['arm']}: most host time (ms per step, calls per step)", ""]
-            lines += [f"- {t['op']}: {t['self_ms']} ms, {t['calls']} calls" for t in r["top_host"]]
-            if r["top_device"]:
-                lines += ["", "most device time:", ""]
-                lines += [f"- {t['op']}: {t['ms']} ms, {t['calls']} calls" for t in r["top_device"]]
-        elif "error" in r:
-            lines += ["", f"## {r['engine']} {r['arm']}: error", "", "```", r["error"][-1500:], "```"]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -185,8 +162,8 @@ def main(argv=None) -> int:
             with open(os.path.join(args.out, "profile.json"), "w") as f:
                 json.dump(report, f, indent=1)
             with open(os.path.join(args.out, "profile.md"), "w") as f:
-                f.write(markdown(report))
-    print(markdown(report))
+                f.write(profile_markdown(report))
+    print(profile_markdown(report))
     return 0 if all("seconds_per_step" in r or "skipped" in r for r in report["arms"]) else 1
 
 
