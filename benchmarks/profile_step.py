@@ -26,32 +26,20 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_report import profile_markdown  # noqa: E402
 
-ADAPTERS = {"lora": {"mode": "universal_only"}, "clorae": {"mode": "clorae"},
-            "clorae_without_mim": {"mode": "clorae", "mim_beta": 0.0}}
+ADAPTERS = {"lora": "universal_only", "clorae": "clorae", "clorae_without_mim": "clorae_without_mim"}  # arm: mode
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def build_arm(args, arm: str):
-    import transformers
-
-    from clorae_ds.models import ModelConfig
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    adapter = {"rank": args.rank, "alpha": 2 * args.rank, **ADAPTERS[arm]}
-    return ModelConfig(family="encoder_decoder", pretrained=args.pretrained, adapter=adapter).build()
-
-
 def batches_for(args, built, device) -> tuple[list[dict], list[int]]:
-    from benchmarks.bench_train import embedded_batches
+    from benchmarks.default_step import embedded_batches
 
     batches, tokens = embedded_batches(built.tokenizer, args.batch, args.warmup + args.steps + args.profile_steps)
     return [{k: v.to(device) for k, v in b.items()} for b in batches], tokens
 
 
 def step_function(args, engine: str, built, device, dtype):
-    from benchmarks.bench_train import training_step
+    from benchmarks.default_step import training_step
 
     model = built.model.train()
     if engine == "plain":
@@ -67,7 +55,9 @@ def step_function(args, engine: str, built, device, dtype):
 def profile_arm(args, engine: str, arm: str, device, dtype) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    built = build_arm(args, arm)
+    from benchmarks.default_step import build_model
+
+    built = build_model(ADAPTERS[arm], args.rank, args.pretrained)
     batches, tokens = batches_for(args, built, device)
     step = step_function(args, engine, built, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

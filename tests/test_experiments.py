@@ -236,7 +236,7 @@ def test_performance_report_renders_recorded_results(tmp_path):
     assert "| checkpointed | 2.60 | 200 |" in text and "peak memory 0.250, step time 1.30" in text
     assert "C-LoRAE / LoRA fwd+bwd FLOPs: 1.300 (without MIM 1.100, and that plus exact MIM's lower " \
            "bound of 0.2 GFLOPs 1.200)" in text
-    assert "`python benchmarks/bench_adapter.py`" in text and "NVIDIA H200" in text  # benchmarks/results rows
+    assert "`python benchmarks/bench_adapter.py --compiled`" in text and "NVIDIA H200" in text  # benchmarks/results rows
 
     del data["results"]["loader"]
     (tmp_path / "perf.json").write_text(json.dumps(data))
