@@ -8,7 +8,8 @@ PyTorch loop, C-LoRAE under ZeRO-0 and ZeRO-2, LoRA r 16 (the universal expert a
 ZeRO-0, and C-LoRAE and LoRA compiled (model.compile, as the trainer does) under ZeRO-0. Each ratio is the median over
 every step's ratio of arms timed seconds apart: `zero0_1rank_overhead`, `zero2_1rank_overhead` (engine step / plain
 step − 1), `clorae_over_lora_step`, `clorae_without_mim_over_lora_step` (MIM's share is the difference) and
-`compiled_clorae_over_compiled_lora_step`; `--rounds` processes of it, throughputs as medians. Every arm trains in
+`compiled_clorae_over_compiled_lora_step`; `--rounds` processes of it. Throughputs and step times are medians over
+steps (a compiled arm recompiles once at a new kind of shape, e.g. a batch of 2-token targets: no steady state). Every arm trains in
 the precision the engine's configs give on this machine (bf16 where the CPU has bf16 instructions, else fp32:
 `precision`). Tokens are non-padding input + target tokens; batches are read before any timing.
 """
@@ -71,10 +72,10 @@ def main(argv=None) -> int:
     rounds = [run_worker([sys.executable, __file__, "--steps", str(args.steps), "--worker"],
                          {"OMP_NUM_THREADS": "2", "DS_ACCELERATOR": "cpu"}) for _ in range(args.rounds)]
     results = []
-    for label, *_ in PAIRED:
-        rates = [sum(paired["tokens"]) / sum(paired["step_seconds"][label]) for paired in rounds]
+    for label, *_ in PAIRED:  # medians over steps: a compiled arm's one-off recompile (a new shape) is no steady state
+        rates = [statistics.median(t / s for t, s in zip(p["tokens"], p["step_seconds"][label])) for p in rounds]
         results.append({"arm": label, "tokens_per_s": statistics.median(rates),
-                        "seconds_per_step": statistics.median(statistics.mean(p["step_seconds"][label]) for p in rounds),
+                        "seconds_per_step": statistics.median(statistics.median(p["step_seconds"][label]) for p in rounds),
                         "all_rounds": sorted(round(r, 1) for r in rates)})
 
     def ratio(label: str, baseline: str) -> tuple[float, list]:  # over every step of every round; each round's

@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 BENCHMARKS = {  # key: command, relative to the repository root
     "adapter": ["benchmarks/bench_adapter.py", "--compiled"],
-    "train": ["benchmarks/bench_train.py", "--rounds", "3"],
+    "train": ["benchmarks/bench_train.py", "--rounds", "1"],
     "loader": ["benchmarks/bench_loader.py"],
     "checkpointing": ["benchmarks/bench_checkpointing.py"],
     "memory": ["benchmarks/bench_memory.py"],
