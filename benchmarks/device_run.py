@@ -452,7 +452,7 @@ def main(argv=None) -> int:
                                                      "from .whl/minilm when present; smoke: a tiny T5)")
     parser.add_argument("--lr", type=float, default=8e-4, help="the quality arms' adapter learning rate")
     parser.add_argument("--engine-steps", type=int, default=12)
-    parser.add_argument("--engine-share", type=float, default=0.6,
+    parser.add_argument("--engine-share", type=float, default=0.8,
                         help="share of the budget the target pairs (phase 2) may use")
     parser.add_argument("--calibration-steps", type=int, default=40)
     parser.add_argument("--min-epochs", type=int, default=4,
