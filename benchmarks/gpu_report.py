@@ -12,22 +12,22 @@ def device_run_markdown(report: dict) -> str:
     lines = [f"# Device run {report['date']} — {s.get('device')}", "",
              f"torch {s.get('torch')}, DeepSpeed {s.get('deepspeed')}, backend {s.get('backend')}; "
              f"{'smoke (CPU, tiny models)' if report['smoke'] else 'full'}; wall {report['wall_seconds']} s of "
-             f"{report['budget_s']} s.", "", f"## 1. Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
+             f"{report['budget_s']} s.", "", f"## Sanity: {'ok' if s.get('ok') else 'FAILED'} ({s.get('seconds')} s)"]
     if "nonfinite_detection" in s:  # runs before 2026-11-29 had no such check
         lines += ["", "The engine's fused gradient overflow check finds a NaN and an inf here: "
                   + ("yes" if s["nonfinite_detection"] else "NO")]
     if not s.get("ok"):
         lines += ["```", str(s.get("error"))[-1500:], "```"]
+    lines += engine_markdown(report)
     p = report.get("profile")
     if p is not None:
-        lines += ["", "## 3. Step profile (benchmarks/profile_step.py)", ""]
+        lines += ["", "## Step profile (benchmarks/profile_step.py)", ""]
         if "arms" in p:
             lines += [("#" + line) if line.startswith("#") else line for line in profile_markdown(p).splitlines()[2:]]
         else:
             lines.append(f"not run: {p.get('skipped') or p.get('error', '')[-800:]}")
-    lines += engine_markdown(report)
     q = report.get("quality", {})
-    lines += ["", "## 4. Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
+    lines += ["", "## Quality (MiniLM encoder-decoder, full train splits, C-LoRAE and LoRA side by side)", ""]
     if "table" in q:
         micro_batch = q.get("micro_batch", 32)  # reports before it was recorded ran at 32
         seen = q["train_samples"] if not q.get("steps_per_epoch") else q["steps_per_epoch"] * micro_batch
@@ -40,7 +40,7 @@ def device_run_markdown(report: dict) -> str:
             lines.append(f"- {arm} dev All per epoch: " + ", ".join(f"{p['all']:.1f}" for p in curve))
     else:
         lines.append(f"not run: {q.get('skipped') or q.get('error', '')[-800:]}")
-    lines += ["", "## 6. Adapter benchmark (bf16)", "",
+    lines += ["", "## Adapter benchmark (bf16)", "",
               "| args | C-LoRAE/peft | without MIM | widths unpadded | unpadded, without MIM | compiled |",
               "|---|---|---|---|---|---|"]
     for r in report.get("adapter_bench", []):
@@ -56,7 +56,7 @@ def engine_markdown(report: dict) -> list[str]:
     targets = report.get("targets")
     flops = ("4 per frozen parameter, 6 per trainable one; attention scores not counted" if targets else
              "torch's FLOP count of one fwd+bwd at 128/32 tokens ÷ 160")  # runs before 2026-12-08 counted so
-    lines = ["", "## 2. Engine (launchers/train.py, bf16, random weights; phase 5's rows at the end)", ""]
+    lines = ["", "## Engine (launchers/train.py, bf16, random weights)", ""]
     if targets:
         lines += [f"Targets: C-LoRAE MFU >= {100 * targets['clorae_mfu']:.0f} %, C-LoRAE / LoRA step <= "
                   f"{targets['clorae_over_lora_step']} (each pair timed side by side, phase timing off)."]
