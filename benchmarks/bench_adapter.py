@@ -113,9 +113,10 @@ def main(argv=None):
         reports[arm] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                         "ops_per_step": count_host_work(step)["ops_per_step"]}
         if not compiled:  # saved-tensor hooks would run a compiled step eagerly
-            reports[arm]["saved_activation_bytes"] = saved_bytes(lambda: step(), model.parameters())
+            reports[arm]["saved_activation_bytes"] = saved_bytes(step, model.parameters())
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    times = interleaved_seconds({arm: (lambda _, s=step: s()) for arm, step in steps.items()}, args.rounds, sync=sync)
+    times = interleaved_seconds({arm: (lambda _round, s=step: s()) for arm, step in steps.items()}, args.rounds,
+                                sync=sync)
     for arm, seconds in times.items():
         reports[arm]["fwd_bwd_ms"] = 1000 * statistics.median(seconds)
         if args.device == "cuda":

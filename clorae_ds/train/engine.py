@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -233,7 +234,7 @@ class DeepSpeedRunner:
             if ctx.rank == 0:
                 print(f"DeepSpeed {deepspeed.__version__} is outside the releases the engine's speed patches were "
                       f"written for ({PATCHED_DEEPSPEED}): DeepSpeed's own overflow checks and all-reduce run",
-                      flush=True)
+                      file=sys.stderr, flush=True)  # stdout carries the run's JSON lines
         else:
             if self.engine.zero_optimization_stage() == 0 and self.engine.dp_world_size == 1:
                 # One rank without ZeRO has nothing to reduce, but DeepSpeed would still copy every gradient into a
